@@ -1,0 +1,137 @@
+"""`/v1/jobs`: submit a generation job and poll it."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from typing import Any
+
+import structlog
+from flask import Blueprint, g, jsonify, request, url_for
+from pydantic import ValidationError
+from rq.exceptions import NoSuchJobError
+
+from api.services import services
+from shared import keys
+from shared.contract import (
+    ErrorInfo,
+    JobRequest,
+    JobResult,
+    JobStatus,
+    JobView,
+    RouteTaken,
+    StageTimes,
+)
+from shared.errors import InvalidJson, JobNotFound, ModelNotFound, ValidationFailed
+from shared.queues import fetch_job, open_queue
+from shared.registry import model_spec
+from shared.stages import (
+    META_ERROR,
+    META_MODEL,
+    META_REJECTED,
+    META_REQUEST_ID,
+    META_ROUTE,
+    META_TIMESTAMPS,
+    STAGE_RECEIVED,
+    client_status,
+    stamp,
+)
+
+bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
+log = structlog.get_logger()
+
+JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+"""Shape of a job id we look up; anything else is unknown without touching Redis."""
+
+
+@bp.post("")
+def submit():  # type: ignore[no-untyped-def]
+    """Validate a request and enqueue it on `incoming`; answer 202 with where to poll."""
+    svc = services()
+    job_request = _parse_request(_read_json())
+    served = svc.settings.model
+    model = job_request.model or served
+    if model != served:
+        model_spec(model)  # an unknown name gets the registry's own message
+        raise ModelNotFound(f"The model `{model}` is not served here; this server serves `{served}`.")
+    max_tokens = job_request.max_tokens or svc.settings.default_max_tokens
+    if max_tokens > svc.settings.max_tokens_limit:
+        raise ValidationFailed(
+            f"max_tokens is {max_tokens}, over this server's limit of {svc.settings.max_tokens_limit}.",
+            details=[{"loc": ["max_tokens"], "msg": "over the limit"}],
+        )
+    payload = job_request.model_copy(update={"model": model, "max_tokens": max_tokens})
+    meta: dict[str, Any] = {META_REQUEST_ID: g.request_id, META_MODEL: model}
+    stamp(meta, STAGE_RECEIVED, time.time())
+    job = open_queue(keys.INCOMING_QUEUE, svc.redis).enqueue(
+        keys.GENERATE_FUNC,
+        payload.model_dump(mode="json"),
+        meta=meta,
+        description=f"generate {model}",  # RQ logs descriptions; the default would hold the prompt
+        job_timeout=svc.settings.job_timeout,
+        result_ttl=keys.RESULT_TTL,
+        failure_ttl=keys.FAILURE_TTL,
+    )
+    structlog.contextvars.bind_contextvars(job_id=job.id)
+    log.info("job_submitted", model=model, max_tokens=max_tokens, chat=job_request.messages is not None)
+    url = url_for("jobs.show", job_id=job.id)
+    response = jsonify({"id": job.id, "object": "job", "status": JobStatus.QUEUED, "url": url})
+    response.status_code = 202
+    response.headers["Location"] = url
+    return response
+
+
+@bp.get("/<job_id>")
+def show(job_id: str):  # type: ignore[no-untyped-def]
+    """The job's status, route, stage timestamps and, once finished, its result."""
+    if not JOB_ID.match(job_id):
+        raise JobNotFound(f"No job `{job_id}`.")
+    try:
+        job = fetch_job(job_id, services().redis)
+    except NoSuchJobError:
+        raise JobNotFound(f"No job `{job_id}`.") from None
+    return jsonify(job_view(job).model_dump(mode="json", exclude_none=True))
+
+
+def job_view(job: Any) -> JobView:
+    """A client's view of an RQ job."""
+    meta = job.get_meta(refresh=False)
+    status = client_status(job.get_status(refresh=False), meta)
+    result = None
+    if status is JobStatus.FINISHED and (value := job.return_value()) is not None:
+        result = JobResult.model_validate(value)
+    error = meta.get(META_ERROR) or meta.get(META_REJECTED)
+    if status is JobStatus.FAILED and error is None:
+        error = {"code": "job_failed", "message": "The job failed; see the worker's logs."}
+    return JobView(
+        id=job.id,
+        status=status,
+        model=meta.get(META_MODEL, ""),
+        route=RouteTaken.model_validate(meta[META_ROUTE]) if META_ROUTE in meta else None,
+        timestamps=StageTimes.model_validate(meta.get(META_TIMESTAMPS, {})),
+        result=result,
+        error=ErrorInfo.model_validate(error) if error and status is not JobStatus.FINISHED else None,
+        url=url_for("jobs.show", job_id=job.id),
+    )
+
+
+def _read_json() -> Any:
+    raw = request.get_data(cache=False)  # over MAX_CONTENT_LENGTH this raises 413
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidJson(f"The request body is not valid JSON: {exc}.") from None
+
+
+def _parse_request(body: Any) -> JobRequest:
+    if not isinstance(body, dict):
+        raise InvalidJson("The request body must be a JSON object.")
+    try:
+        return JobRequest.model_validate(body)
+    except ValidationError as exc:
+        details = [
+            {"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]}
+            for e in exc.errors(include_url=False, include_input=False)
+        ]
+        raise ValidationFailed("The request has invalid fields.", details=details) from None

@@ -1,0 +1,23 @@
+"""What the blueprints share, attached to the app once by `create_app`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flask import current_app
+from redis import Redis
+
+from shared.settings import Settings
+
+
+@dataclass(frozen=True)
+class Services:
+    """The settings and the Redis connection of one app."""
+
+    settings: Settings
+    redis: Redis
+
+
+def services() -> Services:
+    """The current app's services."""
+    return current_app.extensions["gptoss"]

@@ -1,0 +1,1 @@
+"""The `gptoss` command line: one entry to run each process, the whole stack, and a client."""

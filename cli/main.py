@@ -1,0 +1,102 @@
+"""The `gptoss` command: reads the environment once, into Settings, and starts what is asked."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from shared.settings import Settings
+
+
+def _settings(**overrides: Any) -> Settings:
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+@click.group()
+def cli() -> None:
+    """gpt-oss inference server: API, scheduler and workers over Redis."""
+
+
+@cli.command()
+@click.option("--host", default=None, help="Address to bind (GPTOSS_API_HOST).")
+@click.option("--port", type=int, default=None, help="Port to bind (GPTOSS_API_PORT).")
+def api(host: str | None, port: int | None) -> None:
+    """Run the HTTP API."""
+    from api.main import main as run
+
+    run(_settings(api_host=host, api_port=port))
+
+
+@cli.command()
+def scheduler() -> None:
+    """Run the scheduler."""
+    from scheduler.main import main as run
+
+    run(_settings())
+
+
+@cli.command()
+@click.option("--queue", type=click.Choice(["gpu-single", "gpu-multi"]), default=None)
+@click.option("--model", default=None, help="Registry name of the model (GPTOSS_MODEL).")
+@click.option("--burst", is_flag=True, help="Quit when the queue is empty.")
+def worker(queue: str | None, model: str | None, burst: bool) -> None:
+    """Run a worker that keeps its model loaded."""
+    from workers.main import main as run
+
+    run(_settings(worker_queue=queue, model=model), burst=burst)
+
+
+@cli.command()
+@click.option("--model", default=None, help="Registry name of the model to serve (GPTOSS_MODEL).")
+@click.option("--port", type=int, default=None, help="API port (GPTOSS_API_PORT).")
+def up(model: str | None, port: int | None) -> None:
+    """Start everything for one machine: Redis (unless given), API, scheduler, one worker per queue."""
+    from cli.up import run_stack
+
+    raise SystemExit(run_stack(_settings(model=model, api_port=port)))
+
+
+@cli.command()
+@click.argument("question")
+@click.option("--max-tokens", type=int, default=None)
+@click.option("--temperature", type=float, default=0.0, show_default=True)
+@click.option("--timeout", type=float, default=300.0, show_default=True, help="Seconds to wait.")
+@click.option("--api-url", default=None, help="API to call (GPTOSS_API_URL).")
+def submit(question: str, max_tokens: int | None, temperature: float, timeout: float, api_url: str | None) -> None:
+    """Submit a chat question as a job, wait for it, print the answer."""
+    from cli.submit import submit_and_wait
+
+    raise SystemExit(submit_and_wait(_settings(api_url=api_url), question, max_tokens, temperature, timeout))
+
+
+@cli.group()
+def model() -> None:
+    """Manage model weights in the cache."""
+
+
+@model.command("prepare")
+@click.argument("name", required=False)
+def model_prepare(name: str | None) -> None:
+    """Convert or build a registry model into the cache (default: the served model)."""
+    from shared.logging import configure_logging
+    from shared.registry import model_spec
+    from workers.model_store import prepare
+
+    settings = _settings(model=name)
+    configure_logging(settings, "prepare")
+    click.echo(str(prepare(model_spec(settings.model), settings.cache_dir)))
+
+
+@model.command("list")
+def model_list() -> None:
+    """List the registry."""
+    from shared.registry import load_registry
+
+    for spec in load_registry().values():
+        click.echo(f"{spec.name}\t{spec.source}\t{spec.dtype}\tcontext={spec.context_length}\t{spec.chat_format}")
+
+
+def main() -> None:
+    """Console-script entry."""
+    cli()

@@ -1,0 +1,131 @@
+"""`gptoss up`: one machine's whole stack as child processes, stopped cleanly on Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+import redis as redis_py
+
+from shared import keys
+from shared.settings import Settings
+
+STOP_GRACE = 20.0
+"""Seconds each child gets to stop after SIGTERM before it is killed."""
+
+REDIS_START_TIMEOUT = 10.0
+"""Seconds to wait for our own redis-server to answer."""
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Stack:
+    """The processes `gptoss up` started, in start order (stopped in reverse)."""
+
+    children: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
+
+    def start(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
+        # Each child in its own session: Ctrl-C reaches only `up`, which stops them in order.
+        child = subprocess.Popen(argv, env=env, start_new_session=True)
+        self.children.append((name, child))
+        return child
+
+    def exited(self) -> tuple[str, int] | None:
+        """The first child that has exited, with its code."""
+        for name, child in self.children:
+            if (code := child.poll()) is not None:
+                return name, code
+        return None
+
+    def stop(self) -> None:
+        """SIGTERM every child, newest first, waiting for each; kill what outlives the grace."""
+        for name, child in reversed(self.children):
+            if child.poll() is None:
+                child.terminate()
+                try:
+                    child.wait(STOP_GRACE)
+                except subprocess.TimeoutExpired:
+                    click.echo(f"{name} did not stop in {STOP_GRACE:.0f} s; killing it", err=True)
+                    child.kill()
+                    child.wait()
+
+
+def start_redis(stack: Stack, data_dir: Path) -> str:
+    """Start a redis-server from PATH on a free port with its own data dir; its URL."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise click.ClickException("redis-server is not on PATH; install it or set GPTOSS_REDIS_URL")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir),
+            "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
+            "--logfile", str(data_dir / "redis.log")]  # fmt: skip
+    stack.start("redis", argv, dict(os.environ))
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis_py.Redis.from_url(url, socket_connect_timeout=1)
+    deadline = time.monotonic() + REDIS_START_TIMEOUT
+    while True:
+        try:
+            client.ping()
+            return url
+        except redis_py.ConnectionError:
+            if time.monotonic() > deadline:
+                raise click.ClickException(f"redis-server did not answer on port {port}") from None
+            time.sleep(0.05)
+
+
+def run_stack(settings: Settings) -> int:
+    """Start the stack, print where to go, wait for Ctrl-C or a child's death; an exit code."""
+    stack = Stack()
+    stopping = False
+
+    def request_stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    try:
+        redis_url = settings.redis_url or start_redis(stack, settings.data_dir / "redis")
+        env = {**os.environ, "GPTOSS_REDIS_URL": redis_url, "GPTOSS_MODEL": settings.model}
+        python = sys.executable
+        prepared = subprocess.run([python, "-m", "cli", "model", "prepare", settings.model], env=env)
+        if prepared.returncode != 0:
+            raise click.ClickException(f"could not prepare model {settings.model}")
+        stack.start("api", [python, "-m", "api"], {**env, "GPTOSS_API_PORT": str(settings.api_port)})
+        stack.start("scheduler", [python, "-m", "scheduler"], env)
+        for queue in keys.WORKER_QUEUES:
+            stack.start(f"worker:{queue}", [python, "-m", "workers"], {**env, "GPTOSS_WORKER_QUEUE": queue})
+        base = f"http://{settings.api_host}:{settings.api_port}"
+        click.echo(
+            f"\ngptoss is starting: model {settings.model}, Redis {redis_url}\n"
+            f"  API        {base}   (POST /v1/jobs, GET /v1/jobs/<id>)\n"
+            f"  ready when {base}/readyz answers 200\n"
+            f"  try        gptoss submit \"What is the capital of France?\" --api-url {base}\n"
+            f"Ctrl-C stops everything.\n",
+            err=True,
+        )
+        while not stopping:
+            if (dead := stack.exited()) is not None:
+                click.echo(f"{dead[0]} exited with code {dead[1]}; stopping the stack", err=True)
+                return 1
+            time.sleep(0.2)
+        return 0
+    finally:
+        click.echo("stopping…", err=True)
+        stack.stop()
+        click.echo("stopped", err=True)

@@ -1,0 +1,73 @@
+"""Taking jobs from `incoming` without losing them, and handing the same job to a worker queue.
+
+The one place the scheduler touches RQ's storage directly (pinned to rq 3.0): it moves job ids off
+the `incoming` list with BLMOVE into an in-flight list, so a scheduler that dies mid-decision leaves
+the id where `recover()` finds it, then re-enqueues the same Job on its target queue and drops the
+id from the in-flight list in one MULTI/EXEC.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+from redis import Redis
+from rq import Queue
+from rq.exceptions import NoSuchJobError
+from rq.job import Job
+
+from shared import keys
+from shared.queues import fetch_job, open_queue
+
+log = structlog.get_logger()
+
+
+class Intake:
+    """The scheduler's side of the `incoming` queue."""
+
+    def __init__(self, redis: Redis, inflight_key: str = keys.SCHEDULER_INFLIGHT):
+        self._redis = redis
+        self._incoming = open_queue(keys.INCOMING_QUEUE, redis)
+        self._inflight = inflight_key
+
+    def recover(self) -> int:
+        """Put ids a previous scheduler left in flight back at the head of `incoming`."""
+        moved = 0
+        while (job_id := self._redis.lmove(self._inflight, self._incoming.key, "RIGHT", "LEFT")) is not None:
+            moved += 1
+            log.warning("job_recovered", job_id=_text(job_id))
+        return moved
+
+    def take(self, timeout: float) -> Job | None:
+        """The next job from `incoming`, waiting up to `timeout` seconds; None when there is none."""
+        raw = self._redis.blmove(self._incoming.key, self._inflight, timeout, "LEFT", "RIGHT")
+        if raw is None:
+            return None
+        job_id = _text(raw)
+        try:
+            return fetch_job(job_id, self._redis)
+        except NoSuchJobError:
+            # Deleted or expired while queued: nothing left to route.
+            self._redis.lrem(self._inflight, 1, job_id)
+            log.warning("job_vanished", job_id=job_id)
+            return None
+
+    def hand_over(self, job: Job, target: Queue) -> None:
+        """Enqueue `job` (with its updated meta) on `target` and forget it here, atomically."""
+        pipe = self._redis.pipeline()
+        target.enqueue_job(job, pipeline=pipe)
+        pipe.lrem(self._inflight, 1, job.id)
+        pipe.execute()
+
+    def reject(self, job: Job, ttl: int) -> None:
+        """End `job` without running it (its meta says why); it expires after `ttl` seconds."""
+        pipe = self._redis.pipeline()
+        job.save_meta()
+        job.cancel()
+        pipe.expire(job.key, ttl)
+        pipe.lrem(self._inflight, 1, job.id)
+        pipe.execute()
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

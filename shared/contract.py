@@ -1,0 +1,128 @@
+"""The job contract: what a client submits, what a worker returns, what a poll shows."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MAX_STOP_SEQUENCES = 4
+"""OpenAI's limit on stop sequences per request."""
+
+
+class ChatMessage(BaseModel):
+    """One message of a conversation."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str
+
+
+class JobRequest(BaseModel):
+    """A generation request: chat `messages` or a raw `prompt`, and sampling parameters."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(default=None, description="Registry name; unset: the served model")
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    prompt: str | None = Field(default=None, min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1, description="New tokens at most")
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0, description="0 means greedy")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    stop: list[str] | None = Field(default=None, description="Up to 4 stop sequences")
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_as_list(cls, value: object) -> object:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_bounded(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        if len(value) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
+        if any(not s for s in value):
+            raise ValueError("stop sequences must not be empty")
+        return value
+
+    @model_validator(mode="after")
+    def _one_input(self) -> JobRequest:
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("give exactly one of `messages` or `prompt`")
+        return self
+
+
+class Usage(BaseModel):
+    """Token counts of one job."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class JobResult(BaseModel):
+    """What a worker stores as the RQ job's result."""
+
+    text: str
+    reasoning: str | None = None
+    finish_reason: Literal["stop", "length"]
+    usage: Usage
+    model: str
+    worker: str
+    queue: str
+
+
+class JobStatus(StrEnum):
+    """Where a job is, as the API reports it."""
+
+    QUEUED = "queued"
+    SCHEDULED = "scheduled"
+    STARTED = "started"
+    FINISHED = "finished"
+    FAILED = "failed"
+    REJECTED = "rejected"
+
+
+class StageTimes(BaseModel):
+    """Unix timestamps (seconds) at which a job reached each stage."""
+
+    received: float | None = None
+    scheduled: float | None = None
+    started: float | None = None
+    first_token: float | None = None
+    finished: float | None = None
+
+
+class RouteTaken(BaseModel):
+    """The scheduler's routing decision: the queue, a stable reason code, and what it was based on."""
+
+    queue: str
+    reason: str
+    prompt_tokens: int
+    threshold: int
+
+
+class ErrorInfo(BaseModel):
+    """Why a job failed or was rejected."""
+
+    code: str
+    message: str
+
+
+class JobView(BaseModel):
+    """A job as `GET /v1/jobs/<id>` shows it."""
+
+    id: str
+    object: Literal["job"] = "job"
+    status: JobStatus
+    model: str
+    route: RouteTaken | None = None
+    timestamps: StageTimes
+    result: JobResult | None = None
+    error: ErrorInfo | None = None
+    url: str

@@ -1,0 +1,66 @@
+"""Domain errors with stable codes. Each process turns them into its own answer at one boundary."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class GptossError(Exception):
+    """Base of every error the user can act on: a stable `code`, an HTTP `status`, a message."""
+
+    code = "internal_error"
+    status = 500
+    kind = "server_error"
+
+    def __init__(self, message: str, *, details: Any = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.details = details
+        self.headers = headers or {}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The error as the JSON body every process answers with (OpenAI's error shape)."""
+        body: dict[str, Any] = {"code": self.code, "type": self.kind, "message": self.message}
+        if self.details is not None:
+            body["details"] = self.details
+        return {"error": body}
+
+
+class InvalidJson(GptossError):
+    code, status, kind = "invalid_json", 400, "invalid_request_error"
+
+
+class ValidationFailed(GptossError):
+    code, status, kind = "validation_error", 422, "invalid_request_error"
+
+
+class RequestTooLarge(GptossError):
+    code, status, kind = "request_too_large", 413, "invalid_request_error"
+
+
+class JobNotFound(GptossError):
+    code, status, kind = "job_not_found", 404, "not_found_error"
+
+
+class ModelNotFound(GptossError):
+    code, status, kind = "model_not_found", 404, "not_found_error"
+
+
+class RouteNotFound(GptossError):
+    code, status, kind = "not_found", 404, "not_found_error"
+
+
+class MethodNotAllowed(GptossError):
+    code, status, kind = "method_not_allowed", 405, "invalid_request_error"
+
+
+class ServiceUnavailable(GptossError):
+    code, status, kind = "service_unavailable", 503, "server_error"
+
+
+class PromptTooLong(GptossError):
+    code, status, kind = "prompt_too_long", 413, "invalid_request_error"
+
+
+class GenerationFailed(GptossError):
+    code, status, kind = "generation_failed", 500, "server_error"

@@ -1,0 +1,95 @@
+"""Heartbeats: each worker and scheduler keeps a short-lived JSON document in Redis while alive."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Literal, TypeVar
+
+import structlog
+from pydantic import BaseModel
+from redis import Redis
+from redis.exceptions import RedisError
+
+from shared import keys
+
+log = structlog.get_logger()
+
+Beat = TypeVar("Beat", bound=BaseModel)
+
+
+class WorkerBeat(BaseModel):
+    """A worker's state as it last reported it."""
+
+    name: str
+    queue: str
+    model: str
+    device: str
+    state: Literal["loading", "idle", "busy"]
+    current_job: str | None = None
+    jobs_done: int = 0
+    pid: int
+    host: str
+    at: float
+
+
+class SchedulerBeat(BaseModel):
+    """A scheduler's state as it last reported it."""
+
+    name: str
+    pid: int
+    host: str
+    routed: int = 0
+    at: float
+
+
+def publish(redis: Redis, key: str, beat: BaseModel, ttl: int) -> None:
+    """Write one heartbeat that expires after `ttl` seconds unless renewed."""
+    redis.set(key, beat.model_dump_json(), ex=ttl)
+
+
+def read_live(redis: Redis, pattern: str, kind: type[Beat]) -> list[Beat]:
+    """Every heartbeat matching `pattern` that has not expired."""
+    found = list(redis.scan_iter(match=pattern, count=200))
+    if not found:
+        return []
+    return [kind.model_validate_json(raw) for raw in redis.mget(found) if raw is not None]
+
+
+class Heartbeat:
+    """Publishes `snapshot()` under `key` every `interval` seconds from a daemon thread.
+
+    A thread, because RQ's no-fork worker sends no heartbeat of its own while a job runs.
+    """
+
+    def __init__(self, redis: Redis, key: str, snapshot: Callable[[], BaseModel], interval: float, ttl: int):
+        self._redis, self._key, self._snapshot = redis, key, snapshot
+        self._interval, self._ttl = interval, ttl
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat:{key}", daemon=True)
+
+    def start(self) -> None:
+        """Publish now, then keep publishing in the background."""
+        self.beat()
+        self._thread.start()
+
+    def beat(self) -> None:
+        """Publish the current snapshot at once."""
+        try:
+            publish(self._redis, self._key, self._snapshot(), self._ttl)
+        except RedisError as exc:
+            log.warning("heartbeat_failed", key=self._key, error=str(exc))
+
+    def stop(self) -> None:
+        """Stop publishing and remove the key, so readiness drops at once."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=self._interval + 1)
+        try:
+            self._redis.delete(self._key)
+        except RedisError:
+            pass
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.beat()

@@ -1,0 +1,47 @@
+"""Redis key names, queue names and lifetimes. Every key the project writes starts with PREFIX."""
+
+from __future__ import annotations
+
+PREFIX = "gptoss:"
+"""Prefix of every Redis key the project writes itself (RQ keeps its own `rq:` keys)."""
+
+INCOMING_QUEUE = "incoming"
+"""RQ queue the API enqueues on; only the scheduler takes jobs from it."""
+
+SINGLE_QUEUE = "gpu-single"
+"""RQ queue of workers that hold the model on one device."""
+
+MULTI_QUEUE = "gpu-multi"
+"""RQ queue of workers that spread the model over several devices (long prompts)."""
+
+WORKER_QUEUES = (SINGLE_QUEUE, MULTI_QUEUE)
+"""Queues a worker may listen on; readiness needs a live worker on each."""
+
+GENERATE_FUNC = "workers.jobs.generate"
+"""Dotted name of the job function, so the API never imports the workers."""
+
+SCHEDULER_INFLIGHT = PREFIX + "scheduler:inflight"
+"""List holding job ids the scheduler has taken from `incoming` but not yet routed."""
+
+RESULT_TTL = 24 * 3600
+"""Seconds a finished job and its result are kept."""
+
+FAILURE_TTL = 24 * 3600
+"""Seconds a failed or rejected job is kept (never RQ's year-long default)."""
+
+
+def worker_heartbeat(name: str) -> str:
+    """Key of one worker's heartbeat (a JSON document with a short TTL)."""
+    return f"{PREFIX}heartbeat:worker:{name}"
+
+
+WORKER_HEARTBEAT_PATTERN = PREFIX + "heartbeat:worker:*"
+"""SCAN pattern matching every worker heartbeat."""
+
+SCHEDULER_HEARTBEAT_PATTERN = PREFIX + "heartbeat:scheduler:*"
+"""SCAN pattern matching every scheduler heartbeat."""
+
+
+def scheduler_heartbeat(name: str) -> str:
+    """Key of one scheduler's heartbeat."""
+    return f"{PREFIX}heartbeat:scheduler:{name}"

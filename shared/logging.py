@@ -1,0 +1,63 @@
+"""Logging set-up: structlog JSON on stdout (console on a TTY), stdlib loggers rendered the same."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import structlog
+
+from shared.settings import Settings
+
+
+def configure_logging(settings: Settings, process: str) -> None:
+    """Configure structlog and the stdlib root logger once, in a process's entrypoint."""
+    use_console = settings.log_format == "console" or (
+        settings.log_format == "auto" and sys.stdout.isatty()
+    )
+    renderer: structlog.typing.Processor = (
+        structlog.dev.ConsoleRenderer() if use_console else structlog.processors.JSONRenderer()
+    )
+    shared_processors: list[structlog.typing.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _add_process(process),
+    ]
+    structlog.configure(
+        processors=[
+            *shared_processors,
+            structlog.processors.StackInfoRenderer(),
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared_processors,
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+    )
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(settings.log_level.upper())
+    # Libraries that install their own handlers would print twice or in their own format.
+    for name in ("rq", "rq.worker", "werkzeug", "gunicorn.error", "gunicorn.access"):
+        lib = logging.getLogger(name)
+        lib.handlers[:] = []
+        lib.propagate = True
+
+
+def _add_process(process: str) -> structlog.typing.Processor:
+    def add(_logger: object, _method: str, event: dict) -> dict:
+        event.setdefault("process", process)
+        return event
+
+    return add

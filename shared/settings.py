@@ -1,0 +1,60 @@
+"""One frozen settings object, read from `GPTOSS_*` variables by each entrypoint and passed down."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+"""Redis that a lone process (api, scheduler, worker) talks to when none is configured."""
+
+
+class Settings(BaseSettings):
+    """Everything a process may be told; nothing else reads the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="GPTOSS_", frozen=True, extra="ignore")
+
+    redis_url: str | None = Field(
+        default=None, description="Redis URL; unset: `gptoss up` starts its own, others use localhost"
+    )
+    model: str = Field(default="smollm2-135m", description="Registry name of the model served")
+    cache_dir: Path = Field(
+        default=Path.home() / ".cache" / "gptoss", description="Converted and generated model weights"
+    )
+    data_dir: Path = Field(
+        default=Path.home() / ".local" / "share" / "gptoss", description="State of `gptoss up` (its Redis)"
+    )
+
+    api_host: str = Field(default="127.0.0.1", description="Address the API binds")
+    api_port: int = Field(default=8000, description="Port the API binds")
+    api_threads: int = Field(default=16, description="Request threads of the API process")
+    api_url: str = Field(default="http://127.0.0.1:8000", description="API that `gptoss submit` calls")
+    max_body_bytes: int = Field(default=1_000_000, description="Largest request body (413 above)")
+
+    default_max_tokens: int = Field(default=256, description="max_tokens when a request gives none")
+    max_tokens_limit: int = Field(default=4096, description="Largest max_tokens a request may ask for")
+    multi_gpu_threshold: int = Field(
+        default=8000, description="Prompts with more tokens than this go to gpu-multi"
+    )
+    job_timeout: int = Field(default=600, description="Seconds one generation may run")
+
+    worker_queue: Literal["gpu-single", "gpu-multi"] = Field(
+        default="gpu-single", description="Queue a worker listens on"
+    )
+    device: str | None = Field(default=None, description="Worker device (cuda:N, cpu); unset: cuda:0 if any")
+    torch_threads: int | None = Field(default=None, description="CPU threads per worker (torch default)")
+    heartbeat_interval: float = Field(default=2.0, description="Seconds between heartbeats")
+    heartbeat_ttl: int = Field(default=10, description="Seconds a heartbeat stays live")
+
+    log_format: Literal["auto", "json", "console"] = Field(
+        default="auto", description="auto: console on a TTY, JSON otherwise"
+    )
+    log_level: str = Field(default="info", description="Lowest level logged")
+    log_content: bool = Field(default=False, description="Log prompt and completion text")
+
+    def redis_url_or_default(self) -> str:
+        """The configured Redis URL, or the local default."""
+        return self.redis_url or DEFAULT_REDIS_URL

@@ -1,0 +1,5 @@
+"""`python -m workers`: run a worker process."""
+
+from workers.main import main
+
+main()
