@@ -1,0 +1,152 @@
+"""Fixtures: a real redis-server per session (flushed per test), app and process factories."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import requests
+from redis import Redis
+
+from cli.up import free_port
+from shared.connection import connect
+from shared.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A redis-server of the tests' own, on a free port, keeping nothing on disk."""
+    binary = shutil.which("redis-server")
+    assert binary, "redis-server must be on PATH (.ci/run installs it)"
+    port = free_port()
+    folder = tmp_path_factory.mktemp("redis")
+    server = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(folder)],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"redis://127.0.0.1:{port}/0"
+    client = Redis.from_url(url)
+    for _ in range(200):
+        try:
+            client.ping()
+            break
+        except Exception:
+            time.sleep(0.05)
+    yield url
+    server.terminate()
+    server.wait(10)
+
+
+@pytest.fixture
+def redis(redis_url: str) -> Iterator[Redis]:
+    """A client of the session's Redis, emptied before each test."""
+    client = connect(redis_url)
+    client.flushall()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def settings(redis_url: str) -> Callable[..., Settings]:
+    """Build Settings for the test's Redis, with overrides."""
+
+    def make(**overrides: object) -> Settings:
+        return Settings(**{"redis_url": redis_url, **overrides})
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def prepared_models() -> Settings:
+    """Both registry models prepared in the cache (converted once per machine)."""
+    from shared.registry import model_spec
+    from workers.model_store import prepare
+
+    base = Settings()
+    for name in ("smollm2-135m", "tiny-gpt-oss"):
+        prepare(model_spec(name), base.cache_dir)
+    return base
+
+
+def process_env(**values: object) -> dict[str, str]:
+    """The environment for a child process: ours without GPTOSS_* and with `values`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPTOSS_")}
+    env.update({k: str(v) for k, v in values.items()})
+    env["GPTOSS_LOG_FORMAT"] = "json"
+    return env
+
+
+class Processes:
+    """Child processes a test started the way a user does; all stopped at teardown."""
+
+    def __init__(self, logs: Path):
+        self.logs = logs
+        self.children: list[subprocess.Popen] = []
+
+    def start(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen:
+        out = open(self.logs / f"{name}.log", "wb")
+        child = subprocess.Popen(
+            [sys.executable, "-m", *args], env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT
+        )
+        self.children.append(child)
+        return child
+
+    def stop_all(self) -> None:
+        for child in reversed(self.children):
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        for child in self.children:
+            try:
+                child.wait(30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+
+
+@pytest.fixture
+def processes(tmp_path: Path) -> Iterator[Processes]:
+    """Factory for real child processes, stopped after the test."""
+    procs = Processes(tmp_path)
+    yield procs
+    procs.stop_all()
+
+
+def wait_for(check: Callable[[], bool], timeout: float, what: str, interval: float = 0.1) -> None:
+    """Poll `check` until it is true, failing the test with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def http_ok(url: str) -> bool:
+    """The URL answers 200."""
+    try:
+        return requests.get(url, timeout=2).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def poll_job(base: str, job_id: str, timeout: float = 120.0) -> dict:
+    """Poll a job until it reaches a terminal status; its last view."""
+    view: dict = {}
+
+    def done() -> bool:
+        nonlocal view
+        view = requests.get(f"{base}/v1/jobs/{job_id}", timeout=5).json()
+        return view["status"] in ("finished", "failed", "rejected")
+
+    wait_for(done, timeout, f"job {job_id} to end", interval=0.2)
+    return view

@@ -1,0 +1,149 @@
+"""API → scheduler → worker in one test process: a real Redis, real RQ workers, tiny gpt-oss."""
+
+from __future__ import annotations
+
+import pytest
+from redis import Redis
+from rq.registry import FailedJobRegistry, StartedJobRegistry
+
+from api import create_app
+from scheduler.intake import Intake
+from scheduler.loop import Scheduler
+from scheduler.tokens import PromptCounter
+from shared import keys
+from shared.queues import fetch_job, open_queue
+from shared.registry import model_spec
+from workers import context
+from workers.runtime import ModelRuntime
+from workers.worker import build_worker
+
+MODEL = "tiny-gpt-oss"
+
+
+@pytest.fixture(scope="module")
+def runtime(prepared_models):  # type: ignore[no-untyped-def]
+    return ModelRuntime.load(model_spec(MODEL), prepared_models)
+
+
+@pytest.fixture
+def stack(redis: Redis, settings, runtime):  # type: ignore[no-untyped-def]
+    config = settings(model=MODEL, multi_gpu_threshold=40, heartbeat_interval=0.2)
+    app = create_app(config, redis).test_client()
+    scheduler = Scheduler(config, redis, PromptCounter(config.cache_dir))
+    return config, app, scheduler
+
+
+def schedule_all(scheduler: Scheduler, redis: Redis) -> int:
+    intake, count = Intake(redis), 0
+    while (job := intake.take(0.1)) is not None:
+        scheduler.schedule(job)
+        count += 1
+    return count
+
+
+def work(config, redis: Redis, runtime, queue: str):  # type: ignore[no-untyped-def]
+    worker_config = config.model_copy(update={"worker_queue": queue})
+    worker, heartbeat = build_worker(worker_config, redis, runtime.device)
+    context.bind(runtime, worker.name, queue)
+    worker.activity = "idle"
+    worker.work(burst=True, logging_level=None)
+    return worker
+
+
+def test_job_travels_to_single_queue_and_finishes(stack, redis: Redis, runtime) -> None:  # type: ignore[no-untyped-def]
+    config, app, scheduler = stack
+    job_id = app.post("/v1/jobs", json={"prompt": "hi", "max_tokens": 5, "temperature": 0}).get_json()["id"]
+    assert schedule_all(scheduler, redis) == 1
+    view = app.get(f"/v1/jobs/{job_id}").get_json()
+    assert view["status"] == "scheduled"
+    assert view["route"]["queue"] == keys.SINGLE_QUEUE and view["route"]["reason"] == "within_threshold"
+    assert open_queue(keys.SINGLE_QUEUE, redis).job_ids == [job_id]  # the same job id moved
+
+    worker = work(config, redis, runtime, keys.SINGLE_QUEUE)
+    view = app.get(f"/v1/jobs/{job_id}").get_json()
+    assert view["status"] == "finished", view
+    result = view["result"]
+    assert result["queue"] == keys.SINGLE_QUEUE and result["worker"] == worker.name
+    assert result["usage"]["completion_tokens"] == 5 and result["finish_reason"] == "length"
+    assert result["usage"]["prompt_tokens"] == view["route"]["prompt_tokens"]
+    stamps = view["timestamps"]
+    order = ["received", "scheduled", "started", "first_token", "finished"]
+    assert [stamps[s] for s in order] == sorted(stamps[s] for s in order)
+    assert StartedJobRegistry(keys.SINGLE_QUEUE, connection=redis).count == 0
+
+
+def test_greedy_generation_is_repeatable(stack, redis: Redis, runtime) -> None:  # type: ignore[no-untyped-def]
+    config, app, scheduler = stack
+    body = {"messages": [{"role": "user", "content": "Say something"}], "max_tokens": 6, "temperature": 0}
+    ids = [app.post("/v1/jobs", json=body).get_json()["id"] for _ in range(2)]
+    schedule_all(scheduler, redis)
+    work(config, redis, runtime, keys.SINGLE_QUEUE)
+    texts = [app.get(f"/v1/jobs/{i}").get_json()["result"]["text"] for i in ids]
+    assert texts[0] == texts[1]
+
+
+def test_long_prompt_goes_to_multi(stack, redis: Redis, runtime) -> None:  # type: ignore[no-untyped-def]
+    config, app, scheduler = stack
+    job_id = app.post("/v1/jobs", json={"prompt": "word " * 80, "max_tokens": 2}).get_json()["id"]
+    schedule_all(scheduler, redis)
+    work(config, redis, runtime, keys.MULTI_QUEUE)
+    view = app.get(f"/v1/jobs/{job_id}").get_json()
+    assert view["route"]["queue"] == keys.MULTI_QUEUE and view["route"]["reason"] == "over_threshold"
+    assert view["route"]["prompt_tokens"] > 40
+    assert view["result"]["queue"] == keys.MULTI_QUEUE
+
+
+def test_context_overflow_is_rejected_with_reason(stack, redis: Redis) -> None:  # type: ignore[no-untyped-def]
+    config, app, scheduler = stack
+    job_id = app.post("/v1/jobs", json={"prompt": "word " * 200, "max_tokens": 4000}).get_json()["id"]
+    schedule_all(scheduler, redis)
+    view = app.get(f"/v1/jobs/{job_id}").get_json()
+    assert view["status"] == "rejected"
+    assert view["error"]["code"] == "context_exceeded"
+    assert "max_tokens" in view["error"]["message"]
+    assert open_queue(keys.SINGLE_QUEUE, redis).count == 0
+    assert redis.ttl(fetch_job(job_id, redis).key) > 0
+
+
+def test_stop_sequence_cuts_the_text(stack, redis: Redis, runtime) -> None:  # type: ignore[no-untyped-def]
+    config, app, scheduler = stack
+    body = {"prompt": "hi", "max_tokens": 12, "temperature": 0}
+    free_id = app.post("/v1/jobs", json=body).get_json()["id"]
+    schedule_all(scheduler, redis)
+    work(config, redis, runtime, keys.SINGLE_QUEUE)
+    text = app.get(f"/v1/jobs/{free_id}").get_json()["result"]["text"]
+    stop = text.strip()[2:5]
+    assert stop, f"the tiny model produced too little text to test stops: {text!r}"
+    stopped_id = app.post("/v1/jobs", json={**body, "stop": [stop]}).get_json()["id"]
+    schedule_all(scheduler, redis)
+    work(config, redis, runtime, keys.SINGLE_QUEUE)
+    result = app.get(f"/v1/jobs/{stopped_id}").get_json()["result"]
+    assert result["finish_reason"] == "stop"
+    assert stop not in result["text"] and text.startswith(result["text"])
+
+
+def test_bad_payload_fails_that_job_only(stack, redis: Redis, runtime) -> None:  # type: ignore[no-untyped-def]
+    config, app, scheduler = stack
+    queue = open_queue(keys.SINGLE_QUEUE, redis)
+    bad = queue.enqueue(keys.GENERATE_FUNC, {"prompt": "x", "temperature": 99}, failure_ttl=60)
+    good_id = app.post("/v1/jobs", json={"prompt": "hi", "max_tokens": 2}).get_json()["id"]
+    schedule_all(scheduler, redis)
+    work(config, redis, runtime, keys.SINGLE_QUEUE)
+    view = app.get(f"/v1/jobs/{bad.id}").get_json()
+    assert view["status"] == "failed"
+    assert view["error"]["code"] == "generation_failed"
+    assert bad.id in FailedJobRegistry(keys.SINGLE_QUEUE, connection=redis).get_job_ids()
+    assert app.get(f"/v1/jobs/{good_id}").get_json()["status"] == "finished"
+    assert StartedJobRegistry(keys.SINGLE_QUEUE, connection=redis).count == 0
+
+
+def test_inflight_jobs_are_recovered(stack, redis: Redis) -> None:  # type: ignore[no-untyped-def]
+    config, app, scheduler = stack
+    job_id = app.post("/v1/jobs", json={"prompt": "hi"}).get_json()["id"]
+    intake = Intake(redis)
+    assert intake.take(0.1) is not None  # a scheduler took it, then died before routing it
+    assert open_queue(keys.INCOMING_QUEUE, redis).count == 0
+    assert intake.recover() == 1
+    assert open_queue(keys.INCOMING_QUEUE, redis).job_ids == [job_id]
+    schedule_all(scheduler, redis)
+    assert app.get(f"/v1/jobs/{job_id}").get_json()["status"] == "scheduled"
