@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+
 import structlog
 from flask import Flask, g, request
 from redis import Redis

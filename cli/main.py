@@ -63,7 +63,9 @@ def up(model: str | None, port: int | None) -> None:
 @click.option("--temperature", type=float, default=0.0, show_default=True)
 @click.option("--timeout", type=float, default=300.0, show_default=True, help="Seconds to wait.")
 @click.option("--api-url", default=None, help="API to call (GPTOSS_API_URL).")
-def submit(question: str, max_tokens: int | None, temperature: float, timeout: float, api_url: str | None) -> None:
+def submit(
+    question: str, max_tokens: int | None, temperature: float, timeout: float, api_url: str | None
+) -> None:
     """Submit a chat question as a job, wait for it, print the answer."""
     from cli.submit import submit_and_wait
 
@@ -94,7 +96,9 @@ def model_list() -> None:
     from shared.registry import load_registry
 
     for spec in load_registry().values():
-        click.echo(f"{spec.name}\t{spec.source}\t{spec.dtype}\tcontext={spec.context_length}\t{spec.chat_format}")
+        click.echo(
+            f"{spec.name}\t{spec.source}\t{spec.dtype}\tcontext={spec.context_length}\t{spec.chat_format}"
+        )
 
 
 def main() -> None:

@@ -37,7 +37,9 @@ def submit_and_wait(
                 click.echo(view["result"]["text"])
                 route = view.get("route", {}).get("queue")
                 usage = view["result"]["usage"]
-                click.echo(f"[{route}; {usage['prompt_tokens']}+{usage['completion_tokens']} tokens]", err=True)
+                click.echo(
+                    f"[{route}; {usage['prompt_tokens']}+{usage['completion_tokens']} tokens]", err=True
+                )
                 return 0
             click.echo(f"job {view['status']}: {view.get('error')}", err=True)
             return 1

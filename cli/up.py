@@ -115,7 +115,7 @@ def run_stack(settings: Settings) -> int:
             f"\ngptoss is starting: model {settings.model}, Redis {redis_url}\n"
             f"  API        {base}   (POST /v1/jobs, GET /v1/jobs/<id>)\n"
             f"  ready when {base}/readyz answers 200\n"
-            f"  try        gptoss submit \"What is the capital of France?\" --api-url {base}\n"
+            f'  try        gptoss submit "What is the capital of France?" --api-url {base}\n'
             f"Ctrl-C stops everything.\n",
             err=True,
         )

@@ -40,7 +40,7 @@ class Intake:
 
     def take(self, timeout: float) -> Job | None:
         """The next job from `incoming`, waiting up to `timeout` seconds; None when there is none."""
-        raw = self._redis.blmove(self._incoming.key, self._inflight, timeout, "LEFT", "RIGHT")
+        raw = self._redis.blmove(self._incoming.key, self._inflight, timeout, "LEFT", "RIGHT")  # type: ignore[arg-type]
         if raw is None:
             return None
         job_id = _text(raw)

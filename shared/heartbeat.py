@@ -11,8 +11,6 @@ from pydantic import BaseModel
 from redis import Redis
 from redis.exceptions import RedisError
 
-from shared import keys
-
 log = structlog.get_logger()
 
 Beat = TypeVar("Beat", bound=BaseModel)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import MutableMapping
+from typing import Any
 
 import structlog
 
@@ -12,9 +14,7 @@ from shared.settings import Settings
 
 def configure_logging(settings: Settings, process: str) -> None:
     """Configure structlog and the stdlib root logger once, in a process's entrypoint."""
-    use_console = settings.log_format == "console" or (
-        settings.log_format == "auto" and sys.stdout.isatty()
-    )
+    use_console = settings.log_format == "console" or (settings.log_format == "auto" and sys.stdout.isatty())
     renderer: structlog.typing.Processor = (
         structlog.dev.ConsoleRenderer() if use_console else structlog.processors.JSONRenderer()
     )
@@ -56,7 +56,7 @@ def configure_logging(settings: Settings, process: str) -> None:
 
 
 def _add_process(process: str) -> structlog.typing.Processor:
-    def add(_logger: object, _method: str, event: dict) -> dict:
+    def add(_logger: object, _method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
         event.setdefault("process", process)
         return event
 

@@ -22,10 +22,12 @@ class Settings(BaseSettings):
     )
     model: str = Field(default="smollm2-135m", description="Registry name of the model served")
     cache_dir: Path = Field(
-        default=Path.home() / ".cache" / "gptoss", description="Converted and generated model weights"
+        default_factory=lambda: Path.home() / ".cache" / "gptoss",
+        description="Converted and generated model weights (default ~/.cache/gptoss)",
     )
     data_dir: Path = Field(
-        default=Path.home() / ".local" / "share" / "gptoss", description="State of `gptoss up` (its Redis)"
+        default_factory=lambda: Path.home() / ".local" / "share" / "gptoss",
+        description="State of `gptoss up`, its Redis data (default ~/.local/share/gptoss)",
     )
 
     api_host: str = Field(default="127.0.0.1", description="Address the API binds")
@@ -53,7 +55,6 @@ class Settings(BaseSettings):
         default="auto", description="auto: console on a TTY, JSON otherwise"
     )
     log_level: str = Field(default="info", description="Lowest level logged")
-    log_content: bool = Field(default=False, description="Log prompt and completion text")
 
     def redis_url_or_default(self) -> str:
         """The configured Redis URL, or the local default."""

@@ -4,8 +4,8 @@ import pytest
 from pydantic import ValidationError
 
 from shared.contract import JobRequest, JobStatus
-from shared.registry import load_registry, model_spec
 from shared.errors import ModelNotFound
+from shared.registry import load_registry, model_spec
 from shared.stages import STAGE_SCHEDULED, client_status, stamp
 
 

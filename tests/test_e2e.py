@@ -20,7 +20,9 @@ THRESHOLD = 64
 
 
 @pytest.fixture(scope="module")
-def stack(prepared_models, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, subprocess.Popen]]:
+def stack(
+    prepared_models, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, subprocess.Popen]]:
     """`gptoss up` on the embedded SmolLM2, with a Redis of its own; yields (API URL, process)."""
     folder = tmp_path_factory.mktemp("up")
     port = free_port()
@@ -77,7 +79,9 @@ def test_routing_by_prompt_size(stack) -> None:  # type: ignore[no-untyped-def]
     assert short_view["route"]["queue"] == "gpu-single"
     # Each was served by the worker of its own queue.
     assert long_view["result"]["queue"] == "gpu-multi" and long_view["result"]["worker"].endswith("gpu-multi")
-    assert short_view["result"]["queue"] == "gpu-single" and short_view["result"]["worker"].endswith("gpu-single")
+    assert short_view["result"]["queue"] == "gpu-single" and short_view["result"]["worker"].endswith(
+        "gpu-single"
+    )
 
 
 def test_submit_command(stack) -> None:  # type: ignore[no-untyped-def]
@@ -93,9 +97,7 @@ def test_submit_command(stack) -> None:  # type: ignore[no-untyped-def]
 
 def test_ctrl_c_stops_everything(stack) -> None:  # type: ignore[no-untyped-def]
     base, up = stack
-    children = subprocess.run(
-        ["pgrep", "-P", str(up.pid)], capture_output=True, text=True
-    ).stdout.split()
+    children = subprocess.run(["pgrep", "-P", str(up.pid)], capture_output=True, text=True).stdout.split()
     assert len(children) == 5  # redis, api, scheduler, two workers
     up.send_signal(signal.SIGINT)
     assert up.wait(60) == 0
@@ -106,7 +108,9 @@ def test_ctrl_c_stops_everything(stack) -> None:  # type: ignore[no-untyped-def]
         assert sock.connect_ex(("127.0.0.1", port)) != 0  # the API is gone
 
 
-def test_readyz_follows_worker_heartbeats(redis, redis_url: str, processes: Processes, prepared_models) -> None:  # type: ignore[no-untyped-def]
+def test_readyz_follows_worker_heartbeats(
+    redis, redis_url: str, processes: Processes, prepared_models
+) -> None:  # type: ignore[no-untyped-def]
     """With real processes on the test Redis: unready until a worker per queue lives, and again after."""
     port = free_port()
     env = process_env(
@@ -121,8 +125,8 @@ def test_readyz_follows_worker_heartbeats(redis, redis_url: str, processes: Proc
     def reasons() -> list[str]:
         return requests.get(f"{base}/readyz", timeout=5).json()["reasons"]
 
-    wait_for(lambda: reasons() == [f"no live worker heartbeat on queue {q}" for q in ("gpu-single", "gpu-multi")],
-             30, "only the workers to be missing")  # fmt: skip
+    both_missing = [f"no live worker heartbeat on queue {q}" for q in ("gpu-single", "gpu-multi")]
+    wait_for(lambda: reasons() == both_missing, 30, "only the workers to be missing")
     single = processes.start("single", ["workers"], {**env, "GPTOSS_WORKER_QUEUE": "gpu-single"})
     multi = processes.start("multi", ["workers"], {**env, "GPTOSS_WORKER_QUEUE": "gpu-multi"})
     wait_for(lambda: http_ok(f"{base}/readyz"), 60, "readiness with both workers")
@@ -131,7 +135,9 @@ def test_readyz_follows_worker_heartbeats(redis, redis_url: str, processes: Proc
     assert poll_job(base, view["id"], 60)["status"] == "finished"
 
     multi.send_signal(signal.SIGKILL)  # no clean exit: the heartbeat must expire by itself
-    wait_for(lambda: reasons() == ["no live worker heartbeat on queue gpu-multi"], 10, "the dead worker to count")
+    wait_for(
+        lambda: reasons() == ["no live worker heartbeat on queue gpu-multi"], 10, "the dead worker to count"
+    )
     single.send_signal(signal.SIGTERM)  # a clean stop removes its heartbeat at once
     assert single.wait(30) == 0
     assert "no live worker heartbeat on queue gpu-single" in reasons()

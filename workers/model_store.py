@@ -105,6 +105,8 @@ def _build_tiny_gpt_oss(spec: ModelSpec, out: Path, cache_dir: Path) -> None:
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
     )
     torch.manual_seed(0)
-    model = GptOssForCausalLM(config).to(getattr(torch, spec.dtype) if spec.dtype != "auto" else torch.float32)
+    model = GptOssForCausalLM(config).to(
+        getattr(torch, spec.dtype) if spec.dtype != "auto" else torch.float32
+    )
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))

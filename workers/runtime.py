@@ -117,7 +117,12 @@ class ModelRuntime:
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else base.eos_token_id
         sampling: dict[str, Any] = {"do_sample": False}
         if request.temperature > 0:
-            sampling = {"do_sample": True, "temperature": request.temperature, "top_p": request.top_p, "top_k": 0}
+            sampling = {
+                "do_sample": True,
+                "temperature": request.temperature,
+                "top_p": request.top_p,
+                "top_k": 0,
+            }
         return GenerationConfig(
             max_new_tokens=max_tokens,
             eos_token_id=base.eos_token_id,

@@ -22,7 +22,9 @@ class GenerationWorker(SimpleWorker):
     """A SimpleWorker (jobs run in this process, next to the model) that reports busy or idle."""
 
     def __init__(self, queue: Queue, redis: Redis, name: str, model: str, device: str):
-        super().__init__([queue], connection=redis, name=name, serializer=SERIALIZER, log_job_description=False)
+        super().__init__(
+            [queue], connection=redis, name=name, serializer=SERIALIZER, log_job_description=False
+        )
         self.model_name, self.device = model, device
         self.current_job_id: str | None = None
         self.jobs_done = 0
