@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -19,11 +21,18 @@ THRESHOLD = 64
 """A low multi-GPU threshold, so a prompt of a few hundred tokens routes to gpu-multi."""
 
 
+@dataclass(frozen=True)
+class UpStack:
+    """A running `gptoss up`: its API, its process and the file holding all its processes' output."""
+
+    base: str
+    up: subprocess.Popen
+    log: Path
+
+
 @pytest.fixture(scope="module")
-def stack(
-    prepared_models, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[str, subprocess.Popen]]:
-    """`gptoss up` on the embedded SmolLM2, with a Redis of its own; yields (API URL, process)."""
+def stack(prepared_models, tmp_path_factory: pytest.TempPathFactory) -> Iterator[UpStack]:
+    """`gptoss up` on the embedded SmolLM2, with a Redis of its own."""
     folder = tmp_path_factory.mktemp("up")
     port = free_port()
     env = process_env(
@@ -40,7 +49,7 @@ def stack(
     try:
         wait_for(lambda: http_ok(f"{base}/readyz") or up.poll() is not None, 180, "the stack to be ready")
         assert up.poll() is None, (folder / "up.log").read_text()[-3000:]
-        yield base, up
+        yield UpStack(base, up, folder / "up.log")
     finally:
         if up.poll() is None:
             up.send_signal(signal.SIGINT)
@@ -55,7 +64,7 @@ def chat(base: str, content: str, **params: object) -> dict:
 
 
 def test_capital_of_france(stack) -> None:  # type: ignore[no-untyped-def]
-    base, _ = stack
+    base = stack.base
     view = chat(base, "What is the capital of France?", max_tokens=24)
     assert view["status"] == "finished", view
     assert "Paris" in view["result"]["text"]
@@ -70,7 +79,7 @@ def test_capital_of_france(stack) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_routing_by_prompt_size(stack) -> None:  # type: ignore[no-untyped-def]
-    base, _ = stack
+    base = stack.base
     long_text = "Summarise this. " + "The quick brown fox jumps over the lazy dog. " * 30
     long_view = chat(base, long_text, max_tokens=4)
     short_view = chat(base, "Hi!", max_tokens=4)
@@ -85,7 +94,7 @@ def test_routing_by_prompt_size(stack) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_submit_command(stack) -> None:  # type: ignore[no-untyped-def]
-    base, _ = stack
+    base = stack.base
     done = subprocess.run(
         [sys.executable, "-m", "cli", "submit", "What is the capital of France?", "--api-url", base],
         capture_output=True, text=True, timeout=120, cwd=ROOT, env=process_env(),
@@ -96,7 +105,7 @@ def test_submit_command(stack) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_ctrl_c_stops_everything(stack) -> None:  # type: ignore[no-untyped-def]
-    base, up = stack
+    base, up = stack.base, stack.up
     children = subprocess.run(["pgrep", "-P", str(up.pid)], capture_output=True, text=True).stdout.split()
     assert len(children) == 5  # redis, api, scheduler, two workers
     up.send_signal(signal.SIGINT)
@@ -106,6 +115,17 @@ def test_ctrl_c_stops_everything(stack) -> None:  # type: ignore[no-untyped-def]
     port = int(base.rsplit(":", 1)[1])
     with socket.socket() as sock:
         assert sock.connect_ex(("127.0.0.1", port)) != 0  # the API is gone
+
+
+def test_logs_are_json_without_prompt_text(stack) -> None:  # type: ignore[no-untyped-def]
+    assert stack.up.poll() is not None  # runs after the stack stopped, so every line is written
+    lines = [line for line in stack.log.read_text().splitlines() if line.startswith("{")]
+    events = [json.loads(line) for line in lines]
+    names = {e["event"] for e in events}
+    assert {"job_submitted", "route_decided", "job_started", "job_finished", "request_handled"} <= names
+    assert {e["process"] for e in events} >= {"api", "scheduler", "worker"}
+    assert all("capital of France" not in line and "quick brown fox" not in line for line in lines)
+    assert all(e.get("request_id") for e in events if e["event"] in ("route_decided", "job_finished"))
 
 
 def test_readyz_follows_worker_heartbeats(
