@@ -64,3 +64,11 @@ class PromptTooLong(GptossError):
 
 class GenerationFailed(GptossError):
     code, status, kind = "generation_failed", 500, "server_error"
+
+
+class Unauthorized(GptossError):
+    code, status, kind = "unauthorized", 401, "authentication_error"
+
+
+class AdminDisabled(GptossError):
+    code, status, kind = "admin_disabled", 403, "permission_error"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -50,6 +50,32 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(default=None, description="CPU threads per worker (torch default)")
     heartbeat_interval: float = Field(default=2.0, description="Seconds between heartbeats")
     heartbeat_ttl: int = Field(default=10, description="Seconds a heartbeat stays live")
+
+    admin_key: SecretStr | None = Field(
+        default=None, description="Bearer key for /admin/*; unset: admin endpoints are refused"
+    )
+    metrics_host: str = Field(
+        default="127.0.0.1", description="Address the scheduler's and workers' /metrics bind"
+    )
+    scheduler_metrics_port: int = Field(default=9101, description="Port of the scheduler's /metrics (0: off)")
+    worker_metrics_port: int = Field(default=9102, description="Port of a worker's /metrics (0: off)")
+
+    otel_exporter_otlp_endpoint: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("OTEL_EXPORTER_OTLP_ENDPOINT", "otel_exporter_otlp_endpoint"),
+        description="OTLP/HTTP endpoint for traces (standard OTEL_ variable); unset: no export",
+    )
+    otel_service_name: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("OTEL_SERVICE_NAME", "otel_service_name"),
+        description="Service name on spans (standard OTEL_ variable); unset: gptoss-<process>",
+    )
+    trace_sample_ratio: float = Field(
+        default=1.0, ge=0.0, le=1.0, description="Head sampling ratio of new traces (production: 0.03)"
+    )
+    trace_file: Path | None = Field(
+        default=None, description="Also write finished spans here, one JSON per line"
+    )
 
     log_format: Literal["auto", "json", "console"] = Field(
         default="auto", description="auto: console on a TTY, JSON otherwise"
