@@ -9,7 +9,7 @@ import structlog
 from flask import Flask, g, request
 from redis import Redis
 
-from api import errors, health, jobs
+from api import dashboard, errors, health, jobs
 from api.services import Services
 from shared.connection import connect
 from shared.settings import Settings
@@ -30,6 +30,7 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
     errors.init_app(app)
     app.register_blueprint(health.bp)
     app.register_blueprint(jobs.bp)
+    dashboard.init_app(app)
     app.before_request(_bind_request)
     app.after_request(_finish_request)
     return app

@@ -72,3 +72,7 @@ class Unauthorized(GptossError):
 
 class AdminDisabled(GptossError):
     code, status, kind = "admin_disabled", 403, "permission_error"
+
+
+class DashboardReadOnly(GptossError):
+    code, status, kind = "dashboard_read_only", 403, "permission_error"

@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     admin_key: SecretStr | None = Field(
         default=None, description="Bearer key for /admin/*; unset: admin endpoints are refused"
     )
+    rq_dashboard_writable: bool = Field(
+        default=False, description="Let rq-dashboard at /admin/rq requeue, delete and empty (off: read-only)"
+    )
     metrics_host: str = Field(
         default="127.0.0.1", description="Address the scheduler's and workers' /metrics bind"
     )
