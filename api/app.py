@@ -4,36 +4,62 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import structlog
-from flask import Flask, g, request
+from flask import Flask, Response, current_app, g, request
 from redis import Redis
 
-from api import dashboard, errors, health, jobs
-from api.services import Services
+from api import admin, dashboard, errors, health, jobs, metrics
+from api.services import Services, services
 from shared.connection import connect
 from shared.settings import Settings
+from shared.tracing import FORCE_TRACE_HEADER, current_ids, exemplar, forced
 
 log = structlog.get_logger()
 
 REQUEST_ID_HEADER = "X-Request-ID"
+TRACE_ID_HEADER = "X-Trace-ID"
+QUIET_PATHS = ("/healthz", "/readyz", "/metrics")
+"""Probes and scrapes: neither logged nor traced."""
 
 
 def create_app(settings: Settings | None = None, redis: Redis | None = None) -> Flask:
     """Build the API app from `settings` (read from the environment when not given)."""
     settings = settings or Settings()
+    redis = redis or connect(settings.redis_url_or_default())
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
-    app.extensions["gptoss"] = Services(
-        settings=settings, redis=redis or connect(settings.redis_url_or_default())
-    )
+    if settings.observability:
+        from opentelemetry.instrumentation.flask import FlaskInstrumentor
+
+        # First, so the request span is open when our own hooks log.
+        FlaskInstrumentor().instrument_app(app, excluded_urls=",".join(p.strip("/") for p in QUIET_PATHS))
+    app.extensions["gptoss"] = Services(settings=settings, redis=redis, metrics=metrics.api_metrics(redis))
     errors.init_app(app)
     app.register_blueprint(health.bp)
+    app.register_blueprint(metrics.bp)
     app.register_blueprint(jobs.bp)
+    app.register_blueprint(admin.bp)
     dashboard.init_app(app)
     app.before_request(_bind_request)
     app.after_request(_finish_request)
+    # Outermost, so the sampler sees the request's wish before the request span starts.
+    app.wsgi_app = ForceTraceMiddleware(app.wsgi_app)  # type: ignore[method-assign]
     return app
+
+
+class ForceTraceMiddleware:
+    """Marks a request carrying `X-Force-Trace` so its trace is sampled whatever the ratio."""
+
+    def __init__(self, app: Callable[..., Iterable[bytes]]):
+        self._app = app
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        wish = environ.get("HTTP_" + FORCE_TRACE_HEADER.upper().replace("-", "_"), "")
+        with forced(wish not in ("", "0")):
+            return self._app(environ, start_response)
 
 
 def _bind_request() -> None:
@@ -42,16 +68,26 @@ def _bind_request() -> None:
     g.request_id = incoming if 0 < len(incoming) <= 128 and incoming.isprintable() else uuid.uuid4().hex
     g.started = time.perf_counter()
     structlog.contextvars.bind_contextvars(request_id=g.request_id)
+    if request.path not in QUIET_PATHS:
+        log.info("request_received", method=request.method, path=request.path)
 
 
-def _finish_request(response):  # type: ignore[no-untyped-def]
+def _finish_request(response: Response) -> Response:
+    elapsed = time.perf_counter() - g.get("started", time.perf_counter())
     response.headers[REQUEST_ID_HEADER] = g.get("request_id", "")
-    if request.path not in ("/healthz", "/readyz"):
+    route = request.url_rule.rule if request.url_rule else "unmatched"
+    if current_app.extensions["gptoss"].settings.observability:
+        api = services().metrics
+        api.http_requests.labels(request.method, route, str(response.status_code)).inc()
+        api.http_duration.labels(request.method, route).observe(elapsed, exemplar=exemplar())
+    if trace_id := current_ids().get("trace_id"):
+        response.headers[TRACE_ID_HEADER] = trace_id
+    if request.path not in QUIET_PATHS:
         log.info(
             "request_handled",
             method=request.method,
-            path=request.path,
+            route=route,
             status=response.status_code,
-            duration_ms=round((time.perf_counter() - g.get("started", time.perf_counter())) * 1000, 2),
+            duration_ms=round(elapsed * 1000, 2),
         )
     return response

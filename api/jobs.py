@@ -37,6 +37,7 @@ from shared.stages import (
     client_status,
     stamp,
 )
+from shared.tracing import inject_into, trace_id_of
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
 log = structlog.get_logger()
@@ -64,6 +65,7 @@ def submit():  # type: ignore[no-untyped-def]
     payload = job_request.model_copy(update={"model": model, "max_tokens": max_tokens})
     meta: dict[str, Any] = {META_REQUEST_ID: g.request_id, META_MODEL: model}
     stamp(meta, STAGE_RECEIVED, time.time())
+    inject_into(meta)  # the scheduler and the worker continue this trace
     job = open_queue(keys.INCOMING_QUEUE, svc.redis).enqueue(
         keys.GENERATE_FUNC,
         payload.model_dump(mode="json"),
@@ -74,6 +76,7 @@ def submit():  # type: ignore[no-untyped-def]
         failure_ttl=keys.FAILURE_TTL,
     )
     structlog.contextvars.bind_contextvars(job_id=job.id)
+    svc.metrics.jobs_submitted.labels(model).inc()
     log.info("job_submitted", model=model, max_tokens=max_tokens, chat=job_request.messages is not None)
     url = url_for("jobs.show", job_id=job.id)
     response = jsonify({"id": job.id, "object": "job", "status": JobStatus.QUEUED, "url": url})
@@ -113,6 +116,7 @@ def job_view(job: Any) -> JobView:
         result=result,
         error=ErrorInfo.model_validate(error) if error and status is not JobStatus.FINISHED else None,
         url=url_for("jobs.show", job_id=job.id),
+        trace_id=trace_id_of(meta),
     )
 
 

@@ -8,12 +8,14 @@ from api.app import create_app
 from api.server import ApiServer
 from shared.logging import configure_logging
 from shared.settings import Settings
+from shared.tracing import configure_tracing
 
 
 def main(settings: Settings | None = None) -> None:
     """Build settings, configure logging, serve the API until stopped."""
     settings = settings or Settings()
     configure_logging(settings, "api")
+    configure_tracing(settings, "api")
     app = create_app(settings)
     structlog.get_logger().info("api_starting", host=settings.api_host, port=settings.api_port)
     ApiServer(app, settings).run()

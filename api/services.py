@@ -7,15 +7,17 @@ from dataclasses import dataclass
 from flask import current_app
 from redis import Redis
 
+from shared.metrics import ApiMetrics
 from shared.settings import Settings
 
 
 @dataclass(frozen=True)
 class Services:
-    """The settings and the Redis connection of one app."""
+    """The settings, the Redis connection and the metrics of one app."""
 
     settings: Settings
     redis: Redis
+    metrics: ApiMetrics
 
 
 def services() -> Services:

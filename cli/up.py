@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -101,15 +102,26 @@ def run_stack(settings: Settings) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     try:
         redis_url = settings.redis_url or start_redis(stack, settings.data_dir / "redis")
-        env = {**os.environ, "GPTOSS_REDIS_URL": redis_url, "GPTOSS_MODEL": settings.model}
+        admin_key = settings.admin_key.get_secret_value() if settings.admin_key else secrets.token_urlsafe(24)
+        env = {
+            **os.environ,
+            "GPTOSS_REDIS_URL": redis_url,
+            "GPTOSS_MODEL": settings.model,
+            "GPTOSS_ADMIN_KEY": admin_key,
+        }
         python = sys.executable
         prepared = subprocess.run([python, "-m", "cli", "model", "prepare", settings.model], env=env)
         if prepared.returncode != 0:
             raise click.ClickException(f"could not prepare model {settings.model}")
         stack.start("api", [python, "-m", "api"], {**env, "GPTOSS_API_PORT": str(settings.api_port)})
         stack.start("scheduler", [python, "-m", "scheduler"], env)
-        for queue in keys.WORKER_QUEUES:
-            stack.start(f"worker:{queue}", [python, "-m", "workers"], {**env, "GPTOSS_WORKER_QUEUE": queue})
+        worker_ports = {}
+        for offset, queue in enumerate(keys.WORKER_QUEUES):
+            # Each worker's /metrics on its own port: the configured one, then the next.
+            port = settings.worker_metrics_port + offset if settings.worker_metrics_port else 0
+            worker_ports[queue] = port
+            worker_env = {**env, "GPTOSS_WORKER_QUEUE": queue, "GPTOSS_WORKER_METRICS_PORT": str(port)}
+            stack.start(f"worker:{queue}", [python, "-m", "workers"], worker_env)
         base = f"http://{settings.api_host}:{settings.api_port}"
         click.echo(
             f"\ngptoss is starting: model {settings.model}, Redis {redis_url}\n"

@@ -9,42 +9,64 @@ import threading
 import time
 
 import structlog
+from prometheus_client import CollectorRegistry
 
 from scheduler.loop import Scheduler
 from scheduler.tokens import PromptCounter
 from shared import keys
 from shared.connection import connect
+from shared.exposition import serve_metrics
 from shared.heartbeat import Heartbeat, SchedulerBeat
 from shared.logging import configure_logging
+from shared.metrics import SchedulerMetrics
 from shared.registry import model_spec
 from shared.settings import Settings
+from shared.tracing import configure_tracing
 
 
 def main(settings: Settings | None = None) -> None:
-    """Build settings, configure logging, schedule until SIGTERM or SIGINT."""
+    """Build settings, configure logging, tracing and metrics, schedule until SIGTERM or SIGINT."""
     settings = settings or Settings()
     configure_logging(settings, "scheduler")
+    configure_tracing(settings, "scheduler")
+    metrics = SchedulerMetrics(CollectorRegistry()) if settings.observability else None
+    metrics_url = (
+        serve_metrics(metrics.registry, settings.metrics_host, settings.scheduler_metrics_port)
+        if metrics
+        else None
+    )
     log = structlog.get_logger()
     redis = connect(settings.redis_url_or_default(), blocking=True)
-    counter = PromptCounter(settings.cache_dir)
+    counter = PromptCounter(settings.cache_dir, settings.vocab_dir())
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
 
-    counter.wait_for(model_spec(settings.model))
-    scheduler = Scheduler(settings, redis, counter)
+    counter.wait_for(model_spec(settings.model), stop=stop)
+    scheduler = Scheduler(settings, redis, counter, metrics)
     name = f"{socket.gethostname()}.{os.getpid()}"
     beat = Heartbeat(
         redis,
         keys.scheduler_heartbeat(name),
         lambda: SchedulerBeat(
-            name=name, pid=os.getpid(), host=socket.gethostname(), routed=scheduler.routed, at=time.time()
+            name=name,
+            pid=os.getpid(),
+            host=socket.gethostname(),
+            routed=scheduler.routed,
+            at=time.time(),
+            metrics_url=metrics_url,
         ),
         settings.heartbeat_interval,
         settings.heartbeat_ttl,
     )
     beat.start()
-    log.info("scheduler_started", name=name, model=settings.model, threshold=settings.multi_gpu_threshold)
+    log.info(
+        "scheduler_started",
+        name=name,
+        model=settings.model,
+        threshold=settings.multi_gpu_threshold,
+        metrics=metrics_url,
+    )
     try:
         scheduler.run(stop)
     finally:

@@ -2,30 +2,25 @@
 
 from __future__ import annotations
 
-import time
+import threading
 from pathlib import Path
 from typing import Any
 
 import structlog
-from transformers import PreTrainedTokenizerFast
 
 from shared.contract import JobRequest
-from shared.errors import GptossError
-from shared.prompts import prompt_token_ids
+from shared.prompts import ModelNotPrepared, load_prompt_tokenizer, prompt_token_ids
 from shared.registry import ModelSpec
 
 log = structlog.get_logger()
 
 
-class ModelNotPrepared(GptossError):
-    code, status, kind = "model_not_prepared", 503, "server_error"
-
-
 class PromptCounter:
     """Counts prompt tokens per model; tokenizers load once from the prepared model folder."""
 
-    def __init__(self, cache_dir: Path):
+    def __init__(self, cache_dir: Path, vocab_dir: Path | None = None):
         self._cache_dir = cache_dir
+        self._vocab_dir = vocab_dir or cache_dir / "tiktoken"
         self._tokenizers: dict[str, Any] = {}
 
     def count(self, spec: ModelSpec, request: JobRequest) -> int:
@@ -35,21 +30,16 @@ class PromptCounter:
     def tokenizer(self, spec: ModelSpec) -> Any:
         """The tokenizer of `spec`, loaded on first use."""
         if spec.name not in self._tokenizers:
-            folder = spec.directory(self._cache_dir)
-            if not (folder / "tokenizer.json").exists():
-                raise ModelNotPrepared(f"The tokenizer of `{spec.name}` is not prepared in {folder}.")
-            self._tokenizers[spec.name] = PreTrainedTokenizerFast.from_pretrained(str(folder))
+            self._tokenizers[spec.name] = load_prompt_tokenizer(spec, self._cache_dir, self._vocab_dir)
         return self._tokenizers[spec.name]
 
-    def wait_for(self, spec: ModelSpec, poll: float = 2.0, timeout: float | None = None) -> None:
-        """Block until `spec`'s tokenizer is prepared (a worker or `gptoss model prepare` does it)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
+    def wait_for(self, spec: ModelSpec, stop: threading.Event, poll: float = 2.0) -> None:
+        """Block until `spec`'s tokenizer is prepared (a worker or `gptoss model prepare` does it)
+        or `stop` is set."""
+        while not stop.is_set():
             try:
                 self.tokenizer(spec)
                 return
             except ModelNotPrepared:
-                if deadline is not None and time.monotonic() > deadline:
-                    raise
                 log.info("tokenizer_waiting", model=spec.name, folder=str(spec.directory(self._cache_dir)))
-                time.sleep(poll)
+                stop.wait(poll)

@@ -126,3 +126,4 @@ class JobView(BaseModel):
     result: JobResult | None = None
     error: ErrorInfo | None = None
     url: str
+    trace_id: str | None = Field(default=None, description="The job's trace, across API, scheduler, worker")

@@ -29,6 +29,9 @@ class WorkerBeat(BaseModel):
     pid: int
     host: str
     at: float
+    metrics_url: str | None = None
+    memory_used_bytes: int | None = None
+    memory_total_bytes: int | None = None
 
 
 class SchedulerBeat(BaseModel):
@@ -39,6 +42,7 @@ class SchedulerBeat(BaseModel):
     host: str
     routed: int = 0
     at: float
+    metrics_url: str | None = None
 
 
 def publish(redis: Redis, key: str, beat: BaseModel, ttl: int) -> None:

@@ -45,3 +45,10 @@ SCHEDULER_HEARTBEAT_PATTERN = PREFIX + "heartbeat:scheduler:*"
 def scheduler_heartbeat(name: str) -> str:
     """Key of one scheduler's heartbeat."""
     return f"{PREFIX}heartbeat:scheduler:{name}"
+
+
+DECISIONS = PREFIX + "decisions"
+"""Capped list of recent admission and routing decisions (JSON), newest first."""
+
+DECISIONS_TTL = 7 * 24 * 3600
+"""Seconds the decision list lives after its last write."""

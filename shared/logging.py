@@ -10,6 +10,7 @@ from typing import Any
 import structlog
 
 from shared.settings import Settings
+from shared.tracing import current_ids
 
 
 def configure_logging(settings: Settings, process: str) -> None:
@@ -24,6 +25,7 @@ def configure_logging(settings: Settings, process: str) -> None:
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         _add_process(process),
+        _add_trace_ids,
     ]
     structlog.configure(
         processors=[
@@ -55,8 +57,18 @@ def configure_logging(settings: Settings, process: str) -> None:
         lib.propagate = True
 
 
+Event = MutableMapping[str, Any]
+
+
+def _add_trace_ids(_logger: object, _method: str, event: Event) -> Event:
+    """Every line inside a span names its trace, whether the trace is sampled or not."""
+    for key, value in current_ids().items():
+        event.setdefault(key, value)
+    return event
+
+
 def _add_process(process: str) -> structlog.typing.Processor:
-    def add(_logger: object, _method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    def add(_logger: object, _method: str, event: Event) -> Event:
         event.setdefault("process", process)
         return event
 

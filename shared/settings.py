@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -20,7 +20,19 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(
         default=None, description="Redis URL; unset: `gptoss up` starts its own, others use localhost"
     )
-    model: str = Field(default="smollm2-135m", description="Registry name of the model served")
+    model: str = Field(
+        default="smollm2-135m",
+        description="Registry name or alias of the model served; unset: the profile's, else smollm2-135m",
+    )
+    profile: str | None = Field(
+        default=None, description="Serving profile (latency_first, balanced, quality_first); unset: none"
+    )
+    model_path: Path | None = Field(
+        default=None, description="Local folder of a hub model's weights (instead of downloading its hub id)"
+    )
+    tiktoken_dir: Path | None = Field(
+        default=None, description="Folder of o200k_base.tiktoken for harmony (default <cache_dir>/tiktoken)"
+    )
     cache_dir: Path = Field(
         default_factory=lambda: Path.home() / ".cache" / "gptoss",
         description="Converted and generated model weights (default ~/.cache/gptoss)",
@@ -48,6 +60,12 @@ class Settings(BaseSettings):
     )
     device: str | None = Field(default=None, description="Worker device (cuda:N, cpu); unset: cuda:0 if any")
     torch_threads: int | None = Field(default=None, description="CPU threads per worker (torch default)")
+    stream_group_tokens: int = Field(
+        default=1, ge=1, description="Tokens a worker gathers into one event of a job's stream"
+    )
+    tp_timeout: int = Field(
+        default=7 * 24 * 3600, description="Seconds tensor-parallel ranks wait for each other (idle included)"
+    )
     heartbeat_interval: float = Field(default=2.0, description="Seconds between heartbeats")
     heartbeat_ttl: int = Field(default=10, description="Seconds a heartbeat stays live")
 
@@ -76,14 +94,37 @@ class Settings(BaseSettings):
     trace_sample_ratio: float = Field(
         default=1.0, ge=0.0, le=1.0, description="Head sampling ratio of new traces (production: 0.03)"
     )
-    trace_file: Path | None = Field(
-        default=None, description="Also write finished spans here, one JSON per line"
+    trace_dir: Path | None = Field(
+        default=None,
+        description="Also write finished spans to <dir>/<process>-<pid>.jsonl, one JSON per line",
+    )
+    observability: bool = Field(
+        default=True, description="Metrics and tracing; off only to measure what they cost"
     )
 
     log_format: Literal["auto", "json", "console"] = Field(
         default="auto", description="auto: console on a TTY, JSON otherwise"
     )
     log_level: str = Field(default="info", description="Lowest level logged")
+    log_content: bool = Field(default=False, description="Log prompt and completion text (off: never logged)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _model_from_profile(cls, data: Any) -> Any:
+        # The profile names a default model; an explicit GPTOSS_MODEL (or alias) still wins.
+        from shared.profiles import profile_named
+        from shared.registry import canonical_name
+
+        if isinstance(data, dict):
+            if data.get("model") is None and data.get("profile"):
+                data = {**data, "model": profile_named(data["profile"]).model}
+            if data.get("model"):
+                data = {**data, "model": canonical_name(data["model"])}
+        return data
+
+    def vocab_dir(self) -> Path:
+        """Folder of harmony's o200k vocabulary."""
+        return self.tiktoken_dir or self.cache_dir / "tiktoken"
 
     def redis_url_or_default(self) -> str:
         """The configured Redis URL, or the local default."""

@@ -81,6 +81,8 @@ def prepared_models() -> Settings:
 def process_env(**values: object) -> dict[str, str]:
     """The environment for a child process: ours without GPTOSS_* and with `values`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("GPTOSS_")}
+    # Metrics endpoints off unless a test asks: fixed default ports would clash between processes.
+    env.update({"GPTOSS_SCHEDULER_METRICS_PORT": "0", "GPTOSS_WORKER_METRICS_PORT": "0"})
     env.update({k: str(v) for k, v in values.items()})
     env["GPTOSS_LOG_FORMAT"] = "json"
     return env

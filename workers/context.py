@@ -1,4 +1,4 @@
-"""The runtime of this worker process, bound once at start.
+"""What this worker process bound once at start: its model runtime, name, queue and metrics.
 
 RQ calls job functions by dotted name with only the job's arguments, so the model that the worker
 loaded before taking jobs is reached here, the way Flask's `current_app` is.
@@ -6,30 +6,53 @@ loaded before taking jobs is reached here, the way Flask's `current_app` is.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from shared.metrics import WorkerMetrics
     from workers.runtime import ModelRuntime
 
-_runtime: ModelRuntime | None = None
-_worker: tuple[str, str] | None = None
+
+@dataclass(frozen=True)
+class WorkerContext:
+    """The process-wide collaborators of job functions."""
+
+    runtime: ModelRuntime
+    worker_name: str
+    queue: str
+    metrics: WorkerMetrics | None = None
+    log_content: bool = False
 
 
-def bind(runtime: ModelRuntime, worker_name: str, queue: str) -> None:
-    """Make `runtime` the one job functions use in this process."""
-    global _runtime, _worker
-    _runtime, _worker = runtime, (worker_name, queue)
+_bound: WorkerContext | None = None
+
+
+def bind(
+    runtime: ModelRuntime,
+    worker_name: str,
+    queue: str,
+    metrics: WorkerMetrics | None = None,
+    log_content: bool = False,
+) -> None:
+    """Make these the collaborators job functions use in this process."""
+    global _bound
+    _bound = WorkerContext(runtime, worker_name, queue, metrics, log_content)
+
+
+def current() -> WorkerContext:
+    """The bound context (RuntimeError outside a worker)."""
+    if _bound is None:
+        raise RuntimeError("no model runtime is bound: job functions run inside `gptoss worker`")
+    return _bound
 
 
 def current_runtime() -> ModelRuntime:
-    """The runtime bound by the worker (RuntimeError outside a worker)."""
-    if _runtime is None:
-        raise RuntimeError("no model runtime is bound: job functions run inside `gptoss worker`")
-    return _runtime
+    """The runtime bound by the worker."""
+    return current().runtime
 
 
 def current_worker() -> tuple[str, str]:
     """(worker name, queue) of this process."""
-    if _worker is None:
-        raise RuntimeError("no worker is bound")
-    return _worker
+    bound = current()
+    return bound.worker_name, bound.queue

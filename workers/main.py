@@ -2,34 +2,57 @@
 
 from __future__ import annotations
 
+import logging
+import time
+
 import structlog
 import torch
+from prometheus_client import CollectorRegistry
 
 from shared.connection import connect
+from shared.exposition import serve_metrics
 from shared.logging import configure_logging
+from shared.metrics import WorkerMetrics
 from shared.registry import model_spec
 from shared.settings import Settings
+from shared.tracing import configure_tracing
 from workers import context
 from workers.runtime import ModelRuntime, pick_device
-from workers.worker import build_worker
+from workers.worker import build_worker, quiet_dequeue_lines
 
 
 def main(settings: Settings | None = None, burst: bool = False) -> None:
-    """Build settings, configure logging, load the model once, then work the queue."""
+    """Build settings, configure logging, tracing and metrics, load the model once, work the queue."""
     settings = settings or Settings()
     configure_logging(settings, "worker")
+    configure_tracing(settings, "worker")
+    logging.getLogger("rq.worker").addFilter(quiet_dequeue_lines)
     log = structlog.get_logger()
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
+    metrics = WorkerMetrics(CollectorRegistry()) if settings.observability else None
     redis = connect(settings.redis_url_or_default(), blocking=True)
-    worker, heartbeat = build_worker(settings, redis, pick_device(settings.device))
+    worker, heartbeat = build_worker(settings, redis, pick_device(settings.device), metrics)
+    if metrics is not None:
+        worker.metrics_url = serve_metrics(
+            metrics.registry, settings.metrics_host, settings.worker_metrics_port
+        )
     heartbeat.start()  # "loading" while the model loads, so operators see it coming
     try:
+        loading = time.perf_counter()
         runtime = ModelRuntime.load(model_spec(settings.model), settings)
-        context.bind(runtime, worker.name, settings.worker_queue)
+        if metrics is not None:
+            metrics.model_load.labels(settings.model).set(time.perf_counter() - loading)
+        context.bind(runtime, worker.name, settings.worker_queue, metrics, settings.log_content)
         worker.activity = "idle"
         heartbeat.beat()
-        log.info("worker_started", name=worker.name, queue=settings.worker_queue, model=settings.model)
+        log.info(
+            "worker_started",
+            name=worker.name,
+            queue=settings.worker_queue,
+            model=settings.model,
+            metrics=worker.metrics_url,
+        )
         worker.work(burst=burst, logging_level=None)
     finally:
         heartbeat.stop()

@@ -1,0 +1,182 @@
+"""The debug bundle: everything needed to diagnose the system without shell access, as a .tar.gz."""
+
+from __future__ import annotations
+
+import io
+import json
+import platform
+import sys
+import tarfile
+import time
+from importlib import metadata
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import requests
+from prometheus_client import generate_latest
+from redis import Redis
+from rq import Worker
+from rq.registry import CanceledJobRegistry, FailedJobRegistry
+
+from api.metrics import QUEUES, REGISTRIES
+from shared import decisions, keys
+from shared.heartbeat import SchedulerBeat, WorkerBeat, read_live
+from shared.metrics import ApiMetrics
+from shared.queues import fetch_job, open_queue
+from shared.settings import Settings
+
+FAILURES_PER_QUEUE = 20
+"""Most recent failed (or rejected) jobs included per queue."""
+
+DECISIONS_INCLUDED = 200
+"""Most recent admission and routing decisions included."""
+
+SCRAPE_TIMEOUT = 2.0
+"""Seconds to wait for another process's /metrics."""
+
+PACKAGES = ("gpt-oss-hf-server", "torch", "transformers", "rq", "redis", "flask", "pydantic",
+            "prometheus-client", "opentelemetry-sdk", "openai-harmony", "gunicorn")  # fmt: skip
+"""Versions reported (read from package metadata, so the API never imports torch)."""
+
+
+def build_bundle(settings: Settings, redis: Redis, metrics: ApiMetrics) -> bytes:
+    """The bundle as gzip-compressed tar bytes; a section that cannot be read says why instead."""
+    sections: dict[str, Any] = {
+        "settings.json": lambda: redacted_settings(settings),
+        "versions.json": lambda: versions(redis),
+        "queues.json": lambda: queue_sizes(redis),
+        "workers.json": lambda: workers(redis),
+        "failures.json": lambda: failures(redis),
+        "decisions.json": lambda: decisions.recent(redis, DECISIONS_INCLUDED),
+    }
+    files: dict[str, bytes] = {}
+    problems: dict[str, str] = {}
+    for name, read in sections.items():
+        try:
+            files[name] = json.dumps(read(), indent=2, default=str).encode()
+        except Exception as exc:  # the bundle is for bad days: report, never fail
+            problems[name] = f"{type(exc).__name__}: {exc}"
+    files["metrics/api.txt"] = generate_latest(metrics.registry)
+    files.update(_scrape_others(redis, problems))
+    manifest = {"generated_at": time.time(), "files": sorted(files), "problems": problems}
+    files["manifest.json"] = json.dumps(manifest, indent=2).encode()
+    return _tar(files)
+
+
+def redacted_settings(settings: Settings) -> dict[str, Any]:
+    """Settings with secrets masked: SecretStr fields and passwords inside URLs."""
+    values = settings.model_dump(mode="json")  # SecretStr dumps as "**********"
+    for name, value in values.items():
+        if isinstance(value, str) and "://" in value:
+            values[name] = redact_url(value)
+    return values
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by ***."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def versions(redis: Redis) -> dict[str, Any]:
+    """Python, platform, package versions and the Redis server's version."""
+    found: dict[str, str | None] = {}
+    for package in PACKAGES:
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = None
+    info = redis.info("server")
+    return {"python": sys.version, "platform": platform.platform(), "packages": found,
+            "redis_server": info.get("redis_version")}  # fmt: skip
+
+
+def queue_sizes(redis: Redis) -> dict[str, Any]:
+    """Depth and registry sizes of every queue."""
+    sizes: dict[str, Any] = {}
+    for name in QUEUES:
+        queue = open_queue(name, redis)
+        sizes[name] = {"waiting": queue.count, **{k: cls(queue=queue).count for k, cls in REGISTRIES.items()}}
+    sizes["scheduler_inflight"] = redis.llen(keys.SCHEDULER_INFLIGHT)
+    return sizes
+
+
+def workers(redis: Redis) -> dict[str, Any]:
+    """Live heartbeats (ours) and the workers RQ knows."""
+    rq_workers = [
+        {
+            "name": w.name,
+            "queues": w.queue_names(),
+            "state": w.get_state(),
+            "current_job": w.get_current_job_id(),
+            "last_heartbeat": w.last_heartbeat,
+            "successful": w.successful_job_count,
+            "failed": w.failed_job_count,
+        }
+        for w in Worker.all(connection=redis)
+    ]
+    return {
+        "heartbeats": [b.model_dump() for b in read_live(redis, keys.WORKER_HEARTBEAT_PATTERN, WorkerBeat)],
+        "schedulers": [
+            b.model_dump() for b in read_live(redis, keys.SCHEDULER_HEARTBEAT_PATTERN, SchedulerBeat)
+        ],
+        "rq_workers": rq_workers,
+    }
+
+
+def failures(redis: Redis) -> list[dict[str, Any]]:
+    """The latest failed and rejected jobs of every queue, with their tracebacks and meta."""
+    found: list[dict[str, Any]] = []
+    for name in QUEUES:
+        queue = open_queue(name, redis)
+        for registry in (FailedJobRegistry(queue=queue), CanceledJobRegistry(queue=queue)):
+            for job_id in registry.get_job_ids(0, FAILURES_PER_QUEUE - 1):
+                try:
+                    job = fetch_job(job_id, redis)
+                except Exception:
+                    continue
+                found.append(
+                    {
+                        "id": job.id,
+                        "queue": name,
+                        "status": job.get_status(refresh=False),
+                        "ended_at": job.ended_at,
+                        "meta": job.meta,
+                        "traceback": job.exc_info,
+                    }
+                )
+    return found
+
+
+def _scrape_others(redis: Redis, problems: dict[str, str]) -> dict[str, bytes]:
+    beats: list[WorkerBeat | SchedulerBeat] = [
+        *read_live(redis, keys.SCHEDULER_HEARTBEAT_PATTERN, SchedulerBeat),
+        *read_live(redis, keys.WORKER_HEARTBEAT_PATTERN, WorkerBeat),
+    ]
+    files: dict[str, bytes] = {}
+    for beat in beats:
+        if not beat.metrics_url:
+            continue
+        name = f"metrics/{beat.name}.txt"
+        try:
+            answer = requests.get(beat.metrics_url, timeout=SCRAPE_TIMEOUT)
+            answer.raise_for_status()
+            files[name] = answer.content
+        except requests.RequestException as exc:
+            problems[name] = str(exc)
+    return files
+
+
+def _tar(files: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        for name, content in files.items():
+            entry = tarfile.TarInfo(f"gptoss-debug/{name}")
+            entry.size, entry.mtime = len(content), int(time.time())
+            archive.addfile(entry, io.BytesIO(content))
+    return buffer.getvalue()

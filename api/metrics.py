@@ -1,0 +1,88 @@
+"""`GET /metrics`: the API's own metrics plus queue, registry and liveness gauges read at scrape time."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from flask import Blueprint, Response, request
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from redis import Redis
+from redis.exceptions import RedisError
+from rq.registry import (
+    CanceledJobRegistry,
+    DeferredJobRegistry,
+    FailedJobRegistry,
+    FinishedJobRegistry,
+    ScheduledJobRegistry,
+    StartedJobRegistry,
+)
+
+from api.services import services
+from shared import keys
+from shared.heartbeat import SchedulerBeat, WorkerBeat, read_live
+from shared.metrics import ApiMetrics
+from shared.queues import open_queue
+
+bp = Blueprint("metrics", __name__)
+
+QUEUES = (keys.INCOMING_QUEUE, *keys.WORKER_QUEUES)
+"""Queues whose depth and registries the API reports."""
+
+REGISTRIES = {
+    "started": StartedJobRegistry,
+    "finished": FinishedJobRegistry,
+    "failed": FailedJobRegistry,
+    "canceled": CanceledJobRegistry,
+    "deferred": DeferredJobRegistry,
+    "scheduled": ScheduledJobRegistry,
+}
+
+
+class RedisStateCollector(Collector):
+    """Reads queue depths, registry sizes and live heartbeats from Redis at each scrape."""
+
+    def __init__(self, redis: Redis):
+        self._redis = redis
+
+    def collect(self) -> Iterator[Metric]:
+        waiting = GaugeMetricFamily("gptoss_requests_waiting", "Jobs waiting in a queue", labels=["queue"])
+        registry = GaugeMetricFamily(
+            "gptoss_registry_jobs", "Jobs in an RQ registry of a queue", labels=["queue", "registry"]
+        )
+        live = GaugeMetricFamily("gptoss_workers_live", "Workers with a live heartbeat", labels=["queue"])
+        schedulers = GaugeMetricFamily("gptoss_schedulers_live", "Schedulers with a live heartbeat")
+        up = GaugeMetricFamily("gptoss_redis_up", "Whether Redis answered this scrape")
+        try:
+            for name in QUEUES:
+                queue = open_queue(name, self._redis)
+                waiting.add_metric([name], queue.count)
+                for kind, cls in REGISTRIES.items():
+                    registry.add_metric([name, kind], cls(queue=queue).count)
+            workers = read_live(self._redis, keys.WORKER_HEARTBEAT_PATTERN, WorkerBeat)
+            for name in keys.WORKER_QUEUES:
+                live.add_metric([name], sum(1 for w in workers if w.queue == name and w.state != "loading"))
+            beats = read_live(self._redis, keys.SCHEDULER_HEARTBEAT_PATTERN, SchedulerBeat)
+            schedulers.add_metric([], len(beats))
+            up.add_metric([], 1)
+        except RedisError:
+            up.add_metric([], 0)
+            yield up
+            return
+        yield from (waiting, registry, live, schedulers, up)
+
+
+def api_metrics(redis: Redis) -> ApiMetrics:
+    """The API's metrics in a registry of its own, with the Redis state collector attached."""
+    registry = CollectorRegistry()
+    registry.register(RedisStateCollector(redis))
+    return ApiMetrics(registry)
+
+
+@bp.get("/metrics")
+def scrape() -> Response:
+    """Prometheus exposition; OpenMetrics (with exemplars) when the scraper asks for it."""
+    encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+    return Response(encoder(services().metrics.registry), content_type=content_type)

@@ -1,0 +1,146 @@
+"""OpenTelemetry set-up and the trace context that travels in job.meta from process to process."""
+
+from __future__ import annotations
+
+import contextvars
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SimpleSpanProcessor
+from opentelemetry.sdk.trace.sampling import (
+    Decision,
+    ParentBased,
+    Sampler,
+    SamplingResult,
+    TraceIdRatioBased,
+)
+from opentelemetry.trace import Link, SpanKind
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.util.types import Attributes
+
+from shared.settings import Settings
+
+FORCE_TRACE_HEADER = "X-Force-Trace"
+"""A request carrying this header (any non-empty value but 0) is traced whatever the ratio."""
+
+META_TRACEPARENT = "traceparent"
+META_TRACESTATE = "tracestate"
+
+_force = contextvars.ContextVar("gptoss_force_trace", default=False)
+_propagator = TraceContextTextMapPropagator()
+
+
+class ProjectSampler(Sampler):
+    """Parent-based ratio sampling, forced on for a request that asks, and never sampling a client
+    call (a Redis command) that has no parent: idle polling and heartbeats make no traces, while
+    calls inside a request or a job are traced with it."""
+
+    def __init__(self, ratio: float):
+        self._ratio = ratio
+        self._delegate = ParentBased(TraceIdRatioBased(ratio))
+
+    def should_sample(
+        self,
+        parent_context: otel_context.Context | None,
+        trace_id: int,
+        name: str,
+        kind: SpanKind | None = None,
+        attributes: Attributes = None,
+        links: Sequence[Link] | None = None,
+        trace_state: Any = None,
+    ) -> SamplingResult:
+        parent = trace.get_current_span(parent_context).get_span_context()
+        if not parent.is_valid:
+            if kind == SpanKind.CLIENT:
+                return SamplingResult(Decision.DROP)
+            if _force.get():
+                return SamplingResult(Decision.RECORD_AND_SAMPLE, attributes)
+        return self._delegate.should_sample(
+            parent_context, trace_id, name, kind, attributes, links, trace_state
+        )
+
+    def get_description(self) -> str:
+        return f"ProjectSampler(ratio={self._ratio})"
+
+
+def configure_tracing(settings: Settings, process: str) -> TracerProvider | None:
+    """Install the process's tracer provider: OTLP/HTTP when an endpoint is set, a file when asked."""
+    if not settings.observability:
+        return None
+    name = settings.otel_service_name or f"gptoss-{process}"
+    provider = TracerProvider(
+        resource=Resource.create({"service.name": name, "gptoss.process": process}),
+        sampler=ProjectSampler(settings.trace_sample_ratio),
+    )
+    if settings.otel_exporter_otlp_endpoint:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        endpoint = settings.otel_exporter_otlp_endpoint.rstrip("/") + "/v1/traces"
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
+    if settings.trace_dir is not None:
+        settings.trace_dir.mkdir(parents=True, exist_ok=True)
+        out = open(settings.trace_dir / f"{process}-{os.getpid()}.jsonl", "a", buffering=1)  # noqa: SIM115
+        provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter(out=out, formatter=_one_line)))
+    trace.set_tracer_provider(provider)
+    from opentelemetry.instrumentation.redis import RedisInstrumentor
+
+    RedisInstrumentor().instrument(tracer_provider=provider)
+    return provider
+
+
+def _one_line(span: ReadableSpan) -> str:
+    return span.to_json(indent=None) + "\n"
+
+
+@contextmanager
+def forced(on: bool) -> Iterator[None]:
+    """Within the block, a new root span is sampled whatever the ratio (when `on`)."""
+    token = _force.set(on)
+    try:
+        yield
+    finally:
+        _force.reset(token)
+
+
+def inject_into(meta: dict[str, Any]) -> None:
+    """Write the current trace context into job.meta (traceparent/tracestate)."""
+    carrier: dict[str, str] = {}
+    _propagator.inject(carrier)
+    meta.pop(META_TRACESTATE, None)
+    meta.update(carrier)
+
+
+def context_from(meta: Mapping[str, Any]) -> otel_context.Context:
+    """The trace context a previous process left in job.meta (empty when none)."""
+    carrier = {k: meta[k] for k in (META_TRACEPARENT, META_TRACESTATE) if isinstance(meta.get(k), str)}
+    return _propagator.extract(carrier)
+
+
+def trace_id_of(meta: Mapping[str, Any]) -> str | None:
+    """The trace id (32 hex digits) recorded in job.meta, if any."""
+    parent = meta.get(META_TRACEPARENT)
+    if isinstance(parent, str) and parent.count("-") == 3:
+        return parent.split("-")[1]
+    return None
+
+
+def current_ids() -> dict[str, str]:
+    """trace_id and span_id of the current span (sampled or not), for logs and exemplars."""
+    ctx = trace.get_current_span().get_span_context()
+    if not ctx.is_valid:
+        return {}
+    return {"trace_id": format(ctx.trace_id, "032x"), "span_id": format(ctx.span_id, "016x")}
+
+
+def exemplar() -> dict[str, str] | None:
+    """An exemplar naming the current trace, only when that trace is sampled (so it exists)."""
+    ctx = trace.get_current_span().get_span_context()
+    if not ctx.is_valid or not ctx.trace_flags.sampled:
+        return None
+    return {"trace_id": format(ctx.trace_id, "032x"), "span_id": format(ctx.span_id, "016x")}
