@@ -11,7 +11,7 @@ import structlog
 from flask import Flask, Response, current_app, g, request
 from redis import Redis
 
-from api import admin, dashboard, errors, health, jobs, metrics
+from api import admin, dashboard, errors, events, health, jobs, metrics
 from api.services import Services, services
 from shared.connection import connect
 from shared.settings import Settings
@@ -36,11 +36,14 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
 
         # First, so the request span is open when our own hooks log.
         FlaskInstrumentor().instrument_app(app, excluded_urls=",".join(p.strip("/") for p in QUIET_PATHS))
-    app.extensions["gptoss"] = Services(settings=settings, redis=redis, metrics=metrics.api_metrics(redis))
+    app.extensions["gptoss"] = Services(
+        settings=settings, redis=redis, metrics=metrics.api_metrics(redis, settings.model)
+    )
     errors.init_app(app)
     app.register_blueprint(health.bp)
     app.register_blueprint(metrics.bp)
     app.register_blueprint(jobs.bp)
+    app.register_blueprint(events.bp)
     app.register_blueprint(admin.bp)
     dashboard.init_app(app)
     app.before_request(_bind_request)

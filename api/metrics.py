@@ -74,11 +74,15 @@ class RedisStateCollector(Collector):
         yield from (waiting, registry, live, schedulers, up)
 
 
-def api_metrics(redis: Redis) -> ApiMetrics:
+def api_metrics(redis: Redis, model: str) -> ApiMetrics:
     """The API's metrics in a registry of its own, with the Redis state collector attached."""
     registry = CollectorRegistry()
     registry.register(RedisStateCollector(redis))
-    return ApiMetrics(registry)
+    metrics = ApiMetrics(registry)
+    # Series of the served model exist from the start (at 0), so rates and alerts have a baseline.
+    for counter in (metrics.jobs_submitted, metrics.cache_hits, metrics.cache_misses):
+        counter.labels(model)
+    return metrics
 
 
 @bp.get("/metrics")

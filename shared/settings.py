@@ -8,6 +8,9 @@ from typing import Any, Literal
 from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+PRODUCTION_SAMPLE_RATIO = 0.03
+"""Share of new traces sampled in production (a request can still force its own)."""
+
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 """Redis that a lone process (api, scheduler, worker) talks to when none is configured."""
 
@@ -60,9 +63,6 @@ class Settings(BaseSettings):
     )
     device: str | None = Field(default=None, description="Worker device (cuda:N, cpu); unset: cuda:0 if any")
     torch_threads: int | None = Field(default=None, description="CPU threads per worker (torch default)")
-    stream_group_tokens: int = Field(
-        default=1, ge=1, description="Tokens a worker gathers into one event of a job's stream"
-    )
     tp_timeout: int = Field(
         default=7 * 24 * 3600, description="Seconds tensor-parallel ranks wait for each other (idle included)"
     )
@@ -91,8 +91,11 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("OTEL_SERVICE_NAME", "otel_service_name"),
         description="Service name on spans (standard OTEL_ variable); unset: gptoss-<process>",
     )
-    trace_sample_ratio: float = Field(
-        default=1.0, ge=0.0, le=1.0, description="Head sampling ratio of new traces (production: 0.03)"
+    environment: Literal["development", "production"] = Field(
+        default="development", description="development: trace every request; production: sample 3%"
+    )
+    trace_sample_ratio: float | None = Field(
+        default=None, ge=0.0, le=1.0, description="Head sampling ratio of new traces; unset: by environment"
     )
     trace_dir: Path | None = Field(
         default=None,
@@ -125,6 +128,12 @@ class Settings(BaseSettings):
     def vocab_dir(self) -> Path:
         """Folder of harmony's o200k vocabulary."""
         return self.tiktoken_dir or self.cache_dir / "tiktoken"
+
+    def sample_ratio(self) -> float:
+        """The head sampling ratio: as set, else 100% in development and 3% in production."""
+        if self.trace_sample_ratio is not None:
+            return self.trace_sample_ratio
+        return PRODUCTION_SAMPLE_RATIO if self.environment == "production" else 1.0
 
     def redis_url_or_default(self) -> str:
         """The configured Redis URL, or the local default."""

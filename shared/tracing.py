@@ -76,7 +76,7 @@ def configure_tracing(settings: Settings, process: str) -> TracerProvider | None
     name = settings.otel_service_name or f"gptoss-{process}"
     provider = TracerProvider(
         resource=Resource.create({"service.name": name, "gptoss.process": process}),
-        sampler=ProjectSampler(settings.trace_sample_ratio),
+        sampler=ProjectSampler(settings.sample_ratio()),
     )
     if settings.otel_exporter_otlp_endpoint:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter

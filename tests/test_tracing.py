@@ -51,3 +51,11 @@ def test_meta_round_trip_keeps_trace_and_parent() -> None:
         assert child.parent is not None and child.parent.span_id == sent.span_id
     assert trace.get_current_span().get_span_context().is_valid is False
     assert trace_id_of({}) is None
+
+
+def test_sampling_ratio_follows_environment() -> None:
+    from shared.settings import Settings
+
+    assert Settings(environment="development").sample_ratio() == 1.0
+    assert Settings(environment="production").sample_ratio() == 0.03
+    assert Settings(environment="production", trace_sample_ratio=0.5).sample_ratio() == 0.5
