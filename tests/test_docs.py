@@ -9,7 +9,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_readme_documents_every_setting() -> None:
     readme = (ROOT / "README.md").read_text()
-    missing = [name for name in Settings.model_fields if f"`GPTOSS_{name.upper()}`" not in readme]
+    names = [
+        field.validation_alias.choices[0] if field.validation_alias else f"GPTOSS_{name.upper()}"  # type: ignore[union-attr]
+        for name, field in Settings.model_fields.items()
+    ]
+    missing = [name for name in names if f"`{name}`" not in readme]
     assert not missing, f"README's configuration table lacks {missing}"
 
 
