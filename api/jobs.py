@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 import structlog
-from flask import Blueprint, g, jsonify, request, url_for
+from flask import Blueprint, current_app, g, jsonify, request, url_for
 from pydantic import ValidationError
 from rq.exceptions import NoSuchJobError
 
@@ -23,9 +23,11 @@ from shared.contract import (
     RouteTaken,
     StageTimes,
 )
-from shared.errors import InvalidJson, JobNotFound, ModelNotFound, ValidationFailed
+from shared.errors import InvalidJson, JobNotFound, ModelNotFound, PromptTooLong, ValidationFailed
+from shared.profiles import apply_profile, max_tokens_limit, profile_named
+from shared.prompts import ModelNotPrepared, load_prompt_tokenizer, prompt_token_ids
 from shared.queues import fetch_job, open_queue
-from shared.registry import model_spec
+from shared.registry import ModelSpec, canonical_name, model_spec
 from shared.stages import (
     META_ERROR,
     META_MODEL,
@@ -52,17 +54,24 @@ def submit():  # type: ignore[no-untyped-def]
     svc = services()
     job_request = _parse_request(_read_json())
     served = svc.settings.model
-    model = job_request.model or served
+    model = canonical_name(job_request.model) if job_request.model else served
     if model != served:
         model_spec(model)  # an unknown name gets the registry's own message
         raise ModelNotFound(f"The model `{model}` is not served here; this server serves `{served}`.")
-    max_tokens = job_request.max_tokens or svc.settings.default_max_tokens
-    if max_tokens > svc.settings.max_tokens_limit:
+    profile_name = job_request.profile or svc.settings.profile
+    profile = profile_named(profile_name) if profile_name else None
+    payload = apply_profile(
+        job_request.model_copy(update={"model": model}), profile, svc.settings.default_max_tokens
+    )
+    max_tokens = payload.max_tokens or svc.settings.default_max_tokens
+    limit = max_tokens_limit(profile, svc.settings.max_tokens_limit)
+    if max_tokens > limit:
+        whose = f"the `{profile.name}` profile's" if profile is not None else "this server's"
         raise ValidationFailed(
-            f"max_tokens is {max_tokens}, over this server's limit of {svc.settings.max_tokens_limit}.",
+            f"max_tokens is {max_tokens}, over {whose} limit of {limit}.",
             details=[{"loc": ["max_tokens"], "msg": "over the limit"}],
         )
-    payload = job_request.model_copy(update={"model": model, "max_tokens": max_tokens})
+    check_fits(model_spec(model), payload, max_tokens)
     meta: dict[str, Any] = {META_REQUEST_ID: g.request_id, META_MODEL: model}
     stamp(meta, STAGE_RECEIVED, time.time())
     inject_into(meta)  # the scheduler and the worker continue this trace
@@ -118,6 +127,43 @@ def job_view(job: Any) -> JobView:
         url=url_for("jobs.show", job_id=job.id),
         trace_id=trace_id_of(meta),
     )
+
+
+def check_fits(spec: ModelSpec, request: JobRequest, max_tokens: int) -> None:
+    """Refuse at once what cannot fit the model's context: a prompt over it (413), or a prompt plus
+    max_tokens over it (422). The scheduler checks again; here the client hears it before queueing."""
+    context = spec.context_length
+    if max_tokens >= context:
+        raise ValidationFailed(
+            f"max_tokens is {max_tokens}; the context of `{spec.name}` is {context} tokens in all.",
+            details=[{"loc": ["max_tokens"], "msg": "over the model's context"}],
+        )
+    prompt_tokens = _count_prompt(spec, request)
+    if prompt_tokens is None:
+        return
+    if prompt_tokens >= context:
+        raise PromptTooLong(
+            f"The prompt has {prompt_tokens} tokens; the context of `{spec.name}` is {context}."
+        )
+    if prompt_tokens + max_tokens > context:
+        raise ValidationFailed(
+            f"The prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) is over the context of "
+            f"`{spec.name}` ({context}); lower max_tokens to {context - prompt_tokens} or less.",
+            details=[{"loc": ["max_tokens"], "msg": "prompt plus max_tokens over the model's context"}],
+        )
+
+
+def _count_prompt(spec: ModelSpec, request: JobRequest) -> int | None:
+    """The prompt's tokens, with the tokenizer cached on the app; None while it is not prepared."""
+    tokenizers: dict[str, Any] = current_app.extensions.setdefault("gptoss_tokenizers", {})
+    if spec.name not in tokenizers:
+        settings = services().settings
+        try:
+            tokenizers[spec.name] = load_prompt_tokenizer(spec, settings.cache_dir, settings.vocab_dir())
+        except ModelNotPrepared:
+            log.warning("prompt_not_counted", model=spec.name, reason="tokenizer not prepared")
+            return None
+    return len(prompt_token_ids(tokenizers[spec.name], request))
 
 
 def _read_json() -> Any:

@@ -48,13 +48,14 @@ def worker(queue: str | None, model: str | None, burst: bool) -> None:
 
 
 @cli.command()
-@click.option("--model", default=None, help="Registry name of the model to serve (GPTOSS_MODEL).")
+@click.option("--model", default=None, help="Registry name or alias of the model to serve (GPTOSS_MODEL).")
+@click.option("--profile", default=None, help="Serving profile, e.g. latency_first (GPTOSS_PROFILE).")
 @click.option("--port", type=int, default=None, help="API port (GPTOSS_API_PORT).")
-def up(model: str | None, port: int | None) -> None:
+def up(model: str | None, profile: str | None, port: int | None) -> None:
     """Start everything for one machine: Redis (unless given), API, scheduler, one worker per queue."""
     from cli.up import run_stack
 
-    raise SystemExit(run_stack(_settings(model=model, api_port=port)))
+    raise SystemExit(run_stack(_settings(model=model, profile=profile, api_port=port)))
 
 
 @cli.command()
@@ -87,7 +88,21 @@ def model_prepare(name: str | None) -> None:
 
     settings = _settings(model=name)
     configure_logging(settings, "prepare")
-    click.echo(str(prepare(model_spec(settings.model), settings.cache_dir)))
+    folder = prepare(
+        model_spec(settings.model),
+        settings.cache_dir,
+        vocab_dir=settings.vocab_dir(),
+        local_path=settings.model_path,
+    )
+    click.echo(str(folder))
+
+
+@cli.command()
+def vocab() -> None:
+    """Provision harmony's o200k vocabulary offline (from npm's js-tiktoken, SHA-256 checked)."""
+    from shared.vocab import provision
+
+    click.echo(str(provision(_settings().vocab_dir())))
 
 
 @model.command("list")

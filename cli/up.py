@@ -109,6 +109,8 @@ def run_stack(settings: Settings) -> int:
             "GPTOSS_MODEL": settings.model,
             "GPTOSS_ADMIN_KEY": admin_key,
         }
+        if settings.profile:
+            env["GPTOSS_PROFILE"] = settings.profile
         python = sys.executable
         prepared = subprocess.run([python, "-m", "cli", "model", "prepare", settings.model], env=env)
         if prepared.returncode != 0:

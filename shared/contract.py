@@ -29,10 +29,16 @@ class JobRequest(BaseModel):
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)
     prompt: str | None = Field(default=None, min_length=1)
     max_tokens: int | None = Field(default=None, ge=1, description="New tokens at most")
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0, description="0 means greedy")
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    temperature: float | None = Field(
+        default=None, ge=0.0, le=2.0, description="0 means greedy; unset: the profile's"
+    )
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0, description="Unset: the profile's")
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     stop: list[str] | None = Field(default=None, description="Up to 4 stop sequences")
+    profile: str | None = Field(default=None, description="Profile whose defaults apply; unset: the server's")
+    reasoning_effort: Literal["low", "medium", "high"] | None = Field(
+        default=None, description="Harmony models' reasoning effort; unset: the profile's"
+    )
 
     @field_validator("stop", mode="before")
     @classmethod

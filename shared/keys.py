@@ -52,3 +52,12 @@ DECISIONS = PREFIX + "decisions"
 
 DECISIONS_TTL = 7 * 24 * 3600
 """Seconds the decision list lives after its last write."""
+
+
+STREAM_TTL = 3600
+"""Seconds a job's event stream lives after its last event (long enough to resume or replay)."""
+
+
+def job_stream(job_id: str) -> str:
+    """Key of the Redis stream of one job's events (start, token deltas, done or error)."""
+    return f"{PREFIX}stream:{job_id}"

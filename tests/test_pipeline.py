@@ -1,4 +1,4 @@
-"""API → scheduler → worker in one test process: a real Redis, real RQ workers, tiny gpt-oss."""
+"""API → scheduler → worker in one test process: a real Redis, real RQ workers, tiny gpt-oss (harmony)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ def runtime(prepared_models):  # type: ignore[no-untyped-def]
 
 @pytest.fixture
 def stack(redis: Redis, settings, runtime):  # type: ignore[no-untyped-def]
-    config = settings(model=MODEL, multi_gpu_threshold=40, heartbeat_interval=0.2)
+    # Harmony's system message alone is about 55 tokens: a short chat stays under 100.
+    config = settings(model=MODEL, multi_gpu_threshold=100, heartbeat_interval=0.2)
     app = create_app(config, redis).test_client()
     scheduler = Scheduler(config, redis, PromptCounter(config.cache_dir))
     return config, app, scheduler
@@ -84,18 +85,31 @@ def test_greedy_generation_is_repeatable(stack, redis: Redis, runtime) -> None: 
 
 def test_long_prompt_goes_to_multi(stack, redis: Redis, runtime) -> None:  # type: ignore[no-untyped-def]
     config, app, scheduler = stack
-    job_id = app.post("/v1/jobs", json={"prompt": "word " * 80, "max_tokens": 2}).get_json()["id"]
+    job_id = app.post("/v1/jobs", json={"prompt": "word " * 150, "max_tokens": 2}).get_json()["id"]
     schedule_all(scheduler, redis)
     work(config, redis, runtime, keys.MULTI_QUEUE)
     view = app.get(f"/v1/jobs/{job_id}").get_json()
     assert view["route"]["queue"] == keys.MULTI_QUEUE and view["route"]["reason"] == "over_threshold"
-    assert view["route"]["prompt_tokens"] > 40
+    assert view["route"]["prompt_tokens"] > 100
     assert view["result"]["queue"] == keys.MULTI_QUEUE
 
 
-def test_context_overflow_is_rejected_with_reason(stack, redis: Redis) -> None:  # type: ignore[no-untyped-def]
+def test_context_overflow_is_refused_at_submission(stack, redis: Redis) -> None:  # type: ignore[no-untyped-def]
     config, app, scheduler = stack
-    job_id = app.post("/v1/jobs", json={"prompt": "word " * 200, "max_tokens": 4000}).get_json()["id"]
+    response = app.post("/v1/jobs", json={"prompt": "word " * 200, "max_tokens": 4000})
+    assert response.status_code == 422
+    error = response.get_json()["error"]
+    assert "lower max_tokens" in error["message"] and error["details"][0]["loc"] == ["max_tokens"]
+    response = app.post("/v1/jobs", json={"prompt": "word " * 5000, "max_tokens": 10})
+    assert response.status_code == 413 and response.get_json()["error"]["code"] == "prompt_too_long"
+    assert open_queue(keys.INCOMING_QUEUE, redis).count == 0
+
+
+def test_context_overflow_is_rejected_by_the_scheduler(stack, redis: Redis) -> None:  # type: ignore[no-untyped-def]
+    config, app, scheduler = stack
+    # Past the API's check (a client enqueueing by itself): the scheduler still refuses it.
+    payload = {"prompt": "word " * 200, "max_tokens": 4000, "model": MODEL}
+    job_id = open_queue(keys.INCOMING_QUEUE, redis).enqueue(keys.GENERATE_FUNC, payload).id
     schedule_all(scheduler, redis)
     view = app.get(f"/v1/jobs/{job_id}").get_json()
     assert view["status"] == "rejected"
@@ -107,7 +121,7 @@ def test_context_overflow_is_rejected_with_reason(stack, redis: Redis) -> None: 
 
 def test_stop_sequence_cuts_the_text(stack, redis: Redis, runtime) -> None:  # type: ignore[no-untyped-def]
     config, app, scheduler = stack
-    body = {"prompt": "hi", "max_tokens": 12, "temperature": 0}
+    body = {"prompt": "hi", "max_tokens": 40, "temperature": 0}  # room for the analysis, then final
     free_id = app.post("/v1/jobs", json=body).get_json()["id"]
     schedule_all(scheduler, redis)
     work(config, redis, runtime, keys.SINGLE_QUEUE)

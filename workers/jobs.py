@@ -25,7 +25,8 @@ from shared.stages import (
 )
 from shared.tracing import context_from, exemplar
 from workers import context
-from workers.runtime import Generation
+from workers.runtime import Generation, TokenSink
+from workers.stream import JobStream
 
 log = structlog.get_logger()
 tracer = trace.get_tracer("gptoss.worker")
@@ -56,6 +57,8 @@ def generate(payload: dict[str, Any]) -> dict[str, Any]:
     ):
         job.save_meta()
         log.info("job_started", model=runtime.spec.name, queue=queue)
+        stream = JobStream(job.connection, job.id)  # what GET /v1/jobs/<id>/events serves
+        stream.start(model=runtime.spec.name, queue=queue, worker=bound.worker_name)
 
         def first_token() -> None:
             now = time.time()
@@ -68,18 +71,21 @@ def generate(payload: dict[str, Any]) -> dict[str, Any]:
         # RQ mark the job failed with its traceback.
         try:
             request = JobRequest.model_validate(payload)
-            generation = _generate(request, first_token)
+            generation = _generate(request, first_token, stream.text)
         except GptossError as exc:
             _record_failure(job, exc.code, exc.message, exc)
+            stream.error(exc.code, exc.message)
             raise
         except Exception as exc:
             _record_failure(job, "generation_failed", f"Generation failed: {type(exc).__name__}.", exc)
+            stream.error("generation_failed", f"Generation failed: {type(exc).__name__}.")
             raise
         stamp(job.meta, STAGE_FINISHED, time.time())
         job.save_meta()
         _observe(job.meta, generation)
         result = JobResult(
             text=generation.text,
+            reasoning=generation.reasoning,
             finish_reason=generation.finish_reason,
             usage=Usage(
                 prompt_tokens=generation.prompt_tokens,
@@ -90,6 +96,7 @@ def generate(payload: dict[str, Any]) -> dict[str, Any]:
             worker=bound.worker_name,
             queue=queue,
         )
+        stream.done(result.model_dump(mode="json"), job.meta.get(META_TIMESTAMPS, {}))
         content = {"prompt": payload, "completion": generation.text} if bound.log_content else {}
         log.info(
             "job_finished",
@@ -101,7 +108,7 @@ def generate(payload: dict[str, Any]) -> dict[str, Any]:
         return result.model_dump(mode="json")
 
 
-def _generate(request: JobRequest, first_token: Any) -> Generation:
+def _generate(request: JobRequest, first_token: Any, on_text: TokenSink | None = None) -> Generation:
     """The model call, as a span with the GenAI semantic-convention attributes."""
     runtime = context.current_runtime()
     operation = "chat" if request.messages is not None else "text_completion"
@@ -120,7 +127,7 @@ def _generate(request: JobRequest, first_token: Any) -> Generation:
                 },
             }
         )  # fmt: skip
-        generation = runtime.generate(request, first_token)
+        generation = runtime.generate(request, first_token, on_text)
         span.set_attributes(
             {
                 "gen_ai.response.model": runtime.spec.name,

@@ -17,7 +17,8 @@ from shared.registry import model_spec
 from shared.settings import Settings
 from shared.tracing import configure_tracing
 from workers import context
-from workers.runtime import ModelRuntime, pick_device
+from workers.runtime import ModelRuntime
+from workers.tensor_parallel import placement_for
 from workers.worker import build_worker, quiet_dequeue_lines
 
 
@@ -30,17 +31,24 @@ def main(settings: Settings | None = None, burst: bool = False) -> None:
     log = structlog.get_logger()
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
+    placement = placement_for(settings)
+    if placement.rank != 0:
+        # A tensor-parallel rank other than 0 takes no jobs: it runs what rank 0 hands it.
+        follower = ModelRuntime.load(model_spec(settings.model), settings, placement)
+        follower.relay.follow(follower)
+        return
     metrics = WorkerMetrics(CollectorRegistry()) if settings.observability else None
     redis = connect(settings.redis_url_or_default(), blocking=True)
-    worker, heartbeat = build_worker(settings, redis, pick_device(settings.device), metrics)
+    worker, heartbeat = build_worker(settings, redis, placement.device, metrics)
     if metrics is not None:
         worker.metrics_url = serve_metrics(
             metrics.registry, settings.metrics_host, settings.worker_metrics_port
         )
     heartbeat.start()  # "loading" while the model loads, so operators see it coming
+    runtime = None
     try:
         loading = time.perf_counter()
-        runtime = ModelRuntime.load(model_spec(settings.model), settings)
+        runtime = ModelRuntime.load(model_spec(settings.model), settings, placement)
         if metrics is not None:
             metrics.model_load.labels(settings.model).set(time.perf_counter() - loading)
         context.bind(runtime, worker.name, settings.worker_queue, metrics, settings.log_content)
@@ -55,5 +63,7 @@ def main(settings: Settings | None = None, burst: bool = False) -> None:
         )
         worker.work(burst=burst, logging_level=None)
     finally:
+        if runtime is not None and runtime.relay is not None:
+            runtime.relay.release()  # the other tensor-parallel ranks stop too
         heartbeat.stop()
         log.info("worker_stopped", name=worker.name, jobs_done=worker.jobs_done)

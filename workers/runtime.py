@@ -1,4 +1,4 @@
-"""The model runtime: the model loaded once, and one request's generation."""
+"""The model runtime: the model loaded once, and one request's generation, streamed token by token."""
 
 from __future__ import annotations
 
@@ -10,16 +10,22 @@ from typing import Any, Literal
 
 import structlog
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
 from shared.contract import JobRequest
+from shared.harmony import FINAL_CHANNEL, HarmonyChat
 from shared.prompts import prompt_token_ids
 from shared.registry import ModelSpec
 from shared.settings import Settings
 from workers.model_store import prepare
+from workers.output import OutputText
+from workers.placement import Placement
 
 log = structlog.get_logger()
+
+TokenSink = Callable[[str, str], None]
+"""Receives each piece of generated text as (channel, text) as soon as it is final."""
 
 
 @dataclass(frozen=True)
@@ -30,6 +36,8 @@ class Generation:
     finish_reason: Literal["stop", "length"]
     prompt_tokens: int
     completion_tokens: int
+    reasoning: str | None = None
+    token_ids: tuple[int, ...] = ()
 
 
 def pick_device(configured: str | None) -> str:
@@ -39,102 +47,199 @@ def pick_device(configured: str | None) -> str:
     return "cuda:0" if torch.cuda.is_available() else "cpu"
 
 
-class FirstTokenStreamer(BaseStreamer):
-    """Calls `on_first_token` when generate() emits its first new token (its first put is the prompt)."""
+class TokenStreamer(BaseStreamer):
+    """Hands each new token id to `on_token` as generate() makes it (its first put is the prompt)."""
 
-    def __init__(self, on_first_token: Callable[[], None]):
-        self._on_first_token = on_first_token
-        self._puts = 0
+    def __init__(self, on_token: Callable[[int], None]):
+        self._on_token = on_token
+        self._prompt_seen = False
 
     def put(self, value: Any) -> None:
-        self._puts += 1
-        if self._puts == 2:
-            self._on_first_token()
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            return
+        for token in value.reshape(-1).tolist():
+            self._on_token(int(token))
 
     def end(self) -> None:
         pass
 
 
-class ModelRuntime:
-    """One model on one device, ready to generate."""
+class StopOnText(StoppingCriteria):
+    """Ends generation once the output reached a stop string (the streamer sees each token first)."""
 
-    def __init__(self, spec: ModelSpec, model: Any, tokenizer: Any, device: str):
+    def __init__(self, output: OutputText):
+        self._output = output
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        stopped = self._output.stopped
+        return torch.full((input_ids.shape[0],), stopped, dtype=torch.bool, device=input_ids.device)
+
+
+class ModelRuntime:
+    """One model, placed on one device, a pipeline of GPUs or tensor-parallel ranks, ready to generate."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        model: Any,
+        tokenizer: Any,
+        device: str,
+        chat: HarmonyChat | None = None,
+        relay: Any = None,
+    ):
         self.spec, self.model, self.tokenizer, self.device = spec, model, tokenizer, device
+        self.chat, self.relay = chat, relay
 
     @classmethod
-    def load(cls, spec: ModelSpec, settings: Settings) -> ModelRuntime:
-        """Prepare (once) and load `spec` onto the configured device."""
+    def load(cls, spec: ModelSpec, settings: Settings, placement: Placement | None = None) -> ModelRuntime:
+        """Prepare (once) and load `spec` as `placement` says (default: the configured device)."""
         started = time.perf_counter()
-        folder: Path = prepare(spec, settings.cache_dir)
-        device = pick_device(settings.device)
+        placement = placement or Placement("device", pick_device(settings.device))
+        folder: Path = prepare(
+            spec, settings.cache_dir, vocab_dir=settings.vocab_dir(), local_path=settings.model_path
+        )
         dtype = getattr(torch, spec.dtype) if spec.dtype != "auto" else "auto"
         extra: dict[str, Any] = {}
-        if spec.source == "random-gpt-oss" or spec.chat_format == "harmony":
+        if spec.chat_format == "harmony":
             extra["attn_implementation"] = "eager"  # sdpa and flex do not support gpt-oss on CPU
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, **extra).to(device)
+            if placement.device.startswith("cuda"):
+                extra["attn_implementation"] = "sdpa"
+        relay = None
+        if placement.kind == "tensor-parallel":
+            from transformers.distributed import DistributedConfig
+
+            from workers.tensor_parallel import RequestRelay, start_group
+
+            relay = RequestRelay(start_group(placement.device, settings.tp_timeout))
+            extra["distributed_config"] = DistributedConfig(tp_size=placement.world_size)
+            model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, **extra)
+        elif placement.kind == "pipeline":
+            model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, device_map="auto", **extra)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, **extra)
+            model = model.to(placement.device)
         model.eval()
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        if spec.chat_format == "harmony":
+            chat, tokenizer = HarmonyChat(settings.vocab_dir()), None
+        else:
+            chat, tokenizer = None, AutoTokenizer.from_pretrained(str(folder))
         log.info(
             "model_loaded",
             model=spec.name,
-            device=device,
+            placement=placement.kind,
+            device=placement.device,
+            world_size=placement.world_size,
             dtype=str(model.dtype),
             seconds=round(time.perf_counter() - started, 3),
         )
-        return cls(spec, model, tokenizer, device)
+        return cls(spec, model, tokenizer, placement.device, chat, relay)
 
-    def generate(self, request: JobRequest, on_first_token: Callable[[], None]) -> Generation:
-        """Generate a completion for `request`, calling `on_first_token` when the first token exists."""
-        ids = prompt_token_ids(self.tokenizer, request)
+    def generate(
+        self,
+        request: JobRequest,
+        on_first_token: Callable[[], None] | None = None,
+        on_text: TokenSink | None = None,
+    ) -> Generation:
+        """Generate for `request`: `on_first_token` when the first token exists, `on_text` with each
+        piece of text. Under tensor parallel, the other ranks are handed the request first."""
+        if self.relay is not None:
+            request = self.relay.share(request) or request
+        return self.run(request, on_first_token, on_text)
+
+    def run(
+        self,
+        request: JobRequest,
+        on_first_token: Callable[[], None] | None = None,
+        on_text: TokenSink | None = None,
+    ) -> Generation:
+        """Generate on this process alone (each tensor-parallel rank runs this in lockstep)."""
+        renderer = self.chat if self.chat is not None else self.tokenizer
+        ids = prompt_token_ids(renderer, request)
         input_ids = torch.tensor([ids], device=self.device)
         max_tokens = request.max_tokens or 1
         config = self._generation_config(request, max_tokens)
         if request.seed is not None:
             torch.manual_seed(request.seed)
-        extra: dict[str, Any] = {}
-        if request.stop:
-            extra = {"stop_strings": request.stop, "tokenizer": self.tokenizer}
+        output = OutputText(request.stop)
+        new_ids: list[int] = []
+        decode = self._decoder(output, on_text)
+
+        def on_token(token: int) -> None:
+            new_ids.append(token)
+            if len(new_ids) == 1 and on_first_token is not None:
+                on_first_token()
+            decode(token)
+
         with torch.inference_mode():
-            output = self.model.generate(
+            self.model.generate(
                 input_ids,
                 attention_mask=torch.ones_like(input_ids),
                 generation_config=config,
-                streamer=FirstTokenStreamer(on_first_token),
-                **extra,
+                streamer=TokenStreamer(on_token),
+                stopping_criteria=[StopOnText(output)],
             )
-        new_ids = output[0, len(ids) :].tolist()
-        text = self.tokenizer.decode(new_ids, skip_special_tokens=True)
-        text, stopped = _cut_at_stop(text, request.stop or [])
-        ended_by_eos = bool(new_ids) and new_ids[-1] in _as_set(config.eos_token_id)
-        finish: Literal["stop", "length"] = (
-            "stop" if stopped or ended_by_eos or len(new_ids) < max_tokens else "length"
-        )
-        return Generation(text, finish, len(ids), len(new_ids))
+        decode(None)
+        for channel, text in output.flush():
+            if on_text is not None:
+                on_text(channel, text)
+        ended = bool(new_ids) and new_ids[-1] in _as_set(config.eos_token_id)
+        stopped = output.stopped or ended or len(new_ids) < max_tokens
+        finish: Literal["stop", "length"] = "stop" if stopped else "length"
+        reasoning = output.text("analysis") if self.chat is not None else None
+        text = output.text(FINAL_CHANNEL)
+        return Generation(text, finish, len(ids), len(new_ids), reasoning, tuple(new_ids))
+
+    def _decoder(self, output: OutputText, on_text: TokenSink | None) -> Callable[[int | None], None]:
+        """A function taking each new token (None at the end) that turns them into channel text."""
+
+        def emit(deltas: list[tuple[str, str]]) -> None:
+            if on_text is not None:
+                for channel, text in deltas:
+                    on_text(channel, text)
+
+        if self.chat is not None:
+            parser = self.chat.parser()
+
+            def harmony(token: int | None) -> None:
+                delta = parser.feed(token) if token is not None else parser.finish()
+                if delta is not None:
+                    emit(output.add(delta.channel, delta.text))
+
+            return harmony
+        from tokenizers.decoders import DecodeStream
+
+        stream = DecodeStream(skip_special_tokens=True)
+        backend = self.tokenizer.backend_tokenizer
+
+        def template(token: int | None) -> None:
+            if token is not None and (text := stream.step(backend, token)):
+                emit(output.add(FINAL_CHANNEL, text))
+
+        return template
 
     def _generation_config(self, request: JobRequest, max_tokens: int) -> GenerationConfig:
         # Built from scratch so only the request's parameters apply, not a checkpoint's defaults.
         base = self.model.generation_config
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else base.eos_token_id
+        if self.chat is not None:
+            eos: Any = self.chat.stop_token_ids()
+            pad = self.model.config.pad_token_id if self.model.config.pad_token_id is not None else eos[0]
+        else:
+            eos = base.eos_token_id
+            pad = self.tokenizer.pad_token_id
+            pad = pad if pad is not None else base.eos_token_id
+        temperature = 1.0 if request.temperature is None else request.temperature
         sampling: dict[str, Any] = {"do_sample": False}
-        if request.temperature > 0:
-            sampling = {
-                "do_sample": True,
-                "temperature": request.temperature,
-                "top_p": request.top_p,
-                "top_k": 0,
-            }
+        if temperature > 0:
+            top_p = 1.0 if request.top_p is None else request.top_p
+            sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
         return GenerationConfig(
             max_new_tokens=max_tokens,
-            eos_token_id=base.eos_token_id,
+            eos_token_id=eos,
             bos_token_id=base.bos_token_id,
             pad_token_id=pad,
             **sampling,
         )
-
-
-def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
-    cuts = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return (text[: min(cuts)], True) if cuts else (text, False)
 
 
 def _as_set(value: int | list[int] | None) -> set[int]:
