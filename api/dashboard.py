@@ -21,7 +21,7 @@ from rq.job import Job, requeue_job
 
 from api.auth import check_admin
 from api.services import services
-from shared.errors import DashboardReadOnly, Unauthorized
+from shared.errors import AdminDisabled, DashboardReadOnly, Unauthorized
 from shared.queues import SERIALIZER
 
 PREFIX = "/admin/rq"
@@ -80,6 +80,10 @@ def use_json_serializer() -> None:
 
 def guard() -> None:
     """Refuse a dashboard request without the admin key, and any write while read-only."""
+    key = services().settings.admin_key
+    if key is not None and not key.get_secret_value():
+        # An empty key would match an empty password: treat it as no key at all.
+        raise AdminDisabled("Admin endpoints are off: GPTOSS_ADMIN_KEY is empty.")
     try:
         check_admin()
     except Unauthorized as refusal:

@@ -55,6 +55,13 @@ def test_refused_when_admin_is_off(redis: Redis, settings) -> None:  # type: ign
     assert response.get_json()["error"]["code"] == "admin_disabled"
 
 
+def test_an_empty_key_opens_nothing(redis: Redis, settings) -> None:  # type: ignore[no-untyped-def]
+    client = create_app(settings(admin_key=""), redis).test_client()
+    for headers in ({"Authorization": "Bearer "}, basic("admin", "")):
+        response = client.get("/admin/rq/", headers=headers)
+        assert response.status_code == 403 and response.get_json()["error"]["code"] == "admin_disabled"
+
+
 def test_bearer_or_basic_key_opens_it(client, redis: Redis) -> None:  # type: ignore[no-untyped-def]
     client.post("/v1/jobs", json={"prompt": "hi"})
     for headers in (BEARER, basic("anyone", KEY)):
@@ -186,7 +193,7 @@ def test_dashboard_in_chromium(redis_url: str, redis: Redis, processes: Processe
     env = process_env(
         GPTOSS_REDIS_URL=redis_url, GPTOSS_MODEL="tiny-gpt-oss", GPTOSS_CACHE_DIR=prepared_models.cache_dir,
         GPTOSS_API_PORT=port, GPTOSS_ADMIN_KEY=KEY, GPTOSS_SCHEDULER_METRICS_PORT=0,
-        GPTOSS_WORKER_METRICS_PORT=0, GPTOSS_HEARTBEAT_INTERVAL=0.5,
+        GPTOSS_WORKER_METRICS_PORT=0, GPTOSS_HEARTBEAT_INTERVAL=0.5, GPTOSS_MULTI_GPU_THRESHOLD=64,
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     processes.start("api", ["api"], env)
@@ -195,8 +202,10 @@ def test_dashboard_in_chromium(redis_url: str, redis: Redis, processes: Processe
         processes.start(queue, ["workers"], {**env, "GPTOSS_WORKER_QUEUE": queue})
     wait_for(lambda: http_ok(f"{base}/readyz") or any_exited(processes), 120, "the stack to be ready")
     assert not any_exited(processes), log_tails(processes)
-    job = requests.post(f"{base}/v1/jobs", json={"prompt": "hi", "max_tokens": 3}, timeout=5).json()
-    assert poll_job(base, job["id"], 60)["status"] == "finished"
+    # A short and a long prompt, so a job has passed through every queue (RQ lists a queue once used).
+    for prompt in ("hi", "The quick brown fox jumps over the lazy dog. " * 20):
+        job = requests.post(f"{base}/v1/jobs", json={"prompt": prompt, "max_tokens": 3}, timeout=5).json()
+        assert poll_job(base, job["id"], 60)["status"] == "finished"
 
     from selenium.webdriver.common.by import By
 
