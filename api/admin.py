@@ -5,11 +5,12 @@ from __future__ import annotations
 import time
 
 import structlog
-from flask import Blueprint, Response
+from flask import Blueprint, Response, jsonify
 
 from api.auth import admin_required
 from api.bundle import build_bundle
 from api.services import services
+from shared.capacity import capacity_view
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 log = structlog.get_logger()
@@ -28,3 +29,11 @@ def debug_bundle() -> Response:
         mimetype="application/gzip",
         headers={"Content-Disposition": f'attachment; filename="{name}"'},
     )
+
+
+@bp.get("/capacity")
+@admin_required
+def capacity() -> Response:
+    """Workers' states and memory pressure, queues, held jobs and drain rate, as the scheduler sees them."""
+    svc = services()
+    return jsonify(capacity_view(svc.redis, svc.settings))

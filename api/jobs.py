@@ -12,6 +12,7 @@ from flask import Blueprint, current_app, g, jsonify, request, url_for
 from pydantic import ValidationError
 from rq.exceptions import NoSuchJobError
 
+from api.admission import check_backlog
 from api.services import services
 from shared import keys
 from shared.contract import (
@@ -30,6 +31,7 @@ from shared.queues import fetch_job, open_queue
 from shared.registry import ModelSpec, canonical_name, model_spec
 from shared.stages import (
     META_ERROR,
+    META_HELD,
     META_MODEL,
     META_REJECTED,
     META_REQUEST_ID,
@@ -71,7 +73,11 @@ def submit():  # type: ignore[no-untyped-def]
             f"max_tokens is {max_tokens}, over {whose} limit of {limit}.",
             details=[{"loc": ["max_tokens"], "msg": "over the limit"}],
         )
-    check_fits(model_spec(model), payload, max_tokens)
+    max_tokens = check_fits(
+        model_spec(model), payload, max_tokens, explicit=job_request.max_tokens is not None
+    )
+    payload = payload.model_copy(update={"max_tokens": max_tokens})
+    check_backlog(svc.redis, svc.settings, svc.metrics)
     meta: dict[str, Any] = {META_REQUEST_ID: g.request_id, META_MODEL: model}
     stamp(meta, STAGE_RECEIVED, time.time())
     inject_into(meta)  # the scheduler and the worker continue this trace
@@ -126,13 +132,17 @@ def job_view(job: Any) -> JobView:
         error=ErrorInfo.model_validate(error) if error and status is not JobStatus.FINISHED else None,
         url=url_for("jobs.show", job_id=job.id),
         trace_id=trace_id_of(meta),
+        held=ErrorInfo.model_validate(meta[META_HELD]) if status is JobStatus.HELD else None,
     )
 
 
-def check_fits(spec: ModelSpec, request: JobRequest, max_tokens: int) -> None:
-    """Refuse at once what cannot fit the model's context: a prompt over it (413), or a prompt plus
-    max_tokens over it (422). The scheduler checks again; here the client hears it before queueing."""
+def check_fits(spec: ModelSpec, request: JobRequest, max_tokens: int, explicit: bool = True) -> int:
+    """The max_tokens to run with. Refuses at once what cannot fit the model's context: a prompt over
+    it (413), or a prompt plus the client's own max_tokens over it (422); a default is shortened to
+    fit instead. The scheduler checks again; here the client hears it before queueing."""
     context = spec.context_length
+    if not explicit:
+        max_tokens = min(max_tokens, context - 1)
     if max_tokens >= context:
         raise ValidationFailed(
             f"max_tokens is {max_tokens}; the context of `{spec.name}` is {context} tokens in all.",
@@ -140,17 +150,20 @@ def check_fits(spec: ModelSpec, request: JobRequest, max_tokens: int) -> None:
         )
     prompt_tokens = _count_prompt(spec, request)
     if prompt_tokens is None:
-        return
+        return max_tokens
     if prompt_tokens >= context:
         raise PromptTooLong(
             f"The prompt has {prompt_tokens} tokens; the context of `{spec.name}` is {context}."
         )
+    if prompt_tokens + max_tokens > context and not explicit:
+        return context - prompt_tokens
     if prompt_tokens + max_tokens > context:
         raise ValidationFailed(
             f"The prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) is over the context of "
             f"`{spec.name}` ({context}); lower max_tokens to {context - prompt_tokens} or less.",
             details=[{"loc": ["max_tokens"], "msg": "prompt plus max_tokens over the model's context"}],
         )
+    return max_tokens
 
 
 def _count_prompt(spec: ModelSpec, request: JobRequest) -> int | None:

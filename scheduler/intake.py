@@ -3,7 +3,8 @@
 The one place the scheduler touches RQ's storage directly (pinned to rq 3.0): it moves job ids off
 the `incoming` list with BLMOVE into an in-flight list, so a scheduler that dies mid-decision leaves
 the id where `recover()` finds it, then re-enqueues the same Job on its target queue and drops the
-id from the in-flight list in one MULTI/EXEC.
+id from the in-flight list in one MULTI/EXEC. Jobs that must wait (no live worker, memory
+pressure) sit in a sorted set of held ids, oldest first, and are re-examined from there.
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ log = structlog.get_logger()
 class Intake:
     """The scheduler's side of the `incoming` queue."""
 
-    def __init__(self, redis: Redis, inflight_key: str = keys.SCHEDULER_INFLIGHT):
+    def __init__(
+        self, redis: Redis, inflight_key: str = keys.SCHEDULER_INFLIGHT, held_key: str = keys.SCHEDULER_HELD
+    ):
         self._redis = redis
         self._incoming = open_queue(keys.INCOMING_QUEUE, redis)
-        self._inflight = inflight_key
+        self._inflight, self._held = inflight_key, held_key
 
     def recover(self) -> int:
         """Put ids a previous scheduler left in flight back at the head of `incoming`."""
@@ -56,17 +59,41 @@ class Intake:
         """Enqueue `job` (with its updated meta) on `target` and forget it here, atomically."""
         pipe = self._redis.pipeline()
         target.enqueue_job(job, pipeline=pipe)
+        self._forget(pipe, job.id)
+        pipe.execute()
+
+    def hold(self, job: Job, received: float) -> None:
+        """Keep `job` (its meta says why) among the held, in order of arrival, until re-examined."""
+        job.save_meta()
+        pipe = self._redis.pipeline()
+        pipe.zadd(self._held, {job.id: received})
         pipe.lrem(self._inflight, 1, job.id)
         pipe.execute()
 
+    def held(self) -> list[str]:
+        """Ids of held jobs, oldest first."""
+        return [_text(raw) for raw in self._redis.zrange(self._held, 0, -1)]
+
+    def fetch_held(self, job_id: str) -> Job | None:
+        """A held job, or None (and forgotten) when it no longer exists."""
+        try:
+            return fetch_job(job_id, self._redis)
+        except NoSuchJobError:
+            self._redis.zrem(self._held, job_id)
+            return None
+
     def reject(self, job: Job, ttl: int) -> None:
         """End `job` without running it (its meta says why); it expires after `ttl` seconds."""
-        pipe = self._redis.pipeline()
         job.save_meta()
         job.cancel()
+        pipe = self._redis.pipeline()
         pipe.expire(job.key, ttl)
-        pipe.lrem(self._inflight, 1, job.id)
+        self._forget(pipe, job.id)
         pipe.execute()
+
+    def _forget(self, pipe: Any, job_id: str) -> None:
+        pipe.lrem(self._inflight, 1, job_id)
+        pipe.zrem(self._held, job_id)
 
 
 def _text(value: Any) -> str:

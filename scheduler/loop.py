@@ -16,17 +16,20 @@ from redis.exceptions import RedisError
 from rq.job import Job
 
 from scheduler.intake import Intake
-from scheduler.routing import Admission, admit, route
+from scheduler.routing import Admission, Decision, Thresholds, WorkerState, admit, place
 from scheduler.tokens import PromptCounter
 from shared import decisions, keys
 from shared.contract import JobRequest, RouteTaken
 from shared.errors import GptossError
+from shared.heartbeat import WorkerBeat, read_live
 from shared.metrics import SchedulerMetrics
 from shared.queues import open_queue
-from shared.registry import ModelSpec, load_registry, model_spec
+from shared.registry import load_registry, model_spec
 from shared.settings import Settings
 from shared.stages import (
+    META_HELD,
     META_MODEL,
+    META_PROMPT_TOKENS,
     META_REJECTED,
     META_REQUEST_ID,
     META_ROUTE,
@@ -42,6 +45,9 @@ tracer = trace.get_tracer("gptoss.scheduler")
 
 TAKE_TIMEOUT = 1.0
 """Seconds one BLMOVE waits, so a stop request is noticed quickly."""
+
+HELD_POLL = 0.5
+"""Seconds between re-examinations of held jobs (the BLMOVE wait while any are held)."""
 
 REDIS_RETRY_PAUSE = 1.0
 """Seconds to wait after a Redis error before trying again."""
@@ -63,6 +69,13 @@ class Scheduler:
         self._metrics = metrics
         self._intake = Intake(redis)
         self._registry = load_registry()
+        self._limits = Thresholds(
+            multi_gpu_threshold=settings.multi_gpu_threshold,
+            long_prompt_tokens=settings.long_prompt_tokens,
+            warn=settings.memory_warn,
+            critical=settings.memory_critical,
+            hold_timeout=settings.hold_timeout,
+        )
         self.routed = 0
 
     def run(self, stop: threading.Event) -> None:
@@ -70,15 +83,18 @@ class Scheduler:
         self._intake.recover()
         while not stop.is_set():
             try:
-                job = self._intake.take(TAKE_TIMEOUT)
+                held = self._intake.held()
+                job = self._intake.take(HELD_POLL if held else TAKE_TIMEOUT)
                 if job is not None:
                     self.schedule(job)
+                if held:
+                    self.review_held()
             except RedisError as exc:
                 log.warning("redis_unavailable", error=str(exc))
                 stop.wait(REDIS_RETRY_PAUSE)
 
     def schedule(self, job: Job) -> None:
-        """Admit and route one job, or reject it with a reason; the job is never dropped."""
+        """Admit and place one new job: route, hold or reject it with a reason; never drop it."""
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(job_id=job.id, request_id=job.meta.get(META_REQUEST_ID))
         started = time.perf_counter()
@@ -103,37 +119,66 @@ class Scheduler:
                 ):
                     prompt_tokens = self._counter.count(spec, request)
             except (GptossError, ValidationError, IndexError) as exc:
-                self._reject(job, Admission(False, getattr(exc, "code", "invalid_job"), str(exc)), None)
+                self._reject(job, getattr(exc, "code", "invalid_job"), str(exc), None)
                 return
             except Exception:  # the boundary: log it, reject the job, keep scheduling
                 log.exception("scheduling_failed")
-                self._reject(
-                    job, Admission(False, "scheduling_failed", "The scheduler could not read this job."), None
-                )
+                self._reject(job, "scheduling_failed", "The scheduler could not read this job.", None)
                 return
-            self._decide(job, spec, request, prompt_tokens)
+            job.meta[META_PROMPT_TOKENS] = prompt_tokens
+            max_tokens = request.max_tokens or self._settings.default_max_tokens
+            with tracer.start_as_current_span("scheduler.admission") as span:
+                admission = admit(prompt_tokens, max_tokens, spec.context_length)
+                span.set_attributes({"gptoss.admission.outcome": _outcome(admission),
+                                     "gptoss.admission.reason": admission.code or "fits_context",
+                                     "gen_ai.usage.input_tokens": prompt_tokens})  # fmt: skip
+            if not admission.admitted:
+                self._reject(job, admission.code or "rejected", admission.message or "", prompt_tokens)
+                return
+            self._place(job, prompt_tokens)
         if self._metrics is not None:
             self._metrics.schedule_duration.observe(time.perf_counter() - started)
 
-    def _decide(self, job: Job, spec: ModelSpec, request: JobRequest, prompt_tokens: int) -> None:
-        max_tokens = request.max_tokens or self._settings.default_max_tokens
-        with tracer.start_as_current_span("scheduler.admission") as span:
-            admission = admit(prompt_tokens, max_tokens, spec.context_length)
-            span.set_attributes({"gptoss.admission.outcome": _outcome(admission),
-                                 "gptoss.admission.reason": admission.code or "fits_context",
-                                 "gen_ai.usage.input_tokens": prompt_tokens})  # fmt: skip
-        if not admission.admitted:
-            self._reject(job, admission, prompt_tokens)
-            return
-        self._count_admission(admission)
-        log.info("admission_decided", outcome="admitted", reason="fits_context", prompt_tokens=prompt_tokens)
-        with tracer.start_as_current_span("scheduler.route") as span:
-            decision = route(prompt_tokens, self._settings.multi_gpu_threshold)
-            span.set_attributes(
-                {"gptoss.route.queue": decision.queue, "gptoss.route.reason": decision.reason}
+    def review_held(self) -> None:
+        """Re-examine every held job, oldest first, against the workers' latest heartbeats."""
+        for job_id in self._intake.held():
+            job = self._intake.fetch_held(job_id)
+            if job is None:
+                continue
+            structlog.contextvars.clear_contextvars()
+            structlog.contextvars.bind_contextvars(job_id=job.id, request_id=job.meta.get(META_REQUEST_ID))
+            with tracer.start_as_current_span("scheduler.review_held", context=context_from(job.meta)):
+                self._place(job, int(job.meta.get(META_PROMPT_TOKENS, 0)))
+
+    def _place(self, job: Job, prompt_tokens: int) -> None:
+        received = job.meta.get(META_TIMESTAMPS, {}).get(STAGE_RECEIVED, time.time())
+        workers = [
+            WorkerState(queue=b.queue, pressure=b.pressure, free_slots=b.free_slots)
+            for b in read_live(self._redis, keys.WORKER_HEARTBEAT_PATTERN, WorkerBeat)
+            if b.state != "loading"
+        ]
+        decision = place(prompt_tokens, workers, time.time() - received, self._limits)
+        if decision.action == "reject":
+            self._reject(job, decision.reason, decision.message, prompt_tokens)
+        elif decision.action == "hold":
+            self._hold(job, decision, received, prompt_tokens)
+        else:
+            self._route(job, decision, prompt_tokens)
+
+    def _route(self, job: Job, decision: Decision, prompt_tokens: int) -> None:
+        queue = decision.queue or keys.SINGLE_QUEUE
+        was_held = job.meta.pop(META_HELD, None) is not None
+        if not was_held:
+            self._count_admission("admitted", "fits_context")
+            log.info(
+                "admission_decided", outcome="admitted", reason="fits_context", prompt_tokens=prompt_tokens
             )
+        else:
+            self._count_admission("released", decision.reason)
+        with tracer.start_as_current_span("scheduler.route") as span:
+            span.set_attributes({"gptoss.route.queue": queue, "gptoss.route.reason": decision.reason})
             taken = RouteTaken(
-                queue=decision.queue,
+                queue=queue,
                 reason=decision.reason,
                 prompt_tokens=prompt_tokens,
                 threshold=self._settings.multi_gpu_threshold,
@@ -141,28 +186,43 @@ class Scheduler:
             job.meta[META_ROUTE] = taken.model_dump()
             stamp(job.meta, STAGE_SCHEDULED, time.time())
             inject_into(job.meta)  # the worker's spans become children of this one
-            self._intake.hand_over(job, open_queue(decision.queue, self._redis))
+            self._intake.hand_over(job, open_queue(queue, self._redis))
         self.routed += 1
         if self._metrics is not None:
-            self._metrics.routing_decisions.labels(decision.queue, decision.reason).inc()
-        self._remember(job, "route", decision.queue, decision.reason, prompt_tokens)
-        log.info("route_decided", queue=decision.queue, reason=decision.reason, prompt_tokens=prompt_tokens)
+            self._metrics.routing_decisions.labels(queue, decision.reason).inc()
+        self._remember(job, "route", queue, decision.reason, prompt_tokens)
+        log.info(
+            "route_decided", queue=queue, reason=decision.reason, prompt_tokens=prompt_tokens, held=was_held
+        )
 
-    def _reject(self, job: Job, admission: Admission, prompt_tokens: int | None) -> None:
-        code = admission.code or "rejected"
-        job.meta[META_REJECTED] = {"code": code, "message": admission.message or ""}
+    def _hold(self, job: Job, decision: Decision, received: float, prompt_tokens: int) -> None:
+        previous = job.meta.get(META_HELD, {}).get("code")
+        job.meta[META_HELD] = {"code": decision.reason, "message": decision.message}
+        if previous == decision.reason:
+            self._intake.hold(job, received)  # still held for the same reason: nothing new to tell
+            return
+        with tracer.start_as_current_span("scheduler.hold") as span:
+            span.set_attributes(
+                {"gptoss.admission.outcome": "held", "gptoss.admission.reason": decision.reason}
+            )
+            self._intake.hold(job, received)
+        self._count_admission("held", decision.reason)
+        self._remember(job, "admission", "held", decision.reason, prompt_tokens)
+        log.info("admission_decided", outcome="held", reason=decision.reason, prompt_tokens=prompt_tokens)
+
+    def _reject(self, job: Job, code: str, message: str, prompt_tokens: int | None) -> None:
+        job.meta.pop(META_HELD, None)
+        job.meta[META_REJECTED] = {"code": code, "message": message}
         self._intake.reject(job, keys.FAILURE_TTL)
-        self._count_admission(admission)
+        self._count_admission("rejected", code)
         if self._metrics is not None:
             self._metrics.jobs_terminal.labels(job.meta.get(META_MODEL, ""), "rejected").inc()
         self._remember(job, "admission", "rejected", code, prompt_tokens)
         log.info("admission_decided", outcome="rejected", reason=code, prompt_tokens=prompt_tokens)
 
-    def _count_admission(self, admission: Admission) -> None:
+    def _count_admission(self, outcome: str, reason: str) -> None:
         if self._metrics is not None:
-            self._metrics.admission_decisions.labels(
-                _outcome(admission), admission.code or "fits_context"
-            ).inc()
+            self._metrics.admission_decisions.labels(outcome, reason).inc()
 
     def _remember(self, job: Job, kind: str, outcome: str, reason: str, prompt_tokens: int | None) -> None:
         entry: dict[str, Any] = {"at": time.time(), "job_id": job.id, "kind": kind, "outcome": outcome,

@@ -87,6 +87,7 @@ class JobStatus(StrEnum):
     """Where a job is, as the API reports it."""
 
     QUEUED = "queued"
+    HELD = "held"
     SCHEDULED = "scheduled"
     STARTED = "started"
     FINISHED = "finished"
@@ -131,5 +132,6 @@ class JobView(BaseModel):
     timestamps: StageTimes
     result: JobResult | None = None
     error: ErrorInfo | None = None
+    held: ErrorInfo | None = Field(default=None, description="Why the scheduler holds the job, while held")
     url: str
     trace_id: str | None = Field(default=None, description="The job's trace, across API, scheduler, worker")

@@ -76,3 +76,7 @@ class AdminDisabled(GptossError):
 
 class DashboardReadOnly(GptossError):
     code, status, kind = "dashboard_read_only", 403, "permission_error"
+
+
+class BacklogFull(GptossError):
+    code, status, kind = "backlog_full", 429, "rate_limit_error"

@@ -32,6 +32,10 @@ class WorkerBeat(BaseModel):
     metrics_url: str | None = None
     memory_used_bytes: int | None = None
     memory_total_bytes: int | None = None
+    pressure: float = 0.0
+    running: int = 0
+    free_slots: int = 1
+    tokens_per_second: float | None = None
 
 
 class SchedulerBeat(BaseModel):

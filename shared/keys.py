@@ -61,3 +61,10 @@ STREAM_TTL = 3600
 def job_stream(job_id: str) -> str:
     """Key of the Redis stream of one job's events (start, token deltas, done or error)."""
     return f"{PREFIX}stream:{job_id}"
+
+
+SCHEDULER_HELD = PREFIX + "scheduler:held"
+"""Sorted set of job ids the scheduler holds (score: when they were received)."""
+
+DRAINED = PREFIX + "drained"
+"""Sorted set of recently ended job ids (score: when), the base of the drain rate."""

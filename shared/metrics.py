@@ -44,6 +44,9 @@ class ApiMetrics:
         self.jobs_submitted = Counter(
             "gptoss_jobs_submitted", "Jobs accepted onto the incoming queue", ["model"], registry=registry
         )
+        self.admission_decisions = Counter(
+            "gptoss_admission_decisions", "Admission decisions", ["outcome", "reason"], registry=registry
+        )
         self.cache_hits = Counter("gptoss_cache_hits", "Response cache hits", ["model"], registry=registry)
         self.cache_misses = Counter(
             "gptoss_cache_misses", "Response cache misses", ["model"], registry=registry

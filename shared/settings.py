@@ -66,8 +66,26 @@ class Settings(BaseSettings):
     tp_timeout: int = Field(
         default=7 * 24 * 3600, description="Seconds tensor-parallel ranks wait for each other (idle included)"
     )
-    heartbeat_interval: float = Field(default=2.0, description="Seconds between heartbeats")
-    heartbeat_ttl: int = Field(default=10, description="Seconds a heartbeat stays live")
+    heartbeat_interval: float = Field(default=1.0, description="Seconds between heartbeats")
+    heartbeat_ttl: int = Field(default=5, description="Seconds a heartbeat stays live")
+
+    memory_warn: float = Field(
+        default=0.85, description="Memory pressure at which workers take no long prompt"
+    )
+    memory_critical: float = Field(
+        default=0.95, description="Memory pressure at which workers take nothing new"
+    )
+    memory_budget_bytes: int | None = Field(
+        default=None, description="CPU workers: bytes the process may use (unset: the machine's memory)"
+    )
+    memory_reading_file: Path | None = Field(
+        default=None, description="Read the worker's memory from this JSON file ({used, total}); for tests"
+    )
+    long_prompt_tokens: int = Field(default=2000, description="Prompts over this are long (refused at warn)")
+    hold_timeout: float = Field(default=120.0, description="Seconds a held job waits before it is rejected")
+    backlog_budget: int = Field(
+        default=1000, description="Jobs waiting in all queues before the API answers 429"
+    )
 
     admin_key: SecretStr | None = Field(
         default=None, description="Bearer key for /admin/*; unset: admin endpoints are refused"

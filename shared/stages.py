@@ -12,6 +12,8 @@ META_TIMESTAMPS = "timestamps"
 META_ROUTE = "route"
 META_ERROR = "error"
 META_REJECTED = "rejected"
+META_HELD = "held"
+META_PROMPT_TOKENS = "prompt_tokens"
 
 STAGE_RECEIVED = "received"
 STAGE_SCHEDULED = "scheduled"
@@ -35,6 +37,8 @@ def client_status(rq_status: str | None, meta: dict[str, Any]) -> JobStatus:
         return _RQ_TERMINAL[rq_status]
     if rq_status == "started":
         return JobStatus.STARTED
+    if meta.get(META_HELD):
+        return JobStatus.HELD
     if STAGE_SCHEDULED in meta.get(META_TIMESTAMPS, {}):
         return JobStatus.SCHEDULED
     return JobStatus.QUEUED

@@ -1,11 +1,21 @@
 """The scheduler's decisions, as pure functions."""
 
 from scheduler.routing import (
+    HOLD_MEMORY_CRITICAL,
+    HOLD_MEMORY_WARN,
+    HOLD_NO_LIVE_WORKER,
     REASON_OVER_THRESHOLD,
+    REASON_PRESSURE_SPILL,
     REASON_WITHIN_THRESHOLD,
     REJECT_CONTEXT_EXCEEDED,
+    REJECT_HOLD_EXPIRED,
     REJECT_PROMPT_TOO_LONG,
+    Decision,
+    Level,
+    Thresholds,
+    WorkerState,
     admit,
+    place,
     route,
 )
 from shared import keys
@@ -45,3 +55,96 @@ def test_rejects_prompt_plus_max_tokens_over_context() -> None:
     assert not decision.admitted
     assert decision.code == REJECT_CONTEXT_EXCEEDED
     assert "3996" in (decision.message or "")
+
+
+# place(): size, pressure, hold and the hold deadline.
+
+LIMITS = Thresholds(
+    multi_gpu_threshold=8000, long_prompt_tokens=2000, warn=0.85, critical=0.95, hold_timeout=60
+)
+SINGLE_OK = WorkerState(keys.SINGLE_QUEUE, 0.10)
+SINGLE_WARN = WorkerState(keys.SINGLE_QUEUE, 0.90)
+SINGLE_CRITICAL = WorkerState(keys.SINGLE_QUEUE, 0.97)
+MULTI_OK = WorkerState(keys.MULTI_QUEUE, 0.20)
+MULTI_WARN = WorkerState(keys.MULTI_QUEUE, 0.86)
+MULTI_CRITICAL = WorkerState(keys.MULTI_QUEUE, 0.99)
+
+
+def test_levels() -> None:
+    assert LIMITS.level(0.84) is Level.OK
+    assert LIMITS.level(0.85) is Level.WARN
+    assert LIMITS.level(0.95) is Level.CRITICAL
+
+
+def test_healthy_workers_get_the_size_route() -> None:
+    assert place(100, [SINGLE_OK, MULTI_OK], 0, LIMITS) == Decision(
+        "route",
+        REASON_WITHIN_THRESHOLD,
+        place(100, [SINGLE_OK, MULTI_OK], 0, LIMITS).message,
+        keys.SINGLE_QUEUE,
+    )
+    big = place(9000, [SINGLE_OK, MULTI_OK], 0, LIMITS)
+    assert (big.action, big.queue, big.reason) == ("route", keys.MULTI_QUEUE, REASON_OVER_THRESHOLD)
+
+
+def test_one_healthy_worker_on_the_queue_is_enough() -> None:
+    decision = place(100, [SINGLE_CRITICAL, SINGLE_OK], 0, LIMITS)
+    assert (decision.action, decision.queue) == ("route", keys.SINGLE_QUEUE)
+
+
+def test_warn_still_takes_short_prompts() -> None:
+    decision = place(500, [SINGLE_WARN, MULTI_CRITICAL], 0, LIMITS)
+    assert (decision.action, decision.queue, decision.reason) == (
+        "route",
+        keys.SINGLE_QUEUE,
+        REASON_WITHIN_THRESHOLD,
+    )
+
+
+def test_medium_request_spills_to_multi_when_single_is_pressed() -> None:
+    for pressed in (SINGLE_CRITICAL, SINGLE_WARN):
+        decision = place(3000, [pressed, MULTI_OK], 0, LIMITS)
+        assert (decision.action, decision.queue, decision.reason) == (
+            "route",
+            keys.MULTI_QUEUE,
+            REASON_PRESSURE_SPILL,
+        )
+
+
+def test_no_spill_when_multi_has_no_room() -> None:
+    assert place(100, [SINGLE_CRITICAL, MULTI_WARN], 0, LIMITS).action == "hold"
+    full = WorkerState(keys.MULTI_QUEUE, 0.1, free_slots=0)
+    assert place(100, [SINGLE_CRITICAL, full], 0, LIMITS).action == "hold"
+
+
+def test_large_request_never_goes_to_single() -> None:
+    decision = place(9000, [SINGLE_OK, MULTI_CRITICAL], 0, LIMITS)
+    assert (decision.action, decision.reason) == ("hold", HOLD_MEMORY_CRITICAL)
+
+
+def test_all_critical_holds() -> None:
+    decision = place(100, [SINGLE_CRITICAL, MULTI_CRITICAL], 10, LIMITS)
+    assert (decision.action, decision.reason, decision.queue) == ("hold", HOLD_MEMORY_CRITICAL, None)
+
+
+def test_long_prompt_at_warn_holds() -> None:
+    decision = place(3000, [SINGLE_WARN, MULTI_WARN], 0, LIMITS)
+    assert (decision.action, decision.reason) == ("hold", HOLD_MEMORY_WARN)
+
+
+def test_no_live_worker_holds_then_rejects() -> None:
+    assert place(100, [MULTI_OK], 0, LIMITS) == Decision(
+        "hold", HOLD_NO_LIVE_WORKER, "No live worker serves gpu-single."
+    )
+    late = place(100, [MULTI_OK], 61, LIMITS)
+    assert (late.action, late.reason) == ("reject", REJECT_HOLD_EXPIRED)
+    assert "No live worker serves gpu-single" in late.message
+
+
+def test_hold_deadline_applies_to_pressure_too() -> None:
+    assert place(100, [SINGLE_CRITICAL, MULTI_CRITICAL], 59, LIMITS).action == "hold"
+    assert place(100, [SINGLE_CRITICAL, MULTI_CRITICAL], 61, LIMITS).action == "reject"
+
+
+def test_routable_job_is_routed_even_after_a_long_wait() -> None:
+    assert place(100, [SINGLE_OK], 3600, LIMITS).action == "route"

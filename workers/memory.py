@@ -1,8 +1,12 @@
-"""Memory readings of the worker's device: a CUDA device's used/total, or the process on the CPU."""
+"""Memory readings of the worker's device: a CUDA device's used/total, or the process on the CPU
+against a budget; and what a worker can give back under pressure."""
 
 from __future__ import annotations
 
+import gc
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import psutil
 import torch
@@ -22,10 +26,22 @@ class MemoryReading:
         return self.used / self.total if self.total else 0.0
 
 
-def read_memory(device: str) -> MemoryReading:
-    """The device's memory now: `torch.cuda.mem_get_info` on CUDA, this process's RSS against the
-    machine's memory on the CPU."""
+def read_memory(device: str, budget: int | None = None, override: Path | None = None) -> MemoryReading:
+    """The device's memory now: `torch.cuda.mem_get_info` on CUDA; on the CPU this process's RSS
+    against `budget` (or the machine's memory). `override`, a JSON file {used, total}, replaces the
+    reading while it exists (tests steer pressure with it)."""
+    if override is not None and override.exists():
+        values = json.loads(override.read_text())
+        return MemoryReading(device, int(values["used"]), int(values["total"]))
     if device.startswith("cuda"):
         free, total = torch.cuda.mem_get_info(torch.device(device))
         return MemoryReading(device, total - free, total)
-    return MemoryReading(device, psutil.Process().memory_info().rss, psutil.virtual_memory().total)
+    total = budget or psutil.virtual_memory().total
+    return MemoryReading(device, psutil.Process().memory_info().rss, total)
+
+
+def relieve_memory(device: str) -> None:
+    """Give back what can be given back without losing work: Python garbage and cached CUDA blocks."""
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()

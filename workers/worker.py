@@ -6,68 +6,122 @@ import logging
 import os
 import socket
 import time
+from typing import Any
 
 import structlog
 from opentelemetry import context as otel_context
 from redis import Redis
+from redis.exceptions import RedisError
 from rq import SimpleWorker
 from rq.job import Job
 from rq.queue import Queue
 
 from shared import keys
+from shared.drain import record_done
 from shared.heartbeat import Heartbeat, WorkerBeat
 from shared.metrics import WorkerMetrics
 from shared.queues import SERIALIZER, open_queue
 from shared.settings import Settings
 from shared.stages import META_REQUEST_ID
 from shared.tracing import context_from
-from workers.memory import read_memory
+from workers.memory import MemoryReading, read_memory, relieve_memory
+
+log = structlog.get_logger()
+
+PAUSE_POLL = 0.5
+"""Seconds between memory checks while paused over the critical threshold."""
+
+PRESSURE_CHECK = 1
+"""Seconds one wait for a job lasts before memory pressure is checked again."""
 
 
 class GenerationWorker(SimpleWorker):
-    """A SimpleWorker (jobs run in this process, next to the model) that reports busy or idle."""
+    """A SimpleWorker (jobs run in this process, next to the model) that reports its state and
+    memory, and takes nothing new while its memory is over the critical threshold."""
 
     def __init__(
         self,
         queue: Queue,
         redis: Redis,
         name: str,
-        model: str,
+        settings: Settings,
         device: str,
         metrics: WorkerMetrics | None = None,
     ):
         super().__init__(
             [queue], connection=redis, name=name, serializer=SERIALIZER, log_job_description=False
         )
-        self.model_name, self.device, self.metrics = model, device, metrics
+        self.settings, self.model_name, self.device, self.metrics = settings, settings.model, device, metrics
         self.metrics_url: str | None = None
         self.current_job_id: str | None = None
         self.jobs_done = 0
+        self.tokens_per_second: float | None = None
         # Not `state`: that is RQ's own property, written to the worker's Redis hash.
         self.activity = "loading"
+
+    def memory(self) -> MemoryReading:
+        """The device's memory now (or the test override's)."""
+        return read_memory(self.device, self.settings.memory_budget_bytes, self.settings.memory_reading_file)
+
+    def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None) -> Any:
+        # RQ blocks in one long BLPOP; we wait in short ones, so a worker that turns critical while
+        # idle stops taking jobs within PRESSURE_CHECK seconds.
+        if timeout is None:  # burst mode: one look, no waiting
+            self._pause_while_critical()
+            return super().dequeue_job_and_maintain_ttl(None, max_idle_time)
+        idle_since = time.monotonic()
+        while not self._stop_requested:
+            self._pause_while_critical()
+            result = super().dequeue_job_and_maintain_ttl(PRESSURE_CHECK, max_idle_time=PRESSURE_CHECK)
+            if result is not None:
+                return result
+            if max_idle_time is not None and time.monotonic() - idle_since >= max_idle_time:
+                return None
+        return None
+
+    def _pause_while_critical(self) -> None:
+        """Over critical: take nothing new, give back what can be given, until below warn."""
+        if self.memory().pressure < self.settings.memory_critical:
+            return
+        log.warning("memory_critical_paused", pressure=round(self.memory().pressure, 3))
+        relieve_memory(self.device)
+        while not self._stop_requested and self.memory().pressure >= self.settings.memory_warn:
+            self.heartbeat()  # RQ's own worker key stays alive while we wait
+            time.sleep(PAUSE_POLL)
+        log.info("memory_pressure_relieved", pressure=round(self.memory().pressure, 3))
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         self.current_job_id, self.activity = job.id, "busy"
         # RQ's own lines about this job (success, failure, result TTL) carry its ids and trace too.
         structlog.contextvars.bind_contextvars(job_id=job.id, request_id=job.meta.get(META_REQUEST_ID))
         token = otel_context.attach(context_from(job.meta))
+        started = time.perf_counter()
         try:
             super().execute_job(job, queue)
         finally:
             otel_context.detach(token)
+            self._note_done(job, time.perf_counter() - started)
             self.current_job_id, self.activity = None, "idle"
             self.jobs_done += 1
             structlog.contextvars.clear_contextvars()
 
+    def _note_done(self, job: Job, seconds: float) -> None:
+        try:
+            record_done(self.connection, job.id)
+            result = job.return_value(refresh=True)
+            if isinstance(result, dict) and seconds > 0:
+                self.tokens_per_second = result.get("usage", {}).get("completion_tokens", 0) / seconds
+        except RedisError as exc:  # bookkeeping only; the job itself is settled
+            log.warning("drain_not_recorded", error=str(exc))
+
     def beat(self) -> WorkerBeat:
         """This worker's state as a heartbeat (and its memory gauges brought up to date)."""
-        memory = read_memory(self.device)
+        memory = self.memory()
+        running = 1 if self.activity == "busy" else 0
         if self.metrics is not None:
             self.metrics.memory_used.labels(memory.device).set(memory.used)
             self.metrics.memory_total.labels(memory.device).set(memory.total)
             self.metrics.memory_pressure.labels(memory.device).set(memory.pressure)
-        running = 1 if self.activity == "busy" else 0
-        if self.metrics is not None:
             self.metrics.requests_running.labels(self.model_name, self.queues[0].name).set(running)
         return WorkerBeat(
             name=self.name,
@@ -83,6 +137,10 @@ class GenerationWorker(SimpleWorker):
             metrics_url=self.metrics_url,
             memory_used_bytes=memory.used,
             memory_total_bytes=memory.total,
+            pressure=memory.pressure,
+            running=running,
+            free_slots=1 - running,
+            tokens_per_second=self.tokens_per_second,
         )
 
 
@@ -104,7 +162,7 @@ def build_worker(
     """The worker for `settings.worker_queue` and the heartbeat that reports it."""
     name = worker_name(settings.worker_queue)
     queue = open_queue(settings.worker_queue, redis)
-    worker = GenerationWorker(queue, redis, name, settings.model, device, metrics)
+    worker = GenerationWorker(queue, redis, name, settings, device, metrics)
     heartbeat = Heartbeat(
         redis, keys.worker_heartbeat(name), worker.beat, settings.heartbeat_interval, settings.heartbeat_ttl
     )

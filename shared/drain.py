@@ -1,0 +1,54 @@
+"""How fast the workers drain the backlog, measured from finished jobs, and what to tell a client
+who must wait (`Retry-After`)."""
+
+from __future__ import annotations
+
+import math
+import time
+
+from redis import Redis
+
+from shared import keys
+from shared.queues import open_queue
+
+DRAIN_WINDOW = 60.0
+"""Seconds of history the drain rate is measured over."""
+
+RETRY_AFTER_MIN, RETRY_AFTER_MAX = 1, 120
+"""Bounds of a Retry-After answer, seconds."""
+
+RETRY_AFTER_UNKNOWN = 5
+"""Retry-After when nothing has finished recently, so no rate is known."""
+
+
+def record_done(redis: Redis, job_id: str, at: float | None = None) -> None:
+    """Note that a job left the workers (finished or failed) at `at`."""
+    now = time.time() if at is None else at
+    pipe = redis.pipeline(transaction=False)
+    pipe.zadd(keys.DRAINED, {job_id: now})
+    pipe.zremrangebyscore(keys.DRAINED, 0, now - 5 * DRAIN_WINDOW)
+    pipe.expire(keys.DRAINED, int(5 * DRAIN_WINDOW))
+    pipe.execute()
+
+
+def drain_rate(redis: Redis, now: float | None = None, window: float = DRAIN_WINDOW) -> float:
+    """Jobs per second the workers finished over the last `window` seconds."""
+    now = time.time() if now is None else now
+    return int(redis.zcount(keys.DRAINED, now - window, now)) / window
+
+
+def retry_after(excess: int, rate: float) -> int:
+    """Seconds until `excess` jobs have drained at `rate` jobs/s, bounded; a guess when no rate."""
+    if rate <= 0:
+        return RETRY_AFTER_UNKNOWN
+    return max(RETRY_AFTER_MIN, min(RETRY_AFTER_MAX, math.ceil(excess / rate)))
+
+
+def backlog(redis: Redis) -> int:
+    """Jobs accepted but not yet started: in every queue, held, or in the scheduler's hands."""
+    pipe = redis.pipeline(transaction=False)
+    for name in (keys.INCOMING_QUEUE, *keys.WORKER_QUEUES):
+        pipe.llen(open_queue(name, redis).key)
+    pipe.llen(keys.SCHEDULER_INFLIGHT)
+    pipe.zcard(keys.SCHEDULER_HELD)
+    return sum(int(n) for n in pipe.execute())
