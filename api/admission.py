@@ -5,17 +5,27 @@ from __future__ import annotations
 import structlog
 from redis import Redis
 
-from shared.drain import backlog, drain_rate, retry_after
-from shared.errors import BacklogFull
+from shared.drain import backlog, drain_rate, retry_after, tenant_waiting
+from shared.errors import BacklogFull, TenantBacklogFull
 from shared.metrics import ApiMetrics
 from shared.settings import Settings
 
 log = structlog.get_logger()
 
 
-def check_backlog(redis: Redis, settings: Settings, metrics: ApiMetrics) -> None:
+def check_backlog(redis: Redis, settings: Settings, metrics: ApiMetrics, tenant: str) -> None:
     """Raise BacklogFull (429, with Retry-After from the measured drain rate) when the jobs waiting
-    in all queues have reached the budget."""
+    in all queues have reached the budget, or TenantBacklogFull when `tenant`'s own have."""
+    mine = tenant_waiting(redis, tenant)
+    if mine >= settings.tenant_backlog_budget:
+        wait = retry_after(mine - settings.tenant_backlog_budget + 1, drain_rate(redis))
+        metrics.admission_decisions.labels("refused", "tenant_backlog_full").inc()
+        log.info("admission_decided", outcome="refused", reason="tenant_backlog_full", backlog=mine)
+        raise TenantBacklogFull(
+            f"You have {mine} jobs waiting, at your budget of {settings.tenant_backlog_budget}; "
+            f"retry in {wait} s.",
+            headers={"Retry-After": str(wait)},
+        )
     waiting = backlog(redis)
     if waiting < settings.backlog_budget:
         return

@@ -24,6 +24,7 @@ from shared.contract import (
     RouteTaken,
     StageTimes,
 )
+from shared.drain import enter_backlog
 from shared.errors import InvalidJson, JobNotFound, ModelNotFound, PromptTooLong, ValidationFailed
 from shared.profiles import apply_profile, max_tokens_limit, profile_named
 from shared.prompts import ModelNotPrepared, load_prompt_tokenizer, prompt_token_ids
@@ -36,6 +37,7 @@ from shared.stages import (
     META_REJECTED,
     META_REQUEST_ID,
     META_ROUTE,
+    META_TENANT,
     META_TIMESTAMPS,
     STAGE_RECEIVED,
     client_status,
@@ -77,9 +79,11 @@ def submit():  # type: ignore[no-untyped-def]
         model_spec(model), payload, max_tokens, explicit=job_request.max_tokens is not None
     )
     payload = payload.model_copy(update={"max_tokens": max_tokens})
-    check_backlog(svc.redis, svc.settings, svc.metrics)
-    meta: dict[str, Any] = {META_REQUEST_ID: g.request_id, META_MODEL: model}
-    stamp(meta, STAGE_RECEIVED, time.time())
+    tenant = keys.DEFAULT_TENANT  # API keys bind requests to tenants (issue #9)
+    check_backlog(svc.redis, svc.settings, svc.metrics, tenant)
+    received = time.time()
+    meta: dict[str, Any] = {META_REQUEST_ID: g.request_id, META_MODEL: model, META_TENANT: tenant}
+    stamp(meta, STAGE_RECEIVED, received)
     inject_into(meta)  # the scheduler and the worker continue this trace
     job = open_queue(keys.INCOMING_QUEUE, svc.redis).enqueue(
         keys.GENERATE_FUNC,
@@ -90,7 +94,8 @@ def submit():  # type: ignore[no-untyped-def]
         result_ttl=keys.RESULT_TTL,
         failure_ttl=keys.FAILURE_TTL,
     )
-    structlog.contextvars.bind_contextvars(job_id=job.id)
+    enter_backlog(svc.redis, tenant, job.id, received)
+    structlog.contextvars.bind_contextvars(job_id=job.id, tenant=tenant)
     svc.metrics.jobs_submitted.labels(model).inc()
     log.info("job_submitted", model=model, max_tokens=max_tokens, chat=job_request.messages is not None)
     url = url_for("jobs.show", job_id=job.id)

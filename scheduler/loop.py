@@ -20,6 +20,7 @@ from scheduler.routing import Admission, Decision, Thresholds, WorkerState, admi
 from scheduler.tokens import PromptCounter
 from shared import decisions, keys
 from shared.contract import JobRequest, RouteTaken
+from shared.drain import leave_backlog
 from shared.errors import GptossError
 from shared.heartbeat import WorkerBeat, read_live
 from shared.metrics import SchedulerMetrics
@@ -33,6 +34,7 @@ from shared.stages import (
     META_REJECTED,
     META_REQUEST_ID,
     META_ROUTE,
+    META_TENANT,
     META_TIMESTAMPS,
     STAGE_RECEIVED,
     STAGE_SCHEDULED,
@@ -214,6 +216,7 @@ class Scheduler:
         job.meta.pop(META_HELD, None)
         job.meta[META_REJECTED] = {"code": code, "message": message}
         self._intake.reject(job, keys.FAILURE_TTL)
+        leave_backlog(self._redis, job.meta.get(META_TENANT), job.id)
         self._count_admission("rejected", code)
         if self._metrics is not None:
             self._metrics.jobs_terminal.labels(job.meta.get(META_MODEL, ""), "rejected").inc()

@@ -52,3 +52,27 @@ def backlog(redis: Redis) -> int:
     pipe.llen(keys.SCHEDULER_INFLIGHT)
     pipe.zcard(keys.SCHEDULER_HELD)
     return sum(int(n) for n in pipe.execute())
+
+
+TENANT_BACKLOG_HORIZON = 24 * 3600
+"""Seconds after which an entry of a tenant's backlog is dropped as stale (its job long gone)."""
+
+
+def enter_backlog(redis: Redis, tenant: str, job_id: str, at: float) -> None:
+    """Count `job_id` in `tenant`'s backlog until it starts or is rejected."""
+    key = keys.tenant_backlog(tenant)
+    pipe = redis.pipeline(transaction=False)
+    pipe.zadd(key, {job_id: at})
+    pipe.zremrangebyscore(key, 0, at - TENANT_BACKLOG_HORIZON)
+    pipe.expire(key, TENANT_BACKLOG_HORIZON)
+    pipe.execute()
+
+
+def leave_backlog(redis: Redis, tenant: str | None, job_id: str) -> None:
+    """`job_id` no longer waits: it started, or was rejected."""
+    redis.zrem(keys.tenant_backlog(tenant or keys.DEFAULT_TENANT), job_id)
+
+
+def tenant_waiting(redis: Redis, tenant: str) -> int:
+    """Jobs of `tenant` accepted and not yet started."""
+    return int(redis.zcard(keys.tenant_backlog(tenant)))

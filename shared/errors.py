@@ -80,3 +80,7 @@ class DashboardReadOnly(GptossError):
 
 class BacklogFull(GptossError):
     code, status, kind = "backlog_full", 429, "rate_limit_error"
+
+
+class TenantBacklogFull(GptossError):
+    code, status, kind = "tenant_backlog_full", 429, "rate_limit_error"

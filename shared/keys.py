@@ -68,3 +68,12 @@ SCHEDULER_HELD = PREFIX + "scheduler:held"
 
 DRAINED = PREFIX + "drained"
 """Sorted set of recently ended job ids (score: when), the base of the drain rate."""
+
+
+DEFAULT_TENANT = "default"
+"""The tenant of a request that authenticates as no one in particular."""
+
+
+def tenant_backlog(tenant: str) -> str:
+    """Sorted set of one tenant's accepted, not yet started job ids (score: when received)."""
+    return f"{PREFIX}backlog:tenant:{tenant}"

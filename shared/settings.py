@@ -86,6 +86,9 @@ class Settings(BaseSettings):
     backlog_budget: int = Field(
         default=1000, description="Jobs waiting in all queues before the API answers 429"
     )
+    tenant_backlog_budget: int = Field(
+        default=200, description="Jobs one tenant may have waiting before the API answers it 429"
+    )
 
     admin_key: SecretStr | None = Field(
         default=None, description="Bearer key for /admin/*; unset: admin endpoints are refused"

@@ -14,6 +14,7 @@ META_ERROR = "error"
 META_REJECTED = "rejected"
 META_HELD = "held"
 META_PROMPT_TOKENS = "prompt_tokens"
+META_TENANT = "tenant"
 
 STAGE_RECEIVED = "received"
 STAGE_SCHEDULED = "scheduled"

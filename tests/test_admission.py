@@ -12,7 +12,14 @@ from scheduler.intake import Intake
 from scheduler.loop import Scheduler
 from scheduler.tokens import PromptCounter
 from shared import keys
-from shared.drain import RETRY_AFTER_MAX, RETRY_AFTER_UNKNOWN, drain_rate, record_done, retry_after
+from shared.drain import (
+    RETRY_AFTER_MAX,
+    RETRY_AFTER_UNKNOWN,
+    drain_rate,
+    leave_backlog,
+    record_done,
+    retry_after,
+)
 from shared.heartbeat import WorkerBeat, publish
 from shared.queues import open_queue
 
@@ -115,3 +122,24 @@ def test_held_jobs_survive_a_scheduler_restart(redis: Redis, scheduler_for) -> N
     publish(redis, keys.worker_heartbeat("s"), _beat(keys.SINGLE_QUEUE, 0.1), 30)
     second.review_held()
     assert client.get(f"/v1/jobs/{job_id}").get_json()["status"] == "scheduled"
+
+
+def test_a_tenant_over_its_own_budget_is_429(redis: Redis, settings) -> None:  # type: ignore[no-untyped-def]
+    client = create_app(settings(backlog_budget=100, tenant_backlog_budget=2), redis).test_client()
+    ids = [client.post("/v1/jobs", json=BODY).get_json()["id"] for _ in range(2)]
+    refused = client.post("/v1/jobs", json=BODY)
+    assert refused.status_code == 429 and refused.get_json()["error"]["code"] == "tenant_backlog_full"
+    assert refused.headers["Retry-After"]
+    assert redis.zcard(keys.tenant_backlog(keys.DEFAULT_TENANT)) == 2
+    leave_backlog(redis, keys.DEFAULT_TENANT, ids[0])  # one started: room again
+    assert client.post("/v1/jobs", json=BODY).status_code == 202
+
+
+def test_rejected_job_leaves_its_tenant_backlog(redis: Redis, scheduler_for) -> None:  # type: ignore[no-untyped-def]
+    scheduler, client = scheduler_for(hold_timeout=0)
+    job_id = client.post("/v1/jobs", json=BODY).get_json()["id"]
+    assert redis.zscore(keys.tenant_backlog(keys.DEFAULT_TENANT), job_id) is not None
+    time.sleep(0.01)
+    scheduler.schedule(Intake(redis).take(0.1))  # type: ignore[arg-type]  # no worker, no patience
+    assert client.get(f"/v1/jobs/{job_id}").get_json()["status"] == "rejected"
+    assert redis.zcard(keys.tenant_backlog(keys.DEFAULT_TENANT)) == 0

@@ -111,6 +111,7 @@ def test_routing_follows_pressure(healthy: Cluster) -> None:
         and views["large"]["route"]["reason"] == "over_threshold"
     )
     assert all(v["status"] == "finished" for v in views.values())
+    assert healthy.redis.zcard(keys.tenant_backlog(keys.DEFAULT_TENANT)) == 0  # started jobs left it
 
 
 def test_critical_holds_and_resumes_when_pressure_drops(healthy: Cluster) -> None:

@@ -17,12 +17,12 @@ from rq.job import Job
 from rq.queue import Queue
 
 from shared import keys
-from shared.drain import record_done
+from shared.drain import leave_backlog, record_done
 from shared.heartbeat import Heartbeat, WorkerBeat
 from shared.metrics import WorkerMetrics
 from shared.queues import SERIALIZER, open_queue
 from shared.settings import Settings
-from shared.stages import META_REQUEST_ID
+from shared.stages import META_REQUEST_ID, META_TENANT
 from shared.tracing import context_from
 from workers.memory import MemoryReading, read_memory, relieve_memory
 
@@ -96,6 +96,10 @@ class GenerationWorker(SimpleWorker):
         structlog.contextvars.bind_contextvars(job_id=job.id, request_id=job.meta.get(META_REQUEST_ID))
         token = otel_context.attach(context_from(job.meta))
         started = time.perf_counter()
+        try:
+            leave_backlog(self.connection, job.meta.get(META_TENANT), job.id)
+        except RedisError as exc:  # bookkeeping only; the job runs regardless
+            log.warning("backlog_not_updated", error=str(exc))
         try:
             super().execute_job(job, queue)
         finally:
