@@ -1,12 +1,21 @@
-"""Admission at the API: a bounded backlog, so a burst is refused with 429 before any job exists."""
+"""Admission at the API: a bounded backlog, so a burst is refused with 429 before any job exists.
+
+Check and enqueue happen under one short Redis lock, so concurrent submissions (threads, API
+replicas) cannot all pass the check and overshoot the budget together.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import structlog
 from redis import Redis
+from redis.exceptions import LockError
 
+from shared import keys
 from shared.drain import backlog, drain_rate, retry_after, tenant_waiting
-from shared.errors import BacklogFull, TenantBacklogFull
+from shared.errors import BacklogFull, ServiceUnavailable, TenantBacklogFull
 from shared.metrics import ApiMetrics
 from shared.settings import Settings
 
@@ -37,3 +46,23 @@ def check_backlog(redis: Redis, settings: Settings, metrics: ApiMetrics, tenant:
         f"{waiting} jobs are waiting, at the budget of {settings.backlog_budget}; retry in {wait} s.",
         headers={"Retry-After": str(wait)},
     )
+
+
+ADMISSION_LOCK_TIMEOUT = 5.0
+"""Seconds the admission lock lives if its holder dies mid-submission."""
+
+ADMISSION_LOCK_WAIT = 2.0
+"""Seconds a submission waits for the admission lock before answering 503."""
+
+
+@contextmanager
+def admitted(redis: Redis, settings: Settings, metrics: ApiMetrics, tenant: str) -> Iterator[None]:
+    """Within the block the backlog has room for one more job: enqueue it there."""
+    try:
+        with redis.lock(
+            keys.ADMISSION_LOCK, timeout=ADMISSION_LOCK_TIMEOUT, blocking_timeout=ADMISSION_LOCK_WAIT
+        ):
+            check_backlog(redis, settings, metrics, tenant)
+            yield
+    except LockError:
+        raise ServiceUnavailable("Admission is busy; retry shortly.", headers={"Retry-After": "1"}) from None

@@ -12,7 +12,7 @@ from flask import Blueprint, current_app, g, jsonify, request, url_for
 from pydantic import ValidationError
 from rq.exceptions import NoSuchJobError
 
-from api.admission import check_backlog
+from api.admission import admitted
 from api.services import services
 from shared import keys
 from shared.contract import (
@@ -80,21 +80,21 @@ def submit():  # type: ignore[no-untyped-def]
     )
     payload = payload.model_copy(update={"max_tokens": max_tokens})
     tenant = keys.DEFAULT_TENANT  # API keys bind requests to tenants (issue #9)
-    check_backlog(svc.redis, svc.settings, svc.metrics, tenant)
-    received = time.time()
-    meta: dict[str, Any] = {META_REQUEST_ID: g.request_id, META_MODEL: model, META_TENANT: tenant}
-    stamp(meta, STAGE_RECEIVED, received)
-    inject_into(meta)  # the scheduler and the worker continue this trace
-    job = open_queue(keys.INCOMING_QUEUE, svc.redis).enqueue(
-        keys.GENERATE_FUNC,
-        payload.model_dump(mode="json"),
-        meta=meta,
-        description=f"generate {model}",  # RQ logs descriptions; the default would hold the prompt
-        job_timeout=svc.settings.job_timeout,
-        result_ttl=keys.RESULT_TTL,
-        failure_ttl=keys.FAILURE_TTL,
-    )
-    enter_backlog(svc.redis, tenant, job.id, received)
+    with admitted(svc.redis, svc.settings, svc.metrics, tenant):
+        received = time.time()
+        meta: dict[str, Any] = {META_REQUEST_ID: g.request_id, META_MODEL: model, META_TENANT: tenant}
+        stamp(meta, STAGE_RECEIVED, received)
+        inject_into(meta)  # the scheduler and the worker continue this trace
+        job = open_queue(keys.INCOMING_QUEUE, svc.redis).enqueue(
+            keys.GENERATE_FUNC,
+            payload.model_dump(mode="json"),
+            meta=meta,
+            description=f"generate {model}",  # RQ logs descriptions; the default would hold the prompt
+            job_timeout=svc.settings.job_timeout,
+            result_ttl=keys.RESULT_TTL,
+            failure_ttl=keys.FAILURE_TTL,
+        )
+        enter_backlog(svc.redis, tenant, job.id, received)
     structlog.contextvars.bind_contextvars(job_id=job.id, tenant=tenant)
     svc.metrics.jobs_submitted.labels(model).inc()
     log.info("job_submitted", model=model, max_tokens=max_tokens, chat=job_request.messages is not None)

@@ -77,3 +77,7 @@ DEFAULT_TENANT = "default"
 def tenant_backlog(tenant: str) -> str:
     """Sorted set of one tenant's accepted, not yet started job ids (score: when received)."""
     return f"{PREFIX}backlog:tenant:{tenant}"
+
+
+ADMISSION_LOCK = PREFIX + "admission:lock"
+"""Lock held by the API while it checks the backlog and enqueues one job."""
