@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import time
+
 import pytest
 from redis import Redis
 from rq.registry import FailedJobRegistry, StartedJobRegistry
@@ -11,6 +14,7 @@ from scheduler.intake import Intake
 from scheduler.loop import Scheduler
 from scheduler.tokens import PromptCounter
 from shared import keys
+from shared.heartbeat import WorkerBeat, publish
 from shared.queues import fetch_job, open_queue
 from shared.registry import model_spec
 from workers import context
@@ -31,6 +35,11 @@ def stack(redis: Redis, settings, runtime):  # type: ignore[no-untyped-def]
     config = settings(model=MODEL, multi_gpu_threshold=100, heartbeat_interval=0.2)
     app = create_app(config, redis).test_client()
     scheduler = Scheduler(config, redis, PromptCounter(config.cache_dir))
+    # The in-process workers run in burst mode after scheduling; their heartbeats say they live.
+    for queue in keys.WORKER_QUEUES:
+        beat = WorkerBeat(name=f"test-{queue}", queue=queue, model=MODEL, device="cpu", state="idle",
+                          pid=os.getpid(), host="test", at=time.time())  # fmt: skip
+        publish(redis, keys.worker_heartbeat(beat.name), beat, 600)
     return config, app, scheduler
 
 
