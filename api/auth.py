@@ -16,7 +16,7 @@ from shared.errors import AdminDisabled, Unauthorized
 def check_admin() -> None:
     """Raise unless the request carries the admin key (compared in constant time)."""
     key = services().settings.admin_key
-    if key is None:
+    if key is None or not key.get_secret_value():  # an empty key would let an empty Bearer in
         raise AdminDisabled("Admin endpoints are off: set GPTOSS_ADMIN_KEY to turn them on.")
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), key.get_secret_value().encode()):

@@ -181,3 +181,10 @@ def test_redis_down_is_503_with_retry_after(settings) -> None:  # type: ignore[n
     ready = client.get("/readyz")
     assert ready.status_code == 503 and "redis unreachable" in ready.get_json()["reasons"][0]
     assert client.get("/healthz").status_code == 200
+
+
+def test_empty_admin_key_turns_admin_off(redis: Redis, settings) -> None:  # type: ignore[no-untyped-def]
+    client = create_app(settings(admin_key=""), redis).test_client()
+    for header in ({}, {"Authorization": "Bearer "}, {"Authorization": "Bearer x"}):
+        response = client.get("/admin/capacity", headers=header)
+        assert response.status_code == 403 and response.get_json()["error"]["code"] == "admin_disabled"
