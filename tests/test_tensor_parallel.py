@@ -78,6 +78,7 @@ def test_two_rank_worker_answers_like_one_process(
     wait_for(ended, 240, "the tensor-parallel worker to answer both jobs", interval=0.3)
     log = (processes.logs / "torchrun.log").read_text()
     assert log.count('"placement": "tensor-parallel"') == 2, log[-3000:]  # both ranks loaded sharded
+    assert log.count('"expert_parallel": 2') == 2  # each rank holds 2 of tiny-gpt-oss's 4 experts
     for job, request in zip(jobs, requests, strict=True):
         result = fetch_job(job.id, redis).return_value()
         assert result is not None and result["queue"] == keys.MULTI_QUEUE, log[-3000:]

@@ -105,14 +105,15 @@ class ModelRuntime:
             extra["attn_implementation"] = "eager"  # sdpa and flex do not support gpt-oss on CPU
             if placement.device.startswith("cuda"):
                 extra["attn_implementation"] = "sdpa"
-        relay = None
+        relay, ep_size = None, 1
         if placement.kind == "tensor-parallel":
             from transformers.distributed import DistributedConfig
 
             from workers.tensor_parallel import RequestRelay, start_group
 
             relay = RequestRelay(start_group(placement.device, settings.tp_timeout))
-            extra["distributed_config"] = DistributedConfig(tp_size=placement.world_size)
+            ep_size = expert_parallel_size(folder, placement.world_size)
+            extra["distributed_config"] = DistributedConfig(tp_size=placement.world_size, ep_size=ep_size)
             model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, **extra)
         elif placement.kind == "pipeline":
             model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, device_map="auto", **extra)
@@ -130,6 +131,7 @@ class ModelRuntime:
             placement=placement.kind,
             device=placement.device,
             world_size=placement.world_size,
+            expert_parallel=ep_size,
             dtype=str(model.dtype),
             seconds=round(time.perf_counter() - started, 3),
         )
@@ -240,6 +242,18 @@ class ModelRuntime:
             pad_token_id=pad,
             **sampling,
         )
+
+
+def expert_parallel_size(folder: Path, world_size: int) -> int:
+    """Ranks the experts are split over: all of them when they divide the experts evenly, else none.
+
+    gpt-oss's own tensor-parallel plan shards only the embedding; the experts (most of the 120B's
+    weights) are split only by expert parallelism.
+    """
+    import json
+
+    experts = json.loads((folder / "config.json").read_text()).get("num_local_experts", 0)
+    return world_size if experts and experts % world_size == 0 else 1
 
 
 def _as_set(value: int | list[int] | None) -> set[int]:
