@@ -102,9 +102,9 @@ class ModelRuntime:
         dtype = getattr(torch, spec.dtype) if spec.dtype != "auto" else "auto"
         extra: dict[str, Any] = {}
         if spec.chat_format == "harmony":
-            extra["attn_implementation"] = "eager"  # sdpa and flex do not support gpt-oss on CPU
-            if placement.device.startswith("cuda"):
-                extra["attn_implementation"] = "sdpa"
+            # gpt-oss's attention sinks rule out sdpa; flex does not run it on CPU. Eager works
+            # everywhere (a flash-attention kernel with sinks is faster on GPUs: not wired yet).
+            extra["attn_implementation"] = "eager"
         relay, ep_size = None, 1
         if placement.kind == "tensor-parallel":
             from transformers.distributed import DistributedConfig
