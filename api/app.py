@@ -12,7 +12,9 @@ from flask import Flask, Response, current_app, g, request
 from redis import Redis
 
 from api import admin, dashboard, errors, events, health, jobs, metrics
+from api.ratelimit import TenantLimits
 from api.services import Services, services
+from api.tenancy import authenticate_request
 from shared.connection import connect
 from shared.settings import Settings
 from shared.tracing import FORCE_TRACE_HEADER, current_ids, exemplar, forced
@@ -37,7 +39,10 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
         # First, so the request span is open when our own hooks log.
         FlaskInstrumentor().instrument_app(app, excluded_urls=",".join(p.strip("/") for p in QUIET_PATHS))
     app.extensions["gptoss"] = Services(
-        settings=settings, redis=redis, metrics=metrics.api_metrics(redis, settings.model)
+        settings=settings,
+        redis=redis,
+        metrics=metrics.api_metrics(redis, settings.model),
+        limits=TenantLimits(settings),
     )
     errors.init_app(app)
     app.register_blueprint(health.bp)
@@ -47,6 +52,7 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
     app.register_blueprint(admin.bp)
     dashboard.init_app(app)
     app.before_request(_bind_request)
+    app.before_request(authenticate_request)
     app.after_request(_finish_request)
     # Outermost, so the sampler sees the request's wish before the request span starts.
     app.wsgi_app = ForceTraceMiddleware(app.wsgi_app)  # type: ignore[method-assign]

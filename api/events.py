@@ -12,6 +12,7 @@ from rq.exceptions import NoSuchJobError
 
 from api.jobs import JOB_ID, job_view
 from api.services import services
+from api.tenancy import owned_job
 from shared import keys
 from shared.contract import JobStatus
 from shared.errors import JobNotFound, ValidationFailed
@@ -36,10 +37,7 @@ def events(job_id: str) -> Response:
     if not JOB_ID.match(job_id):
         raise JobNotFound(f"No job `{job_id}`.")
     redis = services().redis
-    try:
-        fetch_job(job_id, redis)
-    except NoSuchJobError:
-        raise JobNotFound(f"No job `{job_id}`.") from None
+    owned_job(job_id)  # another tenant's job answers 404, as an unknown one
     after = request.headers.get("Last-Event-ID") or request.args.get("last_event_id") or "0-0"
     if not set(after) <= STREAM_ID_CHARS:
         raise ValidationFailed("Last-Event-ID must be an event id this stream sent.")

@@ -10,10 +10,10 @@ from typing import Any
 import structlog
 from flask import Blueprint, current_app, g, jsonify, request, url_for
 from pydantic import ValidationError
-from rq.exceptions import NoSuchJobError
 
 from api.admission import admitted
 from api.services import services
+from api.tenancy import current_tenant, owned_job
 from shared import keys
 from shared.contract import (
     ErrorInfo,
@@ -28,7 +28,7 @@ from shared.drain import enter_backlog
 from shared.errors import InvalidJson, JobNotFound, ModelNotFound, PromptTooLong, ValidationFailed
 from shared.profiles import apply_profile, max_tokens_limit, profile_named
 from shared.prompts import ModelNotPrepared, load_prompt_tokenizer, prompt_token_ids
-from shared.queues import fetch_job, open_queue
+from shared.queues import open_queue
 from shared.registry import ModelSpec, canonical_name, model_spec
 from shared.stages import (
     META_ERROR,
@@ -79,7 +79,8 @@ def submit():  # type: ignore[no-untyped-def]
         model_spec(model), payload, max_tokens, explicit=job_request.max_tokens is not None
     )
     payload = payload.model_copy(update={"max_tokens": max_tokens})
-    tenant = keys.DEFAULT_TENANT  # API keys bind requests to tenants (issue #9)
+    tenant = current_tenant()
+    svc.limits.charge(tenant, max_tokens + (_count_prompt(model_spec(model), payload) or 0))
     with admitted(svc.redis, svc.settings, svc.metrics, tenant):
         received = time.time()
         meta: dict[str, Any] = {META_REQUEST_ID: g.request_id, META_MODEL: model, META_TENANT: tenant}
@@ -110,10 +111,7 @@ def show(job_id: str):  # type: ignore[no-untyped-def]
     """The job's status, route, stage timestamps and, once finished, its result."""
     if not JOB_ID.match(job_id):
         raise JobNotFound(f"No job `{job_id}`.")
-    try:
-        job = fetch_job(job_id, services().redis)
-    except NoSuchJobError:
-        raise JobNotFound(f"No job `{job_id}`.") from None
+    job = owned_job(job_id)  # another tenant's job answers 404, as an unknown one
     return jsonify(job_view(job).model_dump(mode="json", exclude_none=True))
 
 

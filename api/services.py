@@ -7,17 +7,19 @@ from dataclasses import dataclass
 from flask import current_app
 from redis import Redis
 
+from api.ratelimit import TenantLimits
 from shared.metrics import ApiMetrics
 from shared.settings import Settings
 
 
 @dataclass(frozen=True)
 class Services:
-    """The settings, the Redis connection and the metrics of one app."""
+    """The settings, the Redis connection, the metrics and the rate limits of one app."""
 
     settings: Settings
     redis: Redis
     metrics: ApiMetrics
+    limits: TenantLimits
 
 
 def services() -> Services:

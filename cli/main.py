@@ -116,6 +116,51 @@ def model_list() -> None:
         )
 
 
+@cli.group("keys")
+def keys_group() -> None:
+    """Manage API keys (stored hashed in Redis, each bound to a tenant)."""
+
+
+@keys_group.command("create")
+@click.option("--tenant", required=True, help="Tenant the key acts for.")
+@click.option("--admin", is_flag=True, help="Admin role: /admin/*, the debug bundle, rq-dashboard.")
+@click.option("--name", default="", help="A note to recognise the key by.")
+def keys_create(tenant: str, admin: bool, name: str) -> None:
+    """Create a key and print it (it is shown only once)."""
+    from shared.apikeys import create_key
+    from shared.connection import connect
+
+    settings = _settings()
+    key, record = create_key(
+        connect(settings.redis_url_or_default()), tenant, "admin" if admin else "user", name
+    )
+    click.echo(key)
+    click.echo(f"id {record.id}, tenant {record.tenant}, role {record.role}", err=True)
+
+
+@keys_group.command("list")
+def keys_list() -> None:
+    """List keys (ids, tenants, roles; never the keys themselves)."""
+    from shared.apikeys import list_keys
+    from shared.connection import connect
+
+    for record in list_keys(connect(_settings().redis_url_or_default())):
+        state = "revoked" if record.revoked_at else "active"
+        click.echo(f"{record.id}\t{record.tenant}\t{record.role}\t{state}\t{record.name}")
+
+
+@keys_group.command("revoke")
+@click.argument("key_id")
+def keys_revoke(key_id: str) -> None:
+    """Revoke a key by its id; it stops working at once."""
+    from shared.apikeys import revoke
+    from shared.connection import connect
+
+    if revoke(connect(_settings().redis_url_or_default()), key_id) is None:
+        raise click.ClickException(f"no key with id {key_id}")
+    click.echo(f"revoked {key_id}")
+
+
 def main() -> None:
     """Console-script entry."""
     cli()

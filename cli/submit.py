@@ -23,7 +23,8 @@ def submit_and_wait(
     if max_tokens is not None:
         body["max_tokens"] = max_tokens
     base = settings.api_url.rstrip("/")
-    answer = requests.post(f"{base}/v1/jobs", json=body, timeout=30)
+    headers = {"Authorization": f"Bearer {settings.api_key.get_secret_value()}"} if settings.api_key else {}
+    answer = requests.post(f"{base}/v1/jobs", json=body, headers=headers, timeout=30)
     if answer.status_code != 202:
         click.echo(f"submit refused ({answer.status_code}): {answer.text}", err=True)
         return 1
@@ -31,7 +32,7 @@ def submit_and_wait(
     click.echo(f"job {job['id']} {job['status']}", err=True)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        view = requests.get(f"{base}{job['url']}", timeout=30).json()
+        view = requests.get(f"{base}{job['url']}", headers=headers, timeout=30).json()
         if view["status"] in TERMINAL:
             if view["status"] == "finished":
                 click.echo(view["result"]["text"])

@@ -17,6 +17,7 @@ import click
 import redis as redis_py
 
 from shared import keys
+from shared.apikeys import authenticate, create_key
 from shared.settings import Settings
 
 STOP_GRACE = 20.0
@@ -89,6 +90,20 @@ def start_redis(stack: Stack, data_dir: Path) -> str:
             time.sleep(0.05)
 
 
+def client_key(redis_url: str, settings: Settings) -> str:
+    """An API key for the operator of this stack: the one kept in the data dir while it still
+    authenticates, else a new one (for tenant `default`), kept there for next time."""
+    kept = settings.data_dir / "api-key"
+    client = redis_py.Redis.from_url(redis_url)
+    if kept.exists() and authenticate(client, kept.read_text().strip()) is not None:
+        return kept.read_text().strip()
+    key, _ = create_key(client, keys.DEFAULT_TENANT, name="gptoss up")
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    kept.write_text(key)
+    kept.chmod(0o600)
+    return key
+
+
 def run_stack(settings: Settings) -> int:
     """Start the stack, print where to go, wait for Ctrl-C or a child's death; an exit code."""
     stack = Stack()
@@ -125,11 +140,18 @@ def run_stack(settings: Settings) -> int:
             worker_env = {**env, "GPTOSS_WORKER_QUEUE": queue, "GPTOSS_WORKER_METRICS_PORT": str(port)}
             stack.start(f"worker:{queue}", [python, "-m", "workers"], worker_env)
         base = f"http://{settings.api_host}:{settings.api_port}"
+        api_key = client_key(redis_url, settings) if settings.auth else None
+        key_env = f"GPTOSS_API_KEY={api_key} " if api_key else ""
+        metrics = ", ".join(f":{p}/metrics" for p in worker_ports.values() if p)
         click.echo(
             f"\ngptoss is starting: model {settings.model}, Redis {redis_url}\n"
             f"  API        {base}   (POST /v1/jobs, GET /v1/jobs/<id>)\n"
             f"  ready when {base}/readyz answers 200\n"
-            f'  try        gptoss submit "What is the capital of France?" --api-url {base}\n'
+            f"  API key    {api_key or 'none needed (GPTOSS_AUTH=false)'}   (Authorization: Bearer …)\n"
+            f"  admin key  {admin_key if not settings.admin_key else '(GPTOSS_ADMIN_KEY)'}   (for /admin/*)\n"
+            f"  metrics    {base}/metrics, scheduler :{settings.scheduler_metrics_port}/metrics"
+            f"{', workers ' + metrics if metrics else ''}\n"
+            f'  try        {key_env}gptoss submit "What is the capital of France?" --api-url {base}\n'
             f"Ctrl-C stops everything.\n",
             err=True,
         )

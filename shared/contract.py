@@ -10,6 +10,18 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 MAX_STOP_SEQUENCES = 4
 """OpenAI's limit on stop sequences per request."""
 
+MAX_MESSAGES = 512
+"""Messages one conversation may hold."""
+
+MAX_TEXT_CHARS = 400_000
+"""Characters one message or prompt may hold (the body-size limit usually bites first)."""
+
+MAX_STOP_CHARS = 256
+"""Characters one stop sequence may hold."""
+
+MAX_NAME_CHARS = 128
+"""Characters of a model or profile name."""
+
 
 class ChatMessage(BaseModel):
     """One message of a conversation."""
@@ -17,7 +29,7 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: str
+    content: str = Field(max_length=MAX_TEXT_CHARS)
 
 
 class JobRequest(BaseModel):
@@ -25,9 +37,11 @@ class JobRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str | None = Field(default=None, description="Registry name; unset: the served model")
-    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
-    prompt: str | None = Field(default=None, min_length=1)
+    model: str | None = Field(
+        default=None, max_length=MAX_NAME_CHARS, description="Registry name; unset: the served model"
+    )
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1, max_length=MAX_MESSAGES)
+    prompt: str | None = Field(default=None, min_length=1, max_length=MAX_TEXT_CHARS)
     max_tokens: int | None = Field(default=None, ge=1, description="New tokens at most")
     temperature: float | None = Field(
         default=None, ge=0.0, le=2.0, description="0 means greedy; unset: the profile's"
@@ -35,7 +49,11 @@ class JobRequest(BaseModel):
     top_p: float | None = Field(default=None, gt=0.0, le=1.0, description="Unset: the profile's")
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     stop: list[str] | None = Field(default=None, description="Up to 4 stop sequences")
-    profile: str | None = Field(default=None, description="Profile whose defaults apply; unset: the server's")
+    profile: str | None = Field(
+        default=None,
+        max_length=MAX_NAME_CHARS,
+        description="Profile whose defaults apply; unset: the server's",
+    )
     reasoning_effort: Literal["low", "medium", "high"] | None = Field(
         default=None, description="Harmony models' reasoning effort; unset: the profile's"
     )
@@ -54,6 +72,8 @@ class JobRequest(BaseModel):
             raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
         if any(not s for s in value):
             raise ValueError("stop sequences must not be empty")
+        if any(len(s) > MAX_STOP_CHARS for s in value):
+            raise ValueError(f"a stop sequence may hold at most {MAX_STOP_CHARS} characters")
         return value
 
     @model_validator(mode="after")

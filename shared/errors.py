@@ -84,3 +84,7 @@ class BacklogFull(GptossError):
 
 class TenantBacklogFull(GptossError):
     code, status, kind = "tenant_backlog_full", 429, "rate_limit_error"
+
+
+class RateLimited(GptossError):
+    code, status, kind = "rate_limited", 429, "rate_limit_error"

@@ -81,3 +81,12 @@ def tenant_backlog(tenant: str) -> str:
 
 ADMISSION_LOCK = PREFIX + "admission:lock"
 """Lock held by the API while it checks the backlog and enqueues one job."""
+
+API_KEYS = PREFIX + "apikeys"
+"""Hash of API key records by the SHA-256 of the key (configuration: no TTL, bounded by operators)."""
+
+API_KEY_IDS = PREFIX + "apikeys:ids"
+"""Hash from a key's public id to its SHA-256, for revocation."""
+
+RATE_LIMIT_PREFIX = PREFIX + "ratelimit"
+"""Prefix of the per-tenant rate-limit windows (kept by the `limits` library, with TTLs)."""

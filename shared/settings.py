@@ -90,6 +90,16 @@ class Settings(BaseSettings):
         default=200, description="Jobs one tenant may have waiting before the API answers it 429"
     )
 
+    auth: bool = Field(
+        default=True,
+        description="Require an API key (Authorization: Bearer) on the API; off for local development",
+    )
+    api_key: SecretStr | None = Field(default=None, description="Key `gptoss submit` sends as a client")
+    metrics_auth: bool = Field(default=False, description="Require the admin key on the API's /metrics")
+    rate_limit_requests: int = Field(default=600, description="Requests per minute a tenant may make")
+    rate_limit_tokens: int = Field(
+        default=2_000_000, description="Tokens (prompt + max_tokens) per minute a tenant may ask for"
+    )
     admin_key: SecretStr | None = Field(
         default=None, description="Bearer key for /admin/*; unset: admin endpoints are refused"
     )
