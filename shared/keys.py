@@ -90,3 +90,51 @@ API_KEY_IDS = PREFIX + "apikeys:ids"
 
 RATE_LIMIT_PREFIX = PREFIX + "ratelimit"
 """Prefix of the per-tenant rate-limit windows (kept by the `limits` library, with TTLs)."""
+
+PRIORITIES = ("high", "normal", "low")
+"""Job priorities, highest first. Each base queue has one RQ queue per priority (`normal` keeps the
+plain name), and consumers listen on them in this order: RQ's idiomatic priority."""
+
+
+def priority_queue(base: str, priority: str) -> str:
+    """The RQ queue of `base` (`incoming`, `gpu-single`, `gpu-multi`) for jobs of `priority`."""
+    return base if priority == "normal" else f"{base}:{priority}"
+
+
+def queues_by_priority(base: str) -> tuple[str, ...]:
+    """The RQ queues of `base`, highest priority first."""
+    return tuple(priority_queue(base, p) for p in PRIORITIES)
+
+
+INCOMING_QUEUES = queues_by_priority(INCOMING_QUEUE)
+"""The `incoming` queues the scheduler takes from, highest priority first."""
+
+ALL_QUEUES = INCOMING_QUEUES + tuple(q for base in WORKER_QUEUES for q in queues_by_priority(base))
+"""Every RQ queue a job may wait in: what depths, metrics, capacity and the debug bundle report."""
+
+SCHEDULER_WAKE = PREFIX + "scheduler:wake"
+"""List the API pushes to after enqueueing, so a scheduler waiting on several queues wakes at once."""
+
+
+def cancel_flag(job_id: str) -> str:
+    """Key set when a client cancels the job; the scheduler and the worker (every decode step) read it."""
+    return f"{PREFIX}cancel:{job_id}"
+
+
+def tombstone(job_id: str) -> str:
+    """Key that outlives a job's record, so an expired id answers 410 instead of 404."""
+    return f"{PREFIX}tombstone:{job_id}"
+
+
+TOMBSTONE_TTL = 7 * 24 * 3600
+"""Seconds a tombstone outlives the job's retention."""
+
+
+def tenant_jobs(tenant: str) -> str:
+    """Sorted set of one tenant's jobs (score: when received), what `GET /v1/jobs` pages through."""
+    return f"{PREFIX}jobs:tenant:{tenant}"
+
+
+def idempotency(tenant: str, digest: str) -> str:
+    """Key of one tenant's Idempotency-Key (by its SHA-256): the job it created and the body's hash."""
+    return f"{PREFIX}idempotency:{tenant}:{digest}"
