@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from enum import StrEnum
 from typing import Literal
 
@@ -113,6 +114,40 @@ class JobStatus(StrEnum):
     FINISHED = "finished"
     FAILED = "failed"
     REJECTED = "rejected"
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"
+
+
+TERMINAL_STATUSES = frozenset(
+    {JobStatus.FINISHED, JobStatus.FAILED, JobStatus.REJECTED, JobStatus.CANCELLED, JobStatus.EXPIRED}
+)
+"""Statuses a job never leaves."""
+
+Priority = Literal["high", "normal", "low"]
+"""How soon a job is taken: the scheduler and the workers serve higher priorities first."""
+
+
+class JobSubmission(JobRequest):
+    """`POST /v1/jobs`: a generation request and how the job should be run and reported."""
+
+    priority: Priority = Field(default="normal", description="high, normal or low")
+    deadline: datetime | None = Field(
+        default=None,
+        description="Latest start (ISO 8601 or unix seconds); not started by then: the job ends `expired`",
+    )
+    cancel_after: float | None = Field(
+        default=None, gt=0, description="Seconds after submission by which the job must start"
+    )
+    webhook: str | None = Field(
+        default=None,
+        max_length=2048,
+        description="https URL POSTed the job when it ends (Standard Webhooks signature)",
+    )
+
+    def request(self) -> JobRequest:
+        """The generation request alone: what the scheduler counts and the worker runs."""
+        return JobRequest.model_validate(self.model_dump(include=set(JobRequest.model_fields)))
 
 
 class StageTimes(BaseModel):
@@ -155,3 +190,15 @@ class JobView(BaseModel):
     held: ErrorInfo | None = Field(default=None, description="Why the scheduler holds the job, while held")
     url: str
     trace_id: str | None = Field(default=None, description="The job's trace, across API, scheduler, worker")
+    priority: Priority = "normal"
+    deadline: float | None = Field(default=None, description="Unix time by which the job must start")
+
+
+class JobList(BaseModel):
+    """`GET /v1/jobs`: the caller's jobs, newest first, a page at a time."""
+
+    object: Literal["list"] = "list"
+    data: list[JobView]
+    first_id: str | None = None
+    last_id: str | None = None
+    has_more: bool

@@ -88,3 +88,35 @@ class TenantBacklogFull(GptossError):
 
 class RateLimited(GptossError):
     code, status, kind = "rate_limited", 429, "rate_limit_error"
+
+
+class JobExpired(GptossError):
+    code, status, kind = "job_expired", 410, "not_found_error"
+
+
+class JobEnded(GptossError):
+    code, status, kind = "job_ended", 409, "invalid_request_error"
+
+
+class IdempotencyConflict(GptossError):
+    code, status, kind = "idempotency_key_reused", 409, "invalid_request_error"
+
+
+class IdempotencyInProgress(GptossError):
+    code, status, kind = "idempotency_key_in_use", 409, "invalid_request_error"
+
+
+class JobCancelled(GptossError):
+    code, status, kind = "job_cancelled", 499, "invalid_request_error"
+
+
+class DeadlineExceeded(GptossError):
+    code, status, kind = "deadline_exceeded", 504, "server_error"
+
+
+class JobRejected(GptossError):
+    code, status, kind = "job_rejected", 503, "server_error"
+
+
+class JobTimedOut(GptossError):
+    code, status, kind = "timeout", 504, "server_error"

@@ -89,6 +89,23 @@ class Settings(BaseSettings):
     tenant_backlog_budget: int = Field(
         default=200, description="Jobs one tenant may have waiting before the API answers it 429"
     )
+    result_ttl: int = Field(
+        default=24 * 3600, ge=1, description="Seconds a job, its result and its event stream are kept"
+    )
+    idempotency_ttl: int = Field(
+        default=24 * 3600, ge=1, description="Seconds an Idempotency-Key keeps answering with its job"
+    )
+    webhook_secret: SecretStr | None = Field(
+        default=None, description="Signing secret of webhooks (whsec_<base64> or raw); unset: webhooks off"
+    )
+    webhook_allow_private: bool = Field(
+        default=False, description="Allow webhooks to loopback, private and link-local addresses"
+    )
+    webhook_attempts: int = Field(default=5, ge=1, description="Deliveries tried per webhook")
+    webhook_backoff: float = Field(
+        default=1.0, ge=0, description="Seconds before the first webhook retry (doubling after)"
+    )
+    webhook_timeout: float = Field(default=10.0, gt=0, description="Seconds one webhook delivery may take")
 
     auth: bool = Field(
         default=True,

@@ -15,6 +15,12 @@ META_REJECTED = "rejected"
 META_HELD = "held"
 META_PROMPT_TOKENS = "prompt_tokens"
 META_TENANT = "tenant"
+META_PRIORITY = "priority"
+META_DEADLINE = "deadline"
+META_WEBHOOK = "webhook"
+META_RETENTION = "retention"
+META_CANCELLED = "cancelled"
+META_EXPIRED = "expired"
 
 STAGE_RECEIVED = "received"
 STAGE_SCHEDULED = "scheduled"
@@ -22,7 +28,12 @@ STAGE_STARTED = "started"
 STAGE_FIRST_TOKEN = "first_token"
 STAGE_FINISHED = "finished"
 
-_RQ_TERMINAL = {"finished": JobStatus.FINISHED, "failed": JobStatus.FAILED, "stopped": JobStatus.FAILED}
+_RQ_TERMINAL = {
+    "finished": JobStatus.FINISHED,
+    "failed": JobStatus.FAILED,
+    "stopped": JobStatus.FAILED,
+    "canceled": JobStatus.CANCELLED,  # cancelled through RQ itself (rq-dashboard), without our meta
+}
 
 
 def stamp(meta: dict[str, Any], stage: str, at: float) -> None:
@@ -32,6 +43,10 @@ def stamp(meta: dict[str, Any], stage: str, at: float) -> None:
 
 def client_status(rq_status: str | None, meta: dict[str, Any]) -> JobStatus:
     """The status a client sees, from RQ's status and the stages recorded in job.meta."""
+    if meta.get(META_CANCELLED):
+        return JobStatus.CANCELLED
+    if meta.get(META_EXPIRED):
+        return JobStatus.EXPIRED
     if meta.get(META_REJECTED):
         return JobStatus.REJECTED
     if rq_status in _RQ_TERMINAL:

@@ -1,0 +1,58 @@
+"""Cancelling a job: a flag in Redis that the scheduler and the worker (every decode step) read, and
+taking a job that still waits out of the queue it waits in."""
+
+from __future__ import annotations
+
+import time
+
+from redis import Redis
+from redis.exceptions import RedisError
+
+from shared import keys
+from shared.queues import open_queue
+
+CANCEL_POLL = 0.05
+"""Seconds between two reads of the flag during generation (a decode step on a GPU is ~10-20 ms)."""
+
+
+def request_cancel(redis: Redis, job_id: str, ttl: int) -> None:
+    """Ask for `job_id` to stop; the flag lives `ttl` seconds (the job's retention)."""
+    redis.set(keys.cancel_flag(job_id), str(time.time()), ex=ttl)
+
+
+def cancel_requested(redis: Redis, job_id: str) -> bool:
+    """Someone asked `job_id` to stop."""
+    return bool(redis.exists(keys.cancel_flag(job_id)))
+
+
+def take_waiting(redis: Redis, job_id: str) -> bool:
+    """Remove `job_id` from every queue and from the scheduler's held set; True when it was in one,
+    so the caller now owns it. False: it is in a scheduler's or a worker's hands (or gone), where
+    the cancel flag stops it."""
+    pipe = redis.pipeline()
+    for name in keys.ALL_QUEUES:
+        pipe.lrem(open_queue(name, redis).key, 0, job_id)
+    pipe.zrem(keys.SCHEDULER_HELD, job_id)
+    return any(int(n) for n in pipe.execute())
+
+
+class CancelWatch:
+    """Whether a running job was cancelled, reading Redis at most every `poll` seconds, so it can be
+    asked at every decode step."""
+
+    def __init__(self, redis: Redis, job_id: str, poll: float = CANCEL_POLL):
+        self._redis, self._job_id, self._poll = redis, job_id, poll
+        self._checked = 0.0
+        self.cancelled = False
+
+    def __call__(self) -> bool:
+        if self.cancelled:
+            return True
+        now = time.monotonic()
+        if now - self._checked >= self._poll:
+            self._checked = now
+            try:
+                self.cancelled = cancel_requested(self._redis, self._job_id)
+            except RedisError:  # a lost read must not fail the generation; the next step reads again
+                pass
+        return self.cancelled
