@@ -80,7 +80,7 @@ def _ending_without_stream(redis: Redis, job_id: str) -> str | None:
         timings = view.timestamps.model_dump()
         data: dict[str, Any] = {**view.result.model_dump(mode="json"), "timings": timings}
         return sse("done", json.dumps(data), None)
-    if view.status in (JobStatus.FAILED, JobStatus.REJECTED):
+    if view.status in (JobStatus.FAILED, JobStatus.REJECTED, JobStatus.CANCELLED, JobStatus.EXPIRED):
         error = {"code": "job_failed", "message": "The job failed."}
         if view.error is not None:
             error = view.error.model_dump()

@@ -1,49 +1,28 @@
-"""`/v1/jobs`: submit a generation job and poll it."""
+"""`/v1/jobs`: submit a generation job, poll it, list your jobs, cancel one."""
 
 from __future__ import annotations
 
 import json
 import re
-import time
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
-from flask import Blueprint, current_app, g, jsonify, request, url_for
-from pydantic import ValidationError
+from flask import Blueprint, jsonify, request
+from pydantic import BaseModel, ValidationError
+from rq.job import Job
 
-from api.admission import admitted
 from api.services import services
+from api.submission import submit, webhooks
 from api.tenancy import current_tenant, owned_job
-from shared import keys
-from shared.contract import (
-    ErrorInfo,
-    JobRequest,
-    JobResult,
-    JobStatus,
-    JobView,
-    RouteTaken,
-    StageTimes,
-)
-from shared.drain import enter_backlog
-from shared.errors import InvalidJson, JobNotFound, ModelNotFound, PromptTooLong, ValidationFailed
-from shared.profiles import apply_profile, max_tokens_limit, profile_named
-from shared.prompts import ModelNotPrepared, load_prompt_tokenizer, prompt_token_ids
-from shared.queues import open_queue
-from shared.registry import ModelSpec, canonical_name, model_spec
-from shared.stages import (
-    META_ERROR,
-    META_HELD,
-    META_MODEL,
-    META_REJECTED,
-    META_REQUEST_ID,
-    META_ROUTE,
-    META_TENANT,
-    META_TIMESTAMPS,
-    STAGE_RECEIVED,
-    client_status,
-    stamp,
-)
-from shared.tracing import inject_into, trace_id_of
+from shared.cancellation import cancel_requested, request_cancel, take_waiting
+from shared.contract import TERMINAL_STATUSES, JobList, JobStatus, JobSubmission, JobView
+from shared.endings import end_unstarted, retention_of
+from shared.errors import InvalidJson, JobEnded, JobNotFound, ValidationFailed
+from shared.queues import SERIALIZER
+from shared.retention import recent_ids
+from shared.stages import META_CANCELLED
+from shared.views import build_view
+from shared.webhooks import notify
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
 log = structlog.get_logger()
@@ -51,138 +30,119 @@ log = structlog.get_logger()
 JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 """Shape of a job id we look up; anything else is unknown without touching Redis."""
 
+LIST_LIMIT, LIST_LIMIT_MAX = 20, 100
+"""Jobs per page of `GET /v1/jobs` by default, and at most."""
+
+Model = TypeVar("Model", bound=BaseModel)
+
 
 @bp.post("")
-def submit():  # type: ignore[no-untyped-def]
-    """Validate a request and enqueue it on `incoming`; answer 202 with where to poll."""
-    svc = services()
-    job_request = _parse_request(_read_json())
-    served = svc.settings.model
-    model = canonical_name(job_request.model) if job_request.model else served
-    if model != served:
-        model_spec(model)  # an unknown name gets the registry's own message
-        raise ModelNotFound(f"The model `{model}` is not served here; this server serves `{served}`.")
-    profile_name = job_request.profile or svc.settings.profile
-    profile = profile_named(profile_name) if profile_name else None
-    payload = apply_profile(
-        job_request.model_copy(update={"model": model}), profile, svc.settings.default_max_tokens
+def create():  # type: ignore[no-untyped-def]
+    """Validate a request and enqueue it; answer 202 with where to poll (200 and the same job when an
+    Idempotency-Key repeats an earlier request)."""
+    body = read_json()
+    submitted = submit(parse_body(body, JobSubmission), "/v1/jobs", body)
+    view = job_view(owned_job(submitted.job_id)) if submitted.replayed else None
+    response = jsonify(
+        view.model_dump(mode="json", exclude_none=True)
+        if view is not None
+        else {
+            "id": submitted.job_id,
+            "object": "job",
+            "status": JobStatus.QUEUED,
+            "url": f"/v1/jobs/{submitted.job_id}",
+        }
     )
-    max_tokens = payload.max_tokens or svc.settings.default_max_tokens
-    limit = max_tokens_limit(profile, svc.settings.max_tokens_limit)
-    if max_tokens > limit:
-        whose = f"the `{profile.name}` profile's" if profile is not None else "this server's"
-        raise ValidationFailed(
-            f"max_tokens is {max_tokens}, over {whose} limit of {limit}.",
-            details=[{"loc": ["max_tokens"], "msg": "over the limit"}],
-        )
-    max_tokens = check_fits(
-        model_spec(model), payload, max_tokens, explicit=job_request.max_tokens is not None
-    )
-    payload = payload.model_copy(update={"max_tokens": max_tokens})
-    tenant = current_tenant()
-    svc.limits.charge(tenant, max_tokens + (_count_prompt(model_spec(model), payload) or 0))
-    with admitted(svc.redis, svc.settings, svc.metrics, tenant):
-        received = time.time()
-        meta: dict[str, Any] = {META_REQUEST_ID: g.request_id, META_MODEL: model, META_TENANT: tenant}
-        stamp(meta, STAGE_RECEIVED, received)
-        inject_into(meta)  # the scheduler and the worker continue this trace
-        job = open_queue(keys.INCOMING_QUEUE, svc.redis).enqueue(
-            keys.GENERATE_FUNC,
-            payload.model_dump(mode="json"),
-            meta=meta,
-            description=f"generate {model}",  # RQ logs descriptions; the default would hold the prompt
-            job_timeout=svc.settings.job_timeout,
-            result_ttl=keys.RESULT_TTL,
-            failure_ttl=keys.FAILURE_TTL,
-        )
-        enter_backlog(svc.redis, tenant, job.id, received)
-    structlog.contextvars.bind_contextvars(job_id=job.id, tenant=tenant)
-    svc.metrics.jobs_submitted.labels(model).inc()
-    log.info("job_submitted", model=model, max_tokens=max_tokens, chat=job_request.messages is not None)
-    url = url_for("jobs.show", job_id=job.id)
-    response = jsonify({"id": job.id, "object": "job", "status": JobStatus.QUEUED, "url": url})
-    response.status_code = 202
-    response.headers["Location"] = url
+    response.status_code = 200 if submitted.replayed else 202
+    response.headers["Location"] = f"/v1/jobs/{submitted.job_id}"
+    if submitted.replayed:
+        response.headers["Idempotent-Replayed"] = "true"
     return response
+
+
+@bp.get("")
+def index():  # type: ignore[no-untyped-def]
+    """The caller's recent jobs, newest first: `limit` per page, the next page `after` the last id."""
+    try:
+        limit = int(request.args.get("limit", LIST_LIMIT))
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= LIST_LIMIT_MAX:
+        raise ValidationFailed(f"limit must be an integer from 1 to {LIST_LIMIT_MAX}.")
+    after = request.args.get("after")
+    if after is not None and not JOB_ID.match(after):
+        raise ValidationFailed("after must be a job id from an earlier page.")
+    redis = services().redis
+    ids, more = recent_ids(redis, current_tenant(), limit, after)
+    jobs = Job.fetch_many(ids, connection=redis, serializer=SERIALIZER) if ids else []
+    views = [job_view(job) for job in jobs if job is not None]  # expired ones are gone
+    page = JobList(
+        data=views,
+        first_id=views[0].id if views else None,
+        last_id=views[-1].id if views else None,
+        has_more=more,
+    )
+    return jsonify(page.model_dump(mode="json", exclude_none=True))
 
 
 @bp.get("/<job_id>")
 def show(job_id: str):  # type: ignore[no-untyped-def]
     """The job's status, route, stage timestamps and, once finished, its result."""
+    return jsonify(job_view(find_job(job_id)).model_dump(mode="json", exclude_none=True))
+
+
+@bp.delete("/<job_id>")
+def cancel(job_id: str):  # type: ignore[no-untyped-def]
+    """Cancel the job: a waiting one ends `cancelled` at once (200); a running one stops at its next
+    decode step (202, `cancelling`). A job that already ended answers 409 (200 if it was cancelled)."""
+    job = find_job(job_id)
+    view = job_view(job)
+    if view.status is JobStatus.CANCELLED:
+        return jsonify(view.model_dump(mode="json", exclude_none=True))
+    if view.status in TERMINAL_STATUSES:
+        raise JobEnded(f"The job `{job_id}` already ended `{view.status.value}`; there is nothing to cancel.")
+    ended = cancel_job(job, "Cancelled by the client.")
+    view = job_view(job)
+    response = jsonify(view.model_dump(mode="json", exclude_none=True))
+    response.status_code = 200 if ended else 202
+    return response
+
+
+def cancel_job(job: Any, message: str) -> bool:
+    """Cancel `job`: True when it was still waiting and is now ended `cancelled`; False when a
+    scheduler or worker holds it and stops it on seeing the flag."""
+    redis = services().redis
+    meta = job.get_meta(refresh=True)
+    request_cancel(redis, job.id, retention_of(meta))
+    if job.get_status(refresh=True) == "started" or not take_waiting(redis, job.id):
+        log.info("job_cancel_requested", job_id=job.id)
+        return False
+    end_unstarted(redis, job, META_CANCELLED, "job_cancelled", message)
+    log.info("job_cancelled", job_id=job.id, while_="waiting")
+    notify(webhooks(), job_view(job), job.meta)
+    return True
+
+
+def find_job(job_id: str) -> Any:
+    """The caller's job `job_id` (404 if unknown or another tenant's, 410 once expired)."""
     if not JOB_ID.match(job_id):
         raise JobNotFound(f"No job `{job_id}`.")
-    job = owned_job(job_id)  # another tenant's job answers 404, as an unknown one
-    return jsonify(job_view(job).model_dump(mode="json", exclude_none=True))
+    return owned_job(job_id)
 
 
 def job_view(job: Any) -> JobView:
     """A client's view of an RQ job."""
     meta = job.get_meta(refresh=False)
-    status = client_status(job.get_status(refresh=False), meta)
-    result = None
-    if status is JobStatus.FINISHED and (value := job.return_value()) is not None:
-        result = JobResult.model_validate(value)
-    error = meta.get(META_ERROR) or meta.get(META_REJECTED)
-    if status is JobStatus.FAILED and error is None:
-        error = {"code": "job_failed", "message": "The job failed; see the worker's logs."}
-    return JobView(
-        id=job.id,
-        status=status,
-        model=meta.get(META_MODEL, ""),
-        route=RouteTaken.model_validate(meta[META_ROUTE]) if META_ROUTE in meta else None,
-        timestamps=StageTimes.model_validate(meta.get(META_TIMESTAMPS, {})),
-        result=result,
-        error=ErrorInfo.model_validate(error) if error and status is not JobStatus.FINISHED else None,
-        url=url_for("jobs.show", job_id=job.id),
-        trace_id=trace_id_of(meta),
-        held=ErrorInfo.model_validate(meta[META_HELD]) if status is JobStatus.HELD else None,
-    )
+    rq_status = job.get_status(refresh=False)
+    result = job.return_value() if rq_status == "finished" else None
+    view = build_view(job.id, meta, rq_status, result)
+    if view.status not in TERMINAL_STATUSES and cancel_requested(services().redis, job.id):
+        view = view.model_copy(update={"status": JobStatus.CANCELLING})
+    return view
 
 
-def check_fits(spec: ModelSpec, request: JobRequest, max_tokens: int, explicit: bool = True) -> int:
-    """The max_tokens to run with. Refuses at once what cannot fit the model's context: a prompt over
-    it (413), or a prompt plus the client's own max_tokens over it (422); a default is shortened to
-    fit instead. The scheduler checks again; here the client hears it before queueing."""
-    context = spec.context_length
-    if not explicit:
-        max_tokens = min(max_tokens, context - 1)
-    if max_tokens >= context:
-        raise ValidationFailed(
-            f"max_tokens is {max_tokens}; the context of `{spec.name}` is {context} tokens in all.",
-            details=[{"loc": ["max_tokens"], "msg": "over the model's context"}],
-        )
-    prompt_tokens = _count_prompt(spec, request)
-    if prompt_tokens is None:
-        return max_tokens
-    if prompt_tokens >= context:
-        raise PromptTooLong(
-            f"The prompt has {prompt_tokens} tokens; the context of `{spec.name}` is {context}."
-        )
-    if prompt_tokens + max_tokens > context and not explicit:
-        return context - prompt_tokens
-    if prompt_tokens + max_tokens > context:
-        raise ValidationFailed(
-            f"The prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) is over the context of "
-            f"`{spec.name}` ({context}); lower max_tokens to {context - prompt_tokens} or less.",
-            details=[{"loc": ["max_tokens"], "msg": "prompt plus max_tokens over the model's context"}],
-        )
-    return max_tokens
-
-
-def _count_prompt(spec: ModelSpec, request: JobRequest) -> int | None:
-    """The prompt's tokens, with the tokenizer cached on the app; None while it is not prepared."""
-    tokenizers: dict[str, Any] = current_app.extensions.setdefault("gptoss_tokenizers", {})
-    if spec.name not in tokenizers:
-        settings = services().settings
-        try:
-            tokenizers[spec.name] = load_prompt_tokenizer(spec, settings.cache_dir, settings.vocab_dir())
-        except ModelNotPrepared:
-            log.warning("prompt_not_counted", model=spec.name, reason="tokenizer not prepared")
-            return None
-    return len(prompt_token_ids(tokenizers[spec.name], request))
-
-
-def _read_json() -> Any:
+def read_json() -> Any:
+    """The request body as JSON (400 when it is not)."""
     raw = request.get_data(cache=False)  # over MAX_CONTENT_LENGTH this raises 413
     try:
         return json.loads(raw)
@@ -190,11 +150,12 @@ def _read_json() -> Any:
         raise InvalidJson(f"The request body is not valid JSON: {exc}.") from None
 
 
-def _parse_request(body: Any) -> JobRequest:
+def parse_body(body: Any, model: type[Model]) -> Model:
+    """`body` validated as `model` (422 with each field's problem)."""
     if not isinstance(body, dict):
         raise InvalidJson("The request body must be a JSON object.")
     try:
-        return JobRequest.model_validate(body)
+        return model.model_validate(body)
     except ValidationError as exc:
         details = [
             {"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]}

@@ -11,8 +11,9 @@ from rq.exceptions import NoSuchJobError
 from api.services import services
 from shared import keys
 from shared.apikeys import ApiKey, authenticate
-from shared.errors import JobNotFound, Unauthorized
+from shared.errors import JobExpired, JobNotFound, Unauthorized
 from shared.queues import fetch_job
+from shared.retention import tombstone
 from shared.stages import META_TENANT
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json"})
@@ -68,6 +69,12 @@ def owned_job(job_id: str) -> Any:
     try:
         job = fetch_job(job_id, services().redis)
     except NoSuchJobError:
+        grave = tombstone(services().redis, job_id)
+        if grave is not None and grave.get("tenant") == current_tenant():
+            raise JobExpired(
+                f"The job `{job_id}` has expired: its record and result are kept "
+                f"{grave.get('retention')} s after it ends."
+            ) from None
         raise JobNotFound(f"No job `{job_id}`.") from None
     if job.meta.get(META_TENANT, keys.DEFAULT_TENANT) != current_tenant():
         raise JobNotFound(f"No job `{job_id}`.")

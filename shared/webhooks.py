@@ -22,6 +22,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait
 from shared.contract import JobView
 from shared.errors import GptossError, ValidationFailed
 from shared.settings import Settings
+from shared.stages import META_WEBHOOK
 
 log = structlog.get_logger()
 
@@ -158,3 +159,10 @@ class WebhookSender:
         """Finish (or drop) the deliveries under way."""
         if self._pool is not None:
             self._pool.shutdown(wait=wait)
+
+
+def notify(sender: WebhookSender | None, view: JobView, meta: dict[str, object]) -> None:
+    """Send the job's final `view` to its webhook, if the client gave one."""
+    url = meta.get(META_WEBHOOK)
+    if sender is not None and isinstance(url, str):
+        sender.send(url, view)

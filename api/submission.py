@@ -1,0 +1,201 @@
+"""The one submission path: `POST /v1/jobs` and the OpenAI endpoints all create their job here, as
+the same RQ job on the same queue."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from flask import current_app, g, request
+from redis import Redis
+
+from api.admission import admitted
+from api.services import services
+from api.tenancy import current_tenant
+from shared import idempotency, keys
+from shared.contract import JobRequest, JobSubmission
+from shared.deadlines import start_deadline
+from shared.drain import enter_backlog
+from shared.errors import ModelNotFound, PromptTooLong, ValidationFailed
+from shared.profiles import apply_profile, max_tokens_limit, profile_named
+from shared.prompts import ModelNotPrepared, load_prompt_tokenizer, prompt_token_ids
+from shared.queues import open_queue
+from shared.registry import ModelSpec, canonical_name, model_spec
+from shared.retention import remember
+from shared.stages import (
+    META_DEADLINE,
+    META_MODEL,
+    META_PRIORITY,
+    META_REQUEST_ID,
+    META_RETENTION,
+    META_TENANT,
+    META_WEBHOOK,
+    STAGE_RECEIVED,
+    stamp,
+)
+from shared.tracing import inject_into
+from shared.webhooks import WebhookSender
+
+log = structlog.get_logger()
+
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """A job created (or, with a repeated Idempotency-Key, found again)."""
+
+    job_id: str
+    model: str
+    replayed: bool = False
+
+
+def webhooks() -> WebhookSender:
+    """The app's webhook sender (built on first use)."""
+    return current_app.extensions.setdefault("gptoss_webhooks", WebhookSender(services().settings))
+
+
+def submit(submission: JobSubmission, route: str, body: Any) -> Submitted:
+    """Validate `submission` against the served model, its profile and context, and enqueue it on the
+    `incoming` queue of its priority; `route` and the raw `body` identify it for Idempotency-Key."""
+    svc = services()
+    payload, model, max_tokens = prepare(submission.request())
+    if submission.webhook is not None:
+        webhooks().check(submission.webhook)
+    tenant = current_tenant()
+    key = request.headers.get(IDEMPOTENCY_HEADER)
+    digest = ""
+    if key is not None:
+        idempotency.check_key(key)
+        digest = idempotency.body_digest(route, body)
+        if (existing := idempotency.claim(svc.redis, tenant, key, digest)) is not None:
+            log.info("job_replayed", job_id=existing)
+            return Submitted(existing, model, replayed=True)
+    try:
+        svc.limits.charge(tenant, max_tokens + (_count_prompt(model_spec(model), payload) or 0))
+        job_id = _enqueue(svc.redis, submission, payload, model, tenant)
+    except BaseException:
+        if key is not None:
+            idempotency.release(svc.redis, tenant, key)
+        raise
+    if key is not None:
+        idempotency.settle(svc.redis, tenant, key, digest, job_id, svc.settings.idempotency_ttl)
+    structlog.contextvars.bind_contextvars(job_id=job_id, tenant=tenant)
+    svc.metrics.jobs_submitted.labels(model).inc()
+    log.info(
+        "job_submitted",
+        model=model,
+        max_tokens=max_tokens,
+        chat=payload.messages is not None,
+        priority=submission.priority,
+    )
+    return Submitted(job_id, model)
+
+
+def _enqueue(redis: Redis, submission: JobSubmission, payload: JobRequest, model: str, tenant: str) -> str:
+    settings = services().settings
+    with admitted(redis, settings, services().metrics, tenant):
+        received = time.time()
+        meta: dict[str, Any] = {
+            META_REQUEST_ID: g.request_id,
+            META_MODEL: model,
+            META_TENANT: tenant,
+            META_PRIORITY: submission.priority,
+            META_RETENTION: settings.result_ttl,
+        }
+        deadline = start_deadline(received, submission.deadline, submission.cancel_after)
+        if deadline is not None:
+            meta[META_DEADLINE] = deadline
+        if submission.webhook is not None:
+            meta[META_WEBHOOK] = submission.webhook
+        stamp(meta, STAGE_RECEIVED, received)
+        inject_into(meta)  # the scheduler and the worker continue this trace
+        job = open_queue(keys.priority_queue(keys.INCOMING_QUEUE, submission.priority), redis).enqueue(
+            keys.GENERATE_FUNC,
+            payload.model_dump(mode="json"),
+            meta=meta,
+            description=f"generate {model}",  # RQ logs descriptions; the default would hold the prompt
+            job_timeout=settings.job_timeout,
+            result_ttl=settings.result_ttl,
+            failure_ttl=settings.result_ttl,
+        )
+        enter_backlog(redis, tenant, job.id, received)
+    remember(redis, job.id, tenant, received, settings.result_ttl)
+    pipe = redis.pipeline(transaction=False)
+    pipe.lpush(keys.SCHEDULER_WAKE, job.id)
+    pipe.ltrim(keys.SCHEDULER_WAKE, 0, 0)
+    pipe.execute()
+    return str(job.id)
+
+
+def prepare(job_request: JobRequest) -> tuple[JobRequest, str, int]:
+    """The request as it will run (served model, profile defaults, max_tokens that fits), its model
+    and its max_tokens; refuses what cannot run here (404, 413, 422)."""
+    settings = services().settings
+    served = settings.model
+    model = canonical_name(job_request.model) if job_request.model else served
+    if model != served:
+        model_spec(model)  # an unknown name gets the registry's own message
+        raise ModelNotFound(f"The model `{model}` is not served here; this server serves `{served}`.")
+    profile_name = job_request.profile or settings.profile
+    profile = profile_named(profile_name) if profile_name else None
+    payload = apply_profile(
+        job_request.model_copy(update={"model": model}), profile, settings.default_max_tokens
+    )
+    max_tokens = payload.max_tokens or settings.default_max_tokens
+    limit = max_tokens_limit(profile, settings.max_tokens_limit)
+    if max_tokens > limit:
+        whose = f"the `{profile.name}` profile's" if profile is not None else "this server's"
+        raise ValidationFailed(
+            f"max_tokens is {max_tokens}, over {whose} limit of {limit}.",
+            details=[{"loc": ["max_tokens"], "msg": "over the limit"}],
+        )
+    max_tokens = check_fits(
+        model_spec(model), payload, max_tokens, explicit=job_request.max_tokens is not None
+    )
+    return payload.model_copy(update={"max_tokens": max_tokens}), model, max_tokens
+
+
+def check_fits(spec: ModelSpec, request: JobRequest, max_tokens: int, explicit: bool = True) -> int:
+    """The max_tokens to run with. Refuses at once what cannot fit the model's context: a prompt over
+    it (413), or a prompt plus the client's own max_tokens over it (422); a default is shortened to
+    fit instead. The scheduler checks again; here the client hears it before queueing."""
+    context = spec.context_length
+    if not explicit:
+        max_tokens = min(max_tokens, context - 1)
+    if max_tokens >= context:
+        raise ValidationFailed(
+            f"max_tokens is {max_tokens}; the context of `{spec.name}` is {context} tokens in all.",
+            details=[{"loc": ["max_tokens"], "msg": "over the model's context"}],
+        )
+    prompt_tokens = _count_prompt(spec, request)
+    if prompt_tokens is None:
+        return max_tokens
+    if prompt_tokens >= context:
+        raise PromptTooLong(
+            f"The prompt has {prompt_tokens} tokens; the context of `{spec.name}` is {context}."
+        )
+    if prompt_tokens + max_tokens > context and not explicit:
+        return context - prompt_tokens
+    if prompt_tokens + max_tokens > context:
+        raise ValidationFailed(
+            f"The prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) is over the context of "
+            f"`{spec.name}` ({context}); lower max_tokens to {context - prompt_tokens} or less.",
+            details=[{"loc": ["max_tokens"], "msg": "prompt plus max_tokens over the model's context"}],
+        )
+    return max_tokens
+
+
+def _count_prompt(spec: ModelSpec, request: JobRequest) -> int | None:
+    """The prompt's tokens, with the tokenizer cached on the app; None while it is not prepared."""
+    tokenizers: dict[str, Any] = current_app.extensions.setdefault("gptoss_tokenizers", {})
+    if spec.name not in tokenizers:
+        settings = services().settings
+        try:
+            tokenizers[spec.name] = load_prompt_tokenizer(spec, settings.cache_dir, settings.vocab_dir())
+        except ModelNotPrepared:
+            log.warning("prompt_not_counted", model=spec.name, reason="tokenizer not prepared")
+            return None
+    return len(prompt_token_ids(tokenizers[spec.name], request))
