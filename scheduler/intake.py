@@ -1,10 +1,15 @@
 """Taking jobs from `incoming` without losing them, and handing the same job to a worker queue.
 
 The one place the scheduler touches RQ's storage directly (pinned to rq 3.0): it moves job ids off
-the `incoming` list with BLMOVE into an in-flight list, so a scheduler that dies mid-decision leaves
-the id where `recover()` finds it, then re-enqueues the same Job on its target queue and drops the
-id from the in-flight list in one MULTI/EXEC. Jobs that must wait (no live worker, memory
-pressure) sit in a sorted set of held ids, oldest first, and are re-examined from there.
+the `incoming` lists (one per priority, highest first) with LMOVE into an in-flight list, so a
+scheduler that dies mid-decision leaves the id where `recover()` finds it, then re-enqueues the
+same Job on its target queue and drops the id from the in-flight list in one MULTI/EXEC.
+Jobs that must wait (no live worker, memory pressure) sit in a sorted set of held ids, oldest
+first, and are re-examined from there.
+
+Redis cannot block on several lists and move atomically, so when all are empty the scheduler waits
+on a wake-up list the API pushes to after each enqueue (a job put there another way is still seen
+within one take's timeout).
 """
 
 from __future__ import annotations
@@ -30,20 +35,33 @@ class Intake:
         self, redis: Redis, inflight_key: str = keys.SCHEDULER_INFLIGHT, held_key: str = keys.SCHEDULER_HELD
     ):
         self._redis = redis
-        self._incoming = open_queue(keys.INCOMING_QUEUE, redis)
+        self._incoming = [open_queue(name, redis) for name in keys.INCOMING_QUEUES]
         self._inflight, self._held = inflight_key, held_key
 
     def recover(self) -> int:
-        """Put ids a previous scheduler left in flight back at the head of `incoming`."""
+        """Put ids a previous scheduler left in flight back at the head of their `incoming` queue."""
         moved = 0
-        while (job_id := self._redis.lmove(self._inflight, self._incoming.key, "RIGHT", "LEFT")) is not None:
+        for raw in self._redis.lrange(self._inflight, 0, -1)[::-1]:
+            job_id = _text(raw)
+            try:
+                origin = fetch_job(job_id, self._redis).origin or keys.INCOMING_QUEUE
+            except NoSuchJobError:
+                origin = keys.INCOMING_QUEUE  # take() will find it gone and drop it
+            pipe = self._redis.pipeline()
+            pipe.lrem(self._inflight, 1, job_id)
+            pipe.lpush(open_queue(origin, self._redis).key, job_id)
+            pipe.execute()
             moved += 1
-            log.warning("job_recovered", job_id=_text(job_id))
+            log.warning("job_recovered", job_id=job_id)
         return moved
 
     def take(self, timeout: float) -> Job | None:
-        """The next job from `incoming`, waiting up to `timeout` seconds; None when there is none."""
-        raw = self._redis.blmove(self._incoming.key, self._inflight, timeout, "LEFT", "RIGHT")  # type: ignore[arg-type]
+        """The next job from `incoming`, highest priority first, waiting up to `timeout` seconds for
+        one to arrive; None when there is none."""
+        raw = self._take_now()
+        if raw is None:
+            self._redis.blpop([keys.SCHEDULER_WAKE], timeout)  # type: ignore[arg-type]
+            raw = self._take_now()
         if raw is None:
             return None
         job_id = _text(raw)
@@ -54,6 +72,12 @@ class Intake:
             self._redis.lrem(self._inflight, 1, job_id)
             log.warning("job_vanished", job_id=job_id)
             return None
+
+    def _take_now(self) -> Any:
+        for queue in self._incoming:
+            if (raw := self._redis.lmove(queue.key, self._inflight, "LEFT", "RIGHT")) is not None:
+                return raw
+        return None
 
     def hand_over(self, job: Job, target: Queue) -> None:
         """Enqueue `job` (with its updated meta) on `target` and forget it here, atomically."""

@@ -19,8 +19,11 @@ from scheduler.intake import Intake
 from scheduler.routing import Admission, Decision, Thresholds, WorkerState, admit, place
 from scheduler.tokens import PromptCounter
 from shared import decisions, keys
+from shared.cancellation import cancel_requested
 from shared.contract import JobRequest, RouteTaken
+from shared.deadlines import expiry_message, past_deadline
 from shared.drain import leave_backlog
+from shared.endings import retention_of
 from shared.errors import GptossError
 from shared.heartbeat import WorkerBeat, read_live
 from shared.metrics import SchedulerMetrics
@@ -28,19 +31,25 @@ from shared.queues import open_queue
 from shared.registry import load_registry, model_spec
 from shared.settings import Settings
 from shared.stages import (
+    META_CANCELLED,
+    META_EXPIRED,
     META_HELD,
     META_MODEL,
+    META_PRIORITY,
     META_PROMPT_TOKENS,
     META_REJECTED,
     META_REQUEST_ID,
     META_ROUTE,
     META_TENANT,
     META_TIMESTAMPS,
+    STAGE_FINISHED,
     STAGE_RECEIVED,
     STAGE_SCHEDULED,
     stamp,
 )
 from shared.tracing import context_from, inject_into
+from shared.views import build_view
+from shared.webhooks import WebhookSender, notify
 
 log = structlog.get_logger()
 tracer = trace.get_tracer("gptoss.scheduler")
@@ -70,6 +79,7 @@ class Scheduler:
         self._counter = counter
         self._metrics = metrics
         self._intake = Intake(redis)
+        self._webhooks = WebhookSender(settings)
         self._registry = load_registry()
         self._limits = Thresholds(
             multi_gpu_threshold=settings.multi_gpu_threshold,
@@ -113,6 +123,8 @@ class Scheduler:
             attributes={"messaging.system": "rq", "messaging.destination.name": keys.INCOMING_QUEUE,
                         "messaging.message.id": job.id},
         ):  # fmt: skip
+            if self._ends_unrouted(job):
+                return
             try:
                 request = JobRequest.model_validate(job.args[0])
                 spec = model_spec(request.model or self._settings.model, self._registry)
@@ -150,7 +162,19 @@ class Scheduler:
             structlog.contextvars.clear_contextvars()
             structlog.contextvars.bind_contextvars(job_id=job.id, request_id=job.meta.get(META_REQUEST_ID))
             with tracer.start_as_current_span("scheduler.review_held", context=context_from(job.meta)):
-                self._place(job, int(job.meta.get(META_PROMPT_TOKENS, 0)))
+                if not self._ends_unrouted(job):
+                    self._place(job, int(job.meta.get(META_PROMPT_TOKENS, 0)))
+
+    def _ends_unrouted(self, job: Job) -> bool:
+        """End a job a client cancelled, or one past its start deadline, before it reaches a worker."""
+        now = time.time()
+        if cancel_requested(self._redis, job.id):
+            self._reject(job, "job_cancelled", "Cancelled by the client.", None, META_CANCELLED)
+            return True
+        if past_deadline(job.meta, now):
+            self._reject(job, "deadline_exceeded", expiry_message(job.meta, now), None, META_EXPIRED)
+            return True
+        return False
 
     def _place(self, job: Job, prompt_tokens: int) -> None:
         received = job.meta.get(META_TIMESTAMPS, {}).get(STAGE_RECEIVED, time.time())
@@ -188,7 +212,8 @@ class Scheduler:
             job.meta[META_ROUTE] = taken.model_dump()
             stamp(job.meta, STAGE_SCHEDULED, time.time())
             inject_into(job.meta)  # the worker's spans become children of this one
-            self._intake.hand_over(job, open_queue(queue, self._redis))
+            target = keys.priority_queue(queue, job.meta.get(META_PRIORITY, "normal"))
+            self._intake.hand_over(job, open_queue(target, self._redis))
         self.routed += 1
         if self._metrics is not None:
             self._metrics.routing_decisions.labels(queue, decision.reason).inc()
@@ -212,16 +237,22 @@ class Scheduler:
         self._remember(job, "admission", "held", decision.reason, prompt_tokens)
         log.info("admission_decided", outcome="held", reason=decision.reason, prompt_tokens=prompt_tokens)
 
-    def _reject(self, job: Job, code: str, message: str, prompt_tokens: int | None) -> None:
+    def _reject(
+        self, job: Job, code: str, message: str, prompt_tokens: int | None, kind: str = META_REJECTED
+    ) -> None:
+        """End `job` unrouted: rejected, or (`kind`) cancelled or expired; its webhook is told."""
         job.meta.pop(META_HELD, None)
-        job.meta[META_REJECTED] = {"code": code, "message": message}
-        self._intake.reject(job, keys.FAILURE_TTL)
+        job.meta[kind] = {"code": code, "message": message}
+        stamp(job.meta, STAGE_FINISHED, time.time())
+        self._intake.reject(job, retention_of(job.meta))
         leave_backlog(self._redis, job.meta.get(META_TENANT), job.id)
-        self._count_admission("rejected", code)
+        outcome = {META_REJECTED: "rejected", META_CANCELLED: "cancelled", META_EXPIRED: "expired"}[kind]
+        self._count_admission(outcome, code)
         if self._metrics is not None:
-            self._metrics.jobs_terminal.labels(job.meta.get(META_MODEL, ""), "rejected").inc()
-        self._remember(job, "admission", "rejected", code, prompt_tokens)
-        log.info("admission_decided", outcome="rejected", reason=code, prompt_tokens=prompt_tokens)
+            self._metrics.jobs_terminal.labels(job.meta.get(META_MODEL, ""), outcome).inc()
+        self._remember(job, "admission", outcome, code, prompt_tokens)
+        log.info("admission_decided", outcome=outcome, reason=code, prompt_tokens=prompt_tokens)
+        notify(self._webhooks, build_view(job.id, job.meta, "canceled"), job.meta)
 
     def _count_admission(self, outcome: str, reason: str) -> None:
         if self._metrics is not None:

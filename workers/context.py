@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from shared.metrics import WorkerMetrics
+    from shared.webhooks import WebhookSender
     from workers.runtime import ModelRuntime
 
 
@@ -23,6 +24,7 @@ class WorkerContext:
     queue: str
     metrics: WorkerMetrics | None = None
     log_content: bool = False
+    webhooks: WebhookSender | None = None
 
 
 _bound: WorkerContext | None = None
@@ -34,10 +36,11 @@ def bind(
     queue: str,
     metrics: WorkerMetrics | None = None,
     log_content: bool = False,
+    webhooks: WebhookSender | None = None,
 ) -> None:
     """Make these the collaborators job functions use in this process."""
     global _bound
-    _bound = WorkerContext(runtime, worker_name, queue, metrics, log_content)
+    _bound = WorkerContext(runtime, worker_name, queue, metrics, log_content, webhooks)
 
 
 def current() -> WorkerContext:

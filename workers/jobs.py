@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 import structlog
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from rq import get_current_job
 
+from shared.cancellation import CancelWatch, cancel_requested
 from shared.contract import JobRequest, JobResult, Usage
-from shared.errors import GptossError
+from shared.deadlines import expiry_message, past_deadline
+from shared.endings import retention_of
+from shared.errors import DeadlineExceeded, GptossError, JobCancelled
 from shared.stages import (
+    META_CANCELLED,
     META_ERROR,
+    META_EXPIRED,
     META_REQUEST_ID,
     META_TIMESTAMPS,
     STAGE_FINISHED,
@@ -24,6 +30,8 @@ from shared.stages import (
     stamp,
 )
 from shared.tracing import context_from, exemplar
+from shared.views import build_view
+from shared.webhooks import notify
 from workers import context
 from workers.runtime import Generation, TokenSink
 from workers.stream import JobStream
@@ -40,6 +48,11 @@ def generate(payload: dict[str, Any]) -> dict[str, Any]:
     runtime, queue = bound.runtime, bound.queue
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(job_id=job.id, request_id=job.meta.get(META_REQUEST_ID))
+    stream = JobStream(job.connection, job.id, ttl=retention_of(job.meta))  # GET /v1/jobs/<id>/events
+    if cancel_requested(job.connection, job.id):  # cancelled on its way here
+        _end_early(job, stream, META_CANCELLED, JobCancelled("Cancelled by the client before it started."))
+    if past_deadline(job.meta, time.time()):
+        _end_early(job, stream, META_EXPIRED, DeadlineExceeded(expiry_message(job.meta, time.time())))
     started = time.time()
     stamp(job.meta, STAGE_STARTED, started)
     parent = context_from(job.meta)
@@ -57,7 +70,6 @@ def generate(payload: dict[str, Any]) -> dict[str, Any]:
     ):
         job.save_meta()
         log.info("job_started", model=runtime.spec.name, queue=queue)
-        stream = JobStream(job.connection, job.id)  # what GET /v1/jobs/<id>/events serves
         stream.start(model=runtime.spec.name, queue=queue, worker=bound.worker_name)
 
         def first_token() -> None:
@@ -71,15 +83,20 @@ def generate(payload: dict[str, Any]) -> dict[str, Any]:
         # RQ mark the job failed with its traceback.
         try:
             request = JobRequest.model_validate(payload)
-            generation = _generate(request, first_token, stream.text)
+            generation = _generate(request, first_token, stream.text, CancelWatch(job.connection, job.id))
         except GptossError as exc:
             _record_failure(job, exc.code, exc.message, exc)
             stream.error(exc.code, exc.message)
+            notify(bound.webhooks, build_view(job.id, job.meta, "failed"), job.meta)
             raise
         except Exception as exc:
             _record_failure(job, "generation_failed", f"Generation failed: {type(exc).__name__}.", exc)
             stream.error("generation_failed", f"Generation failed: {type(exc).__name__}.")
+            notify(bound.webhooks, build_view(job.id, job.meta, "failed"), job.meta)
             raise
+        if generation.cancelled:
+            message = f"Cancelled by the client after {generation.completion_tokens} tokens."
+            _end_early(job, stream, META_CANCELLED, JobCancelled(message))
         stamp(job.meta, STAGE_FINISHED, time.time())
         job.save_meta()
         _observe(job.meta, generation)
@@ -97,6 +114,8 @@ def generate(payload: dict[str, Any]) -> dict[str, Any]:
             queue=queue,
         )
         stream.done(result.model_dump(mode="json"), job.meta.get(META_TIMESTAMPS, {}))
+        final = build_view(job.id, job.meta, "finished", result.model_dump(mode="json"))
+        notify(bound.webhooks, final, job.meta)
         content = {"prompt": payload, "completion": generation.text} if bound.log_content else {}
         log.info(
             "job_finished",
@@ -108,7 +127,12 @@ def generate(payload: dict[str, Any]) -> dict[str, Any]:
         return result.model_dump(mode="json")
 
 
-def _generate(request: JobRequest, first_token: Any, on_text: TokenSink | None = None) -> Generation:
+def _generate(
+    request: JobRequest,
+    first_token: Any,
+    on_text: TokenSink | None = None,
+    cancelled: Callable[[], bool] | None = None,
+) -> Generation:
     """The model call, as a span with the GenAI semantic-convention attributes."""
     runtime = context.current_runtime()
     operation = "chat" if request.messages is not None else "text_completion"
@@ -127,7 +151,7 @@ def _generate(request: JobRequest, first_token: Any, on_text: TokenSink | None =
                 },
             }
         )  # fmt: skip
-        generation = runtime.generate(request, first_token, on_text)
+        generation = runtime.generate(request, first_token, on_text, cancelled)
         span.set_attributes(
             {
                 "gen_ai.response.model": runtime.spec.name,
@@ -163,6 +187,23 @@ def _observe(meta: dict[str, Any], generation: Generation) -> None:
     m.prompt_tokens.labels(*labels).inc(generation.prompt_tokens)
     m.generation_tokens.labels(*labels).inc(generation.completion_tokens)
     m.jobs_terminal.labels(bound.runtime.spec.name, "finished").inc()
+
+
+def _end_early(job: Any, stream: JobStream, kind: str, exc: GptossError) -> NoReturn:
+    """End the job without a result: cancelled (before or during generation) or past its deadline.
+    The reason goes in job.meta (the client sees `cancelled` or `expired`), the stream and the
+    webhook; the raise lets RQ settle the job and the worker take the next one."""
+    job.meta[kind] = {"code": exc.code, "message": exc.message}
+    stamp(job.meta, STAGE_FINISHED, time.time())
+    job.save_meta()
+    stream.error(exc.code, exc.message)
+    bound = context.current()
+    if bound.metrics is not None:
+        outcome = "cancelled" if kind == META_CANCELLED else "expired"
+        bound.metrics.jobs_terminal.labels(bound.runtime.spec.name, outcome).inc()
+    log.info("job_ended_early", code=exc.code)
+    notify(bound.webhooks, build_view(job.id, job.meta, "failed"), job.meta)
+    raise exc
 
 
 def _record_failure(job: Any, code: str, message: str, exc: BaseException) -> None:

@@ -16,6 +16,7 @@ from shared.metrics import WorkerMetrics
 from shared.registry import model_spec
 from shared.settings import Settings
 from shared.tracing import configure_tracing
+from shared.webhooks import WebhookSender
 from workers import context
 from workers.runtime import ModelRuntime
 from workers.tensor_parallel import placement_for
@@ -51,7 +52,8 @@ def main(settings: Settings | None = None, burst: bool = False) -> None:
         runtime = ModelRuntime.load(model_spec(settings.model), settings, placement)
         if metrics is not None:
             metrics.model_load.labels(settings.model).set(time.perf_counter() - loading)
-        context.bind(runtime, worker.name, settings.worker_queue, metrics, settings.log_content)
+        webhooks = WebhookSender(settings)
+        context.bind(runtime, worker.name, settings.worker_queue, metrics, settings.log_content, webhooks)
         worker.activity = "idle"
         heartbeat.beat()
         log.info(

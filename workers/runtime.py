@@ -38,6 +38,7 @@ class Generation:
     completion_tokens: int
     reasoning: str | None = None
     token_ids: tuple[int, ...] = ()
+    cancelled: bool = False
 
 
 def pick_device(configured: str | None) -> str:
@@ -74,6 +75,18 @@ class StopOnText(StoppingCriteria):
     def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
         stopped = self._output.stopped
         return torch.full((input_ids.shape[0],), stopped, dtype=torch.bool, device=input_ids.device)
+
+
+class StopOnCancel(StoppingCriteria):
+    """Ends generation at the decode step after `cancelled()` turns true (a client cancelled the job)."""
+
+    def __init__(self, cancelled: Callable[[], bool]):
+        self._cancelled = cancelled
+        self.fired = False
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        self.fired = self.fired or self._cancelled()
+        return torch.full((input_ids.shape[0],), self.fired, dtype=torch.bool, device=input_ids.device)
 
 
 class ModelRuntime:
@@ -142,18 +155,23 @@ class ModelRuntime:
         request: JobRequest,
         on_first_token: Callable[[], None] | None = None,
         on_text: TokenSink | None = None,
+        cancelled: Callable[[], bool] | None = None,
     ) -> Generation:
         """Generate for `request`: `on_first_token` when the first token exists, `on_text` with each
-        piece of text. Under tensor parallel, the other ranks are handed the request first."""
+        piece of text; stop early once `cancelled()`. Under tensor parallel, the other ranks are
+        handed the request first, and a cancel is not honoured mid-generation (every rank must run
+        the same steps)."""
         if self.relay is not None:
             request = self.relay.share(request) or request
-        return self.run(request, on_first_token, on_text)
+            cancelled = None
+        return self.run(request, on_first_token, on_text, cancelled)
 
     def run(
         self,
         request: JobRequest,
         on_first_token: Callable[[], None] | None = None,
         on_text: TokenSink | None = None,
+        cancelled: Callable[[], bool] | None = None,
     ) -> Generation:
         """Generate on this process alone (each tensor-parallel rank runs this in lockstep)."""
         renderer = self.chat if self.chat is not None else self.tokenizer
@@ -166,6 +184,7 @@ class ModelRuntime:
         output = OutputText(request.stop)
         new_ids: list[int] = []
         decode = self._decoder(output, on_text)
+        cancel = StopOnCancel(cancelled) if cancelled is not None else None
 
         def on_token(token: int) -> None:
             new_ids.append(token)
@@ -179,7 +198,7 @@ class ModelRuntime:
                 attention_mask=torch.ones_like(input_ids),
                 generation_config=config,
                 streamer=TokenStreamer(on_token),
-                stopping_criteria=[StopOnText(output)],
+                stopping_criteria=[StopOnText(output), *([cancel] if cancel is not None else [])],
             )
         decode(None)
         for channel, text in output.flush():
@@ -190,7 +209,8 @@ class ModelRuntime:
         finish: Literal["stop", "length"] = "stop" if stopped else "length"
         reasoning = output.text("analysis") if self.chat is not None else None
         text = output.text(FINAL_CHANNEL)
-        return Generation(text, finish, len(ids), len(new_ids), reasoning, tuple(new_ids))
+        was_cancelled = cancel is not None and cancel.fired and not ended
+        return Generation(text, finish, len(ids), len(new_ids), reasoning, tuple(new_ids), was_cancelled)
 
     def _decoder(self, output: OutputText, on_text: TokenSink | None) -> Callable[[int | None], None]:
         """A function taking each new token (None at the end) that turns them into channel text."""

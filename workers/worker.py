@@ -41,7 +41,7 @@ class GenerationWorker(SimpleWorker):
 
     def __init__(
         self,
-        queue: Queue,
+        queues: list[Queue],
         redis: Redis,
         name: str,
         settings: Settings,
@@ -49,7 +49,7 @@ class GenerationWorker(SimpleWorker):
         metrics: WorkerMetrics | None = None,
     ):
         super().__init__(
-            [queue], connection=redis, name=name, serializer=SERIALIZER, log_job_description=False
+            queues, connection=redis, name=name, serializer=SERIALIZER, log_job_description=False
         )
         self.settings, self.model_name, self.device, self.metrics = settings, settings.model, device, metrics
         self.metrics_url: str | None = None
@@ -126,10 +126,10 @@ class GenerationWorker(SimpleWorker):
             self.metrics.memory_used.labels(memory.device).set(memory.used)
             self.metrics.memory_total.labels(memory.device).set(memory.total)
             self.metrics.memory_pressure.labels(memory.device).set(memory.pressure)
-            self.metrics.requests_running.labels(self.model_name, self.queues[0].name).set(running)
+            self.metrics.requests_running.labels(self.model_name, self.settings.worker_queue).set(running)
         return WorkerBeat(
             name=self.name,
-            queue=self.queues[0].name,
+            queue=self.settings.worker_queue,
             model=self.model_name,
             device=self.device,
             state=self.activity,  # type: ignore[arg-type]
@@ -163,10 +163,11 @@ def worker_name(queue: str) -> str:
 def build_worker(
     settings: Settings, redis: Redis, device: str, metrics: WorkerMetrics | None = None
 ) -> tuple[GenerationWorker, Heartbeat]:
-    """The worker for `settings.worker_queue` and the heartbeat that reports it."""
+    """The worker for `settings.worker_queue` (its queues of every priority, highest first, as RQ
+    serves several queues) and the heartbeat that reports it."""
     name = worker_name(settings.worker_queue)
-    queue = open_queue(settings.worker_queue, redis)
-    worker = GenerationWorker(queue, redis, name, settings, device, metrics)
+    queues = [open_queue(q, redis) for q in keys.queues_by_priority(settings.worker_queue)]
+    worker = GenerationWorker(queues, redis, name, settings, device, metrics)
     heartbeat = Heartbeat(
         redis, keys.worker_heartbeat(name), worker.beat, settings.heartbeat_interval, settings.heartbeat_ttl
     )
