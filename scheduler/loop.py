@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -90,11 +91,14 @@ class Scheduler:
         )
         self.routed = 0
 
-    def run(self, stop: threading.Event) -> None:
-        """Schedule jobs until `stop` is set; a Redis outage pauses the loop, it never ends it."""
+    def run(self, stop: threading.Event, on_tick: Callable[[], object] | None = None) -> None:
+        """Schedule jobs until `stop` is set, calling `on_tick` (the reaper) between takes; a Redis
+        outage pauses the loop, it never ends it."""
         self._intake.recover()
         while not stop.is_set():
             try:
+                if on_tick is not None:
+                    on_tick()
                 held = self._intake.held()
                 job = self._intake.take(HELD_POLL if held else TAKE_TIMEOUT)
                 if job is not None:

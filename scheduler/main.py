@@ -12,6 +12,7 @@ import structlog
 from prometheus_client import CollectorRegistry
 
 from scheduler.loop import Scheduler
+from scheduler.reaper import Reaper
 from scheduler.tokens import PromptCounter
 from shared import keys
 from shared.connection import connect
@@ -68,7 +69,7 @@ def main(settings: Settings | None = None) -> None:
         metrics=metrics_url,
     )
     try:
-        scheduler.run(stop)
+        scheduler.run(stop, on_tick=Reaper(redis, settings.job_max_retries, metrics).sweep_if_due)
     finally:
         beat.stop()
         log.info("scheduler_stopped", routed=scheduler.routed)

@@ -138,3 +138,8 @@ def tenant_jobs(tenant: str) -> str:
 def idempotency(tenant: str, digest: str) -> str:
     """Key of one tenant's Idempotency-Key (by its SHA-256): the job it created and the body's hash."""
     return f"{PREFIX}idempotency:{tenant}:{digest}"
+
+
+RUNNING = PREFIX + "running"
+"""Hash of job id -> the worker running it (JSON), so the jobs of a dead worker can be found.
+Bounded: entries leave when jobs end or are handed back."""

@@ -67,6 +67,16 @@ class SchedulerMetrics:
         self.jobs_terminal = Counter(
             "gptoss_jobs", "Jobs that reached a terminal status", ["model", "status"], registry=registry
         )
+        self.jobs_requeued = Counter(
+            "gptoss_jobs_requeued",
+            "Jobs handed back after their worker was lost",
+            ["outcome"],
+            registry=registry,
+        )
+        self.worker_loss_detection = Histogram(
+            "gptoss_worker_loss_detection_seconds", "From a worker's last heartbeat to noticing it gone",
+            buckets=(1, 2, 3, 5, 7.5, 10, 15, 20, 30, 60), registry=registry,
+        )  # fmt: skip
         self.schedule_duration = Histogram(
             "gptoss_scheduling_duration_seconds", "Time to admit and route one job",
             buckets=HTTP_BUCKETS, registry=registry,

@@ -56,6 +56,12 @@ class Settings(BaseSettings):
     multi_gpu_threshold: int = Field(
         default=8000, description="Prompts with more tokens than this go to gpu-multi"
     )
+    job_max_retries: int = Field(
+        default=2, description="Times a job whose worker died is put back on its queue before it fails"
+    )
+    shutdown_grace: float = Field(
+        default=30.0, description="Seconds a stopping worker lets its job finish before handing it back"
+    )
     job_timeout: int = Field(default=600, description="Seconds one generation may run")
 
     worker_queue: Literal["gpu-single", "gpu-multi"] = Field(

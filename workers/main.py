@@ -45,6 +45,7 @@ def main(settings: Settings | None = None, burst: bool = False) -> None:
         worker.metrics_url = serve_metrics(
             metrics.registry, settings.metrics_host, settings.worker_metrics_port
         )
+    worker.on_exit = heartbeat.stop
     heartbeat.start()  # "loading" while the model loads, so operators see it coming
     runtime = None
     try:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
+from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import structlog
@@ -15,12 +18,14 @@ from redis.exceptions import RedisError
 from rq import SimpleWorker
 from rq.job import Job
 from rq.queue import Queue
+from rq.utils import now as utcnow
 
 from shared import keys
 from shared.drain import leave_backlog, record_done
 from shared.heartbeat import Heartbeat, WorkerBeat
 from shared.metrics import WorkerMetrics
 from shared.queues import SERIALIZER, open_queue
+from shared.recovery import clear_running, hand_back, mark_running
 from shared.settings import Settings
 from shared.stages import META_REQUEST_ID, META_TENANT
 from shared.tracing import context_from
@@ -58,6 +63,8 @@ class GenerationWorker(SimpleWorker):
         self.tokens_per_second: float | None = None
         # Not `state`: that is RQ's own property, written to the worker's Redis hash.
         self.activity = "loading"
+        self._grace_timer: threading.Timer | None = None
+        self.on_exit: Callable[[], None] | None = None
 
     def memory(self) -> MemoryReading:
         """The device's memory now (or the test override's)."""
@@ -100,14 +107,47 @@ class GenerationWorker(SimpleWorker):
             leave_backlog(self.connection, job.meta.get(META_TENANT), job.id)
         except RedisError as exc:  # bookkeeping only; the job runs regardless
             log.warning("backlog_not_updated", error=str(exc))
+        mark_running(self.connection, job.id, self.name, queue.name)  # so the reaper finds it if we die
         try:
             super().execute_job(job, queue)
         finally:
             otel_context.detach(token)
+            clear_running(self.connection, job.id)
             self._note_done(job, time.perf_counter() - started)
             self.current_job_id, self.activity = None, "idle"
             self.jobs_done += 1
             structlog.contextvars.clear_contextvars()
+
+    def request_stop(self, signum: int, frame: Any) -> None:
+        # Warm shutdown (RQ): finish the running job, then stop; past the grace period, hand it back.
+        if self.current_job_id is not None and self._grace_timer is None:
+            self._grace_timer = threading.Timer(self.settings.shutdown_grace, self.abandon_running_job)
+            self._grace_timer.daemon = True
+            self._grace_timer.start()
+            log.info("worker_stopping", job_id=self.current_job_id, grace_s=self.settings.shutdown_grace)
+        super().request_stop(signum, frame)
+
+    def request_force_stop(self, signum: int, frame: Any) -> None:
+        # A second signal: hand the running job back now instead of letting RQ fail it.
+        if self._shutdown_requested_date and (utcnow() - self._shutdown_requested_date) < timedelta(
+            seconds=1
+        ):
+            return  # the same stop, delivered twice (RQ's own rule)
+        self.abandon_running_job()
+
+    def abandon_running_job(self) -> None:
+        """Hand the running job back to its queue (not counted as a failure) and exit at once, so
+        RQ does not record the interrupted job as failed."""
+        job_id = self.current_job_id
+        if job_id is not None:
+            hand_back(self.connection, job_id, "its worker shut down", self.settings.job_max_retries, False)
+        log.warning("worker_exiting", handed_back=job_id)
+        if self.on_exit is not None:
+            self.on_exit()
+        try:
+            self.register_death()
+        finally:
+            os._exit(0)
 
     def _note_done(self, job: Job, seconds: float) -> None:
         try:

@@ -1,0 +1,68 @@
+"""The reaper: finds jobs whose worker stopped heartbeating and hands them back to their queue.
+
+RQ's no-fork worker sends no heartbeat of its own while a job runs, and RQ notices an abandoned
+job only when its execution expires (minutes); our workers heartbeat from a thread every second,
+so a worker killed mid-job is noticed within the heartbeat TTL plus one sweep.
+"""
+
+from __future__ import annotations
+
+import time
+
+import structlog
+from redis import Redis
+
+from shared import keys
+from shared.heartbeat import WorkerBeat, read_live
+from shared.metrics import SchedulerMetrics
+from shared.recovery import hand_back, running
+
+log = structlog.get_logger()
+
+SWEEP_INTERVAL = 1.0
+"""Seconds between sweeps."""
+
+
+class Reaper:
+    """Compares the jobs workers say they run with the workers still alive."""
+
+    def __init__(self, redis: Redis, max_retries: int, metrics: SchedulerMetrics | None = None):
+        self._redis, self._max_retries, self._metrics = redis, max_retries, metrics
+        self._last_seen: dict[str, float] = {}
+        self._next_sweep = 0.0
+
+    def sweep_if_due(self) -> None:
+        """Sweep when SWEEP_INTERVAL has passed since the last sweep."""
+        now = time.monotonic()
+        if now >= self._next_sweep:
+            self._next_sweep = now + SWEEP_INTERVAL
+            self.sweep()
+
+    def sweep(self) -> dict[str, str]:
+        """Hand back every job of a worker without a live heartbeat; {job id: outcome}."""
+        beats = read_live(self._redis, keys.WORKER_HEARTBEAT_PATTERN, WorkerBeat)
+        live = {b.name for b in beats}
+        for beat in beats:
+            self._last_seen[beat.name] = beat.at
+        outcomes: dict[str, str] = {}
+        for job_id, entry in running(self._redis).items():
+            if entry.worker in live:
+                continue
+            last = self._last_seen.get(entry.worker, entry.started_at)
+            reason = f"worker {entry.worker} stopped heartbeating"
+            outcome = hand_back(self._redis, job_id, reason, self._max_retries)
+            outcomes[job_id] = outcome
+            if outcome == "gone":
+                continue
+            detected_after = time.time() - last
+            if self._metrics is not None:
+                self._metrics.jobs_requeued.labels(outcome).inc()
+                self._metrics.worker_loss_detection.observe(detected_after)
+            log.warning(
+                "worker_lost",
+                worker=entry.worker,
+                job_id=job_id,
+                outcome=outcome,
+                detected_after_s=round(detected_after, 2),
+            )
+        return outcomes
