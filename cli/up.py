@@ -66,15 +66,16 @@ class Stack:
                     child.wait()
 
 
-def start_redis(stack: Stack, data_dir: Path) -> str:
-    """Start a redis-server from PATH on a free port with its own data dir; its URL."""
+def start_redis(stack: Stack, data_dir: Path, fsync: str = "everysec") -> str:
+    """Start a redis-server from PATH on a free port with its own data dir and AOF persistence
+    (`fsync`: everysec or always); its URL."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise click.ClickException("redis-server is not on PATH; install it or set GPTOSS_REDIS_URL")
     data_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir),
-            "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
+            "--appendonly", "yes", "--appendfsync", fsync, "--save", "",
             "--logfile", str(data_dir / "redis.log")]  # fmt: skip
     stack.start("redis", argv, dict(os.environ))
     url = f"redis://127.0.0.1:{port}/0"
@@ -116,7 +117,9 @@ def run_stack(settings: Settings) -> int:
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
     try:
-        redis_url = settings.redis_url or start_redis(stack, settings.data_dir / "redis")
+        redis_url = settings.redis_url or start_redis(
+            stack, settings.data_dir / "redis", settings.redis_appendfsync
+        )
         admin_key = settings.admin_key.get_secret_value() if settings.admin_key else secrets.token_urlsafe(24)
         env = {
             **os.environ,

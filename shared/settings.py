@@ -23,6 +23,10 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(
         default=None, description="Redis URL; unset: `gptoss up` starts its own, others use localhost"
     )
+    redis_appendfsync: Literal["everysec", "always"] = Field(
+        default="everysec",
+        description="fsync policy of the AOF of `gptoss up`'s own Redis (always: no accepted job lost)",
+    )
     model: str = Field(
         default="smollm2-135m",
         description="Registry name or alias of the model served; unset: the profile's, else smollm2-135m",
