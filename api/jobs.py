@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 import structlog
 from flask import Blueprint, jsonify, request
 from pydantic import BaseModel, ValidationError
+from redis import Redis
 from rq.job import Job
 
 from api.services import services
@@ -22,7 +23,7 @@ from shared.queues import SERIALIZER
 from shared.retention import recent_ids
 from shared.stages import META_CANCELLED
 from shared.views import build_view
-from shared.webhooks import notify
+from shared.webhooks import WebhookSender, notify
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
 log = structlog.get_logger()
@@ -101,17 +102,16 @@ def cancel(job_id: str):  # type: ignore[no-untyped-def]
         return jsonify(view.model_dump(mode="json", exclude_none=True))
     if view.status in TERMINAL_STATUSES:
         raise JobEnded(f"The job `{job_id}` already ended `{view.status.value}`; there is nothing to cancel.")
-    ended = cancel_job(job, "Cancelled by the client.")
+    ended = cancel_job(services().redis, job, "Cancelled by the client.", webhooks())
     view = job_view(job)
     response = jsonify(view.model_dump(mode="json", exclude_none=True))
     response.status_code = 200 if ended else 202
     return response
 
 
-def cancel_job(job: Any, message: str) -> bool:
+def cancel_job(redis: Redis, job: Any, message: str, sender: WebhookSender | None) -> bool:
     """Cancel `job`: True when it was still waiting and is now ended `cancelled`; False when a
-    scheduler or worker holds it and stops it on seeing the flag."""
-    redis = services().redis
+    scheduler or worker holds it and stops it on seeing the flag. Needs no request context."""
     meta = job.get_meta(refresh=True)
     request_cancel(redis, job.id, retention_of(meta))
     if job.get_status(refresh=True) == "started" or not take_waiting(redis, job.id):
@@ -119,7 +119,7 @@ def cancel_job(job: Any, message: str) -> bool:
         return False
     end_unstarted(redis, job, META_CANCELLED, "job_cancelled", message)
     log.info("job_cancelled", job_id=job.id, while_="waiting")
-    notify(webhooks(), job_view(job), job.meta)
+    notify(sender, build_view(job.id, job.meta, "canceled"), job.meta)
     return True
 
 

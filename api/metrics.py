@@ -28,7 +28,7 @@ from shared.queues import open_queue
 
 bp = Blueprint("metrics", __name__)
 
-QUEUES = (keys.INCOMING_QUEUE, *keys.WORKER_QUEUES)
+QUEUES = keys.ALL_QUEUES
 """Queues whose depth and registries the API reports."""
 
 REGISTRIES = {

@@ -14,7 +14,7 @@ from shared.queues import fetch_job, open_queue
 from shared.settings import Settings
 from shared.stages import META_HELD
 
-QUEUES = (keys.INCOMING_QUEUE, *keys.WORKER_QUEUES)
+QUEUES = keys.ALL_QUEUES
 
 
 def level(pressure: float, settings: Settings) -> str:

@@ -47,7 +47,7 @@ def retry_after(excess: int, rate: float) -> int:
 def backlog(redis: Redis) -> int:
     """Jobs accepted but not yet started: in every queue, held, or in the scheduler's hands."""
     pipe = redis.pipeline(transaction=False)
-    for name in (keys.INCOMING_QUEUE, *keys.WORKER_QUEUES):
+    for name in keys.ALL_QUEUES:
         pipe.llen(open_queue(name, redis).key)
     pipe.llen(keys.SCHEDULER_INFLIGHT)
     pipe.zcard(keys.SCHEDULER_HELD)

@@ -107,7 +107,7 @@ class IdempotencyInProgress(GptossError):
 
 
 class JobCancelled(GptossError):
-    code, status, kind = "job_cancelled", 499, "invalid_request_error"
+    code, status, kind = "job_cancelled", 409, "invalid_request_error"
 
 
 class DeadlineExceeded(GptossError):

@@ -1,0 +1,250 @@
+"""OpenAI's wire format: request models for chat completions and completions, the response objects
+(chat.completion, chat.completion.chunk, text_completion, model list), and pure conversions from our
+job contract. Unknown request fields are ignored, as OpenAI-compatible servers do."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from shared.contract import MAX_MESSAGES, MAX_TEXT_CHARS, ChatMessage, JobResult, JobSubmission, Usage
+from shared.errors import ValidationFailed
+from shared.harmony import FINAL_CHANNEL
+
+
+class TextPart(BaseModel):
+    """One part of a message's content; only text is understood."""
+
+    type: Literal["text"]
+    text: str = Field(max_length=MAX_TEXT_CHARS)
+
+
+class OpenAIMessage(BaseModel):
+    """A chat message as OpenAI clients send it: content a string or a list of text parts."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] = Field(max_length=MAX_TEXT_CHARS)
+
+    def plain(self) -> ChatMessage:
+        """Our message: the text parts joined."""
+        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return ChatMessage(role=self.role, content=content)
+
+
+class StreamOptions(BaseModel):
+    """`stream_options`: whether the stream ends with a chunk carrying usage."""
+
+    include_usage: bool = False
+
+
+class SamplingFields(BaseModel):
+    """What both endpoints accept besides the input."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = Field(default=None, max_length=128, description="Served model (name or alias)")
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(default=1, ge=1, le=1, description="Only 1 is supported")
+    user: str | None = None
+    profile: str | None = Field(default=None, max_length=128, description="Extension: the serving profile")
+    priority: Literal["high", "normal", "low"] = Field(default="normal", description="Extension")
+
+    def include_usage(self) -> bool:
+        """The stream should end with a usage chunk."""
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    def _submission(self, **fields: Any) -> JobSubmission:
+        try:
+            return JobSubmission(
+                model=self.model, max_tokens=self.max_tokens, temperature=self.temperature,
+                top_p=self.top_p, seed=self.seed, stop=self.stop, profile=self.profile,
+                priority=self.priority, **fields,
+            )  # fmt: skip
+        except ValueError as exc:  # the job contract's own checks (stop sequences, ...)
+            raise ValidationFailed(f"The request has invalid fields: {exc}") from None
+
+
+class ChatCompletionRequest(SamplingFields):
+    """`POST /v1/chat/completions`."""
+
+    messages: list[OpenAIMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_completion_tokens: int | None = Field(default=None, ge=1, description="Preferred over max_tokens")
+    reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = Field(
+        default=None, description="gpt-oss reasoning effort (minimal is taken as low)"
+    )
+
+    def submission(self) -> JobSubmission:
+        """The job this request runs as."""
+        effort = "low" if self.reasoning_effort == "minimal" else self.reasoning_effort
+        job = self._submission(messages=[m.plain() for m in self.messages], reasoning_effort=effort)
+        if self.max_completion_tokens is not None:
+            job = job.model_copy(update={"max_tokens": self.max_completion_tokens})
+        return job
+
+
+class CompletionRequest(SamplingFields):
+    """`POST /v1/completions` (legacy text completion)."""
+
+    prompt: str | list[str] = Field(max_length=MAX_TEXT_CHARS)
+    echo: bool = Field(default=False, description="Only false is supported")
+
+    def submission(self) -> JobSubmission:
+        """The job this request runs as."""
+        prompt = self.prompt
+        if isinstance(prompt, list):
+            if len(prompt) != 1:
+                raise ValidationFailed("prompt must be one string (batches of prompts are not supported).")
+            prompt = prompt[0]
+        if self.echo:
+            raise ValidationFailed("echo is not supported.")
+        return self._submission(prompt=prompt)
+
+
+class AssistantMessage(BaseModel):
+    """The answer of a chat completion; `reasoning_content` is gpt-oss's analysis channel."""
+
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+    reasoning_content: str | None = None
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"] | None
+    logprobs: None = None
+
+
+class ChatCompletion(BaseModel):
+    """`chat.completion`."""
+
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class Delta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    reasoning_content: str | None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int = 0
+    delta: Delta
+    finish_reason: Literal["stop", "length"] | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """`chat.completion.chunk`: one Server-Sent Event of a streamed chat completion."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+
+
+class TextChoice(BaseModel):
+    text: str
+    index: int = 0
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class TextCompletion(BaseModel):
+    """`text_completion` (each streamed event is one too, without usage until the last)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[TextChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    """One entry of `GET /v1/models`."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "gptoss"
+    context_length: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+def chat_completion(job_id: str, created: int, result: JobResult) -> ChatCompletion:
+    """The chat completion of a finished job."""
+    message = AssistantMessage(content=result.text, reasoning_content=result.reasoning or None)
+    choice = ChatChoice(message=message, finish_reason=result.finish_reason)
+    return ChatCompletion(
+        id=f"chatcmpl-{job_id}", created=created, model=result.model, choices=[choice], usage=result.usage
+    )
+
+
+def text_completion(job_id: str, created: int, result: JobResult) -> TextCompletion:
+    """The text completion of a finished job."""
+    choice = TextChoice(text=result.text, finish_reason=result.finish_reason)
+    return TextCompletion(
+        id=f"cmpl-{job_id}", created=created, model=result.model, choices=[choice], usage=result.usage
+    )
+
+
+class ChunkMaker:
+    """Turns a job's events into the chunks of one streamed response (chat or text completion)."""
+
+    def __init__(self, job_id: str, created: int, model: str, chat: bool, include_usage: bool):
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{job_id}"
+        self.created, self.model, self.chat, self.include_usage = created, model, chat, include_usage
+
+    def opening(self) -> list[BaseModel]:
+        """The first chunk, sent at once: a chat's assistant role."""
+        return [self._chat(Delta(role="assistant", content=""))] if self.chat else []
+
+    def token(self, channel: str, text: str) -> list[BaseModel]:
+        """A piece of the answer (final channel) or, for chats, of the reasoning."""
+        if channel == FINAL_CHANNEL:
+            return [self._chat(Delta(content=text)) if self.chat else self._text(text)]
+        return [self._chat(Delta(reasoning_content=text))] if self.chat else []
+
+    def closing(self, result: JobResult) -> list[BaseModel]:
+        """The chunk with the finish reason, and the usage chunk if asked for."""
+        last: BaseModel = (
+            self._chat(Delta(), result.finish_reason) if self.chat else self._text("", result.finish_reason)
+        )
+        chunks = [last]
+        if self.include_usage:
+            usage: dict[str, Any] = {"choices": [], "usage": result.usage}
+            chunks.append(
+                ChatCompletionChunk(id=self.id, created=self.created, model=self.model, **usage)
+                if self.chat
+                else TextCompletion(id=self.id, created=self.created, model=self.model, **usage)
+            )
+        return chunks
+
+    def _chat(self, delta: Delta, finish: Literal["stop", "length"] | None = None) -> ChatCompletionChunk:
+        choice = ChunkChoice(delta=delta, finish_reason=finish)
+        return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[choice])
+
+    def _text(self, text: str, finish: Literal["stop", "length"] | None = None) -> TextCompletion:
+        choice = TextChoice(text=text, finish_reason=finish)
+        return TextCompletion(id=self.id, created=self.created, model=self.model, choices=[choice])
