@@ -11,7 +11,7 @@ import structlog
 from flask import Flask, Response, current_app, g, request
 from redis import Redis
 
-from api import admin, completions, dashboard, errors, events, health, jobs, metrics
+from api import admin, completions, dashboard, errors, events, health, jobs, metrics, openapi
 from api.ratelimit import TenantLimits
 from api.services import Services, services
 from api.tenancy import authenticate_request
@@ -50,6 +50,7 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
     app.register_blueprint(jobs.bp)
     app.register_blueprint(events.bp)
     app.register_blueprint(completions.bp)
+    app.register_blueprint(openapi.bp)
     app.register_blueprint(admin.bp)
     dashboard.init_app(app)
     app.before_request(_bind_request)
