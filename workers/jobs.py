@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, NoReturn
 
 import structlog
+from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from rq import get_current_job
 
 from shared.cancellation import CancelWatch, cancel_requested
@@ -33,7 +35,7 @@ from shared.tracing import context_from, exemplar
 from shared.views import build_view
 from shared.webhooks import notify
 from workers import context
-from workers.runtime import Generation, TokenSink
+from workers.completion import Generation
 from workers.stream import JobStream
 
 log = structlog.get_logger()
@@ -44,123 +46,221 @@ def generate(payload: dict[str, Any]) -> dict[str, Any]:
     """Run one generation request; the returned dict is the job's RQ result (a JobResult)."""
     job = get_current_job()
     assert job is not None, "generate() runs inside an RQ worker"
-    bound = context.current()
-    runtime, queue = bound.runtime, bound.queue
-    structlog.contextvars.clear_contextvars()
-    structlog.contextvars.bind_contextvars(job_id=job.id, request_id=job.meta.get(META_REQUEST_ID))
-    stream = JobStream(job.connection, job.id, ttl=retention_of(job.meta))  # GET /v1/jobs/<id>/events
-    if cancel_requested(job.connection, job.id):  # cancelled on its way here
-        _end_early(job, stream, META_CANCELLED, JobCancelled("Cancelled by the client before it started."))
-    if past_deadline(job.meta, time.time()):
-        _end_early(job, stream, META_EXPIRED, DeadlineExceeded(expiry_message(job.meta, time.time())))
-    started = time.time()
-    stamp(job.meta, STAGE_STARTED, started)
-    parent = context_from(job.meta)
-    scheduled = job.meta.get(META_TIMESTAMPS, {}).get(STAGE_SCHEDULED)
-    if scheduled is not None:
-        wait = tracer.start_span(f"queue.wait {queue}", context=parent, start_time=int(scheduled * 1e9))
-        wait.end(end_time=int(started * 1e9))
-    attributes = {
-        "messaging.system": "rq",
-        "messaging.destination.name": queue,
-        "messaging.message.id": job.id,
-    }
-    with tracer.start_as_current_span(
-        "worker.job", context=parent, kind=SpanKind.CONSUMER, attributes=attributes
-    ):
-        job.save_meta()
-        log.info("job_started", model=runtime.spec.name, queue=queue)
-        stream.start(model=runtime.spec.name, queue=queue, worker=bound.worker_name)
+    run = JobRun(job, context.current())
+    with run.logging():
+        request = run.begin(payload)
+        try:
+            with run.generating():
+                generation = run.bound.runtime.generate(request, run.first_token, run.stream.text, run.cancel)
+        except Exception as exc:
+            run.fail(exc)
+            raise
+        return run.finish(generation)
 
-        def first_token() -> None:
-            now = time.time()
-            stamp(job.meta, STAGE_FIRST_TOKEN, now)
+
+class JobRun:
+    """One job inside a worker, run alone (`generate`) or in a batch beside others: the checks
+    before it starts, its spans, stage stamps, stream and webhook, and its result or failure.
+
+    The worker's one error boundary: a failure records a code and message the client can read,
+    then the caller lets RQ fail the job with its traceback.
+    """
+
+    def __init__(self, job: Any, bound: context.WorkerContext):
+        self.job, self.bound = job, bound
+        self.stream = JobStream(job.connection, job.id, ttl=retention_of(job.meta))  # /v1/jobs/<id>/events
+        self.cancel = CancelWatch(job.connection, job.id)
+        self.request: JobRequest | None = None
+        self._parent = context_from(job.meta)
+        self._span: Span | None = None
+        self._chat: Span | None = None
+        self._started = time.time()
+
+    @contextmanager
+    def logging(self) -> Iterator[None]:
+        """Log lines (RQ's too) carry this job's ids while inside."""
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(
+            job_id=self.job.id, request_id=self.job.meta.get(META_REQUEST_ID)
+        )
+        try:
+            yield
+        finally:
+            structlog.contextvars.clear_contextvars()
+
+    @contextmanager
+    def tracing(self) -> Iterator[None]:
+        """This job's span (or its parent, before it starts) is the current one while inside."""
+        if self._span is None:
+            token = otel_context.attach(self._parent)
+            try:
+                yield
+            finally:
+                otel_context.detach(token)
+            return
+        with trace.use_span(self._span, end_on_exit=False):
+            yield
+
+    @contextmanager
+    def generating(self) -> Iterator[None]:
+        """The model-call span is the current one while inside (single-request generation)."""
+        assert self._chat is not None
+        with trace.use_span(self._chat, end_on_exit=False):
+            yield
+
+    def begin(self, payload: dict[str, Any]) -> JobRequest:
+        """Check the job may still start, mark it started (stamp, spans, stream) and validate it."""
+        job, bound = self.job, self.bound
+        with self.tracing():
+            if cancel_requested(job.connection, job.id):  # cancelled on its way here
+                self._end_early(META_CANCELLED, JobCancelled("Cancelled by the client before it started."))
+            if past_deadline(job.meta, time.time()):
+                self._end_early(META_EXPIRED, DeadlineExceeded(expiry_message(job.meta, time.time())))
+        self._started = started = time.time()
+        stamp(job.meta, STAGE_STARTED, started)
+        scheduled = job.meta.get(META_TIMESTAMPS, {}).get(STAGE_SCHEDULED)
+        if scheduled is not None:
+            wait = tracer.start_span(
+                f"queue.wait {bound.queue}", context=self._parent, start_time=int(scheduled * 1e9)
+            )
+            wait.end(end_time=int(started * 1e9))
+        attributes = {
+            "messaging.system": "rq",
+            "messaging.destination.name": bound.queue,
+            "messaging.message.id": job.id,
+        }
+        self._span = tracer.start_span(
+            "worker.job", context=self._parent, kind=SpanKind.CONSUMER, attributes=attributes
+        )
+        with self.tracing():
             job.save_meta()
-            received = job.meta.get(META_TIMESTAMPS, {}).get(STAGE_RECEIVED, started)
+            log.info("job_started", model=bound.runtime.spec.name, queue=bound.queue)
+            self.stream.start(model=bound.runtime.spec.name, queue=bound.queue, worker=bound.worker_name)
+            try:
+                self.request = JobRequest.model_validate(payload)
+            except Exception as exc:
+                self.fail(exc)
+                raise
+            self._chat = _chat_span(self.request, bound.runtime.spec.name, self._span)
+        return self.request
+
+    def first_token(self) -> None:
+        """The first token exists."""
+        now = time.time()
+        stamp(self.job.meta, STAGE_FIRST_TOKEN, now)
+        self.job.save_meta()
+        received = self.job.meta.get(META_TIMESTAMPS, {}).get(STAGE_RECEIVED, self._started)
+        with self.tracing():
             log.info("first_token", ttft_ms=round((now - received) * 1000, 1))
 
-        # The worker's one error boundary: record a code and message the client can read, then let
-        # RQ mark the job failed with its traceback.
-        try:
-            request = JobRequest.model_validate(payload)
-            generation = _generate(request, first_token, stream.text, CancelWatch(job.connection, job.id))
-        except GptossError as exc:
-            _record_failure(job, exc.code, exc.message, exc)
-            stream.error(exc.code, exc.message)
-            notify(bound.webhooks, build_view(job.id, job.meta, "failed"), job.meta)
-            raise
-        except Exception as exc:
-            _record_failure(job, "generation_failed", f"Generation failed: {type(exc).__name__}.", exc)
-            stream.error("generation_failed", f"Generation failed: {type(exc).__name__}.")
-            notify(bound.webhooks, build_view(job.id, job.meta, "failed"), job.meta)
-            raise
+    def finish(self, generation: Generation) -> dict[str, Any]:
+        """The job's result (raises JobCancelled when a client cancelled it mid-generation)."""
+        job, bound = self.job, self.bound
+        self._end_chat(generation)
         if generation.cancelled:
             message = f"Cancelled by the client after {generation.completion_tokens} tokens."
-            _end_early(job, stream, META_CANCELLED, JobCancelled(message))
+            with self.tracing():
+                self._end_early(META_CANCELLED, JobCancelled(message))
         stamp(job.meta, STAGE_FINISHED, time.time())
-        job.save_meta()
-        _observe(job.meta, generation)
-        result = JobResult(
-            text=generation.text,
-            reasoning=generation.reasoning,
-            finish_reason=generation.finish_reason,
-            usage=Usage(
+        with self.tracing():
+            job.save_meta()
+            _observe(job.meta, generation)
+            result = JobResult(
+                text=generation.text,
+                reasoning=generation.reasoning,
+                finish_reason=generation.finish_reason,
+                usage=Usage(
+                    prompt_tokens=generation.prompt_tokens,
+                    completion_tokens=generation.completion_tokens,
+                    total_tokens=generation.prompt_tokens + generation.completion_tokens,
+                ),
+                model=bound.runtime.spec.name,
+                worker=bound.worker_name,
+                queue=bound.queue,
+            )
+            self.stream.done(result.model_dump(mode="json"), job.meta.get(META_TIMESTAMPS, {}))
+            final = build_view(job.id, job.meta, "finished", result.model_dump(mode="json"))
+            notify(bound.webhooks, final, job.meta)
+            content = {"prompt": self.request.model_dump(mode="json") if self.request else None,
+                       "completion": generation.text} if bound.log_content else {}  # fmt: skip
+            log.info(
+                "job_finished",
+                finish_reason=generation.finish_reason,
                 prompt_tokens=generation.prompt_tokens,
                 completion_tokens=generation.completion_tokens,
-                total_tokens=generation.prompt_tokens + generation.completion_tokens,
-            ),
-            model=runtime.spec.name,
-            worker=bound.worker_name,
-            queue=queue,
-        )
-        stream.done(result.model_dump(mode="json"), job.meta.get(META_TIMESTAMPS, {}))
-        final = build_view(job.id, job.meta, "finished", result.model_dump(mode="json"))
-        notify(bound.webhooks, final, job.meta)
-        content = {"prompt": payload, "completion": generation.text} if bound.log_content else {}
-        log.info(
-            "job_finished",
-            finish_reason=generation.finish_reason,
-            prompt_tokens=generation.prompt_tokens,
-            completion_tokens=generation.completion_tokens,
-            **content,
-        )
+                **content,
+            )
+        self._end_span()
         return result.model_dump(mode="json")
 
+    def fail(self, exc: BaseException) -> None:
+        """Record why the job failed (a GptossError's code, else `generation_failed`); the caller
+        then lets RQ fail it."""
+        if isinstance(exc, GptossError):
+            code, message = exc.code, exc.message
+        else:
+            code, message = "generation_failed", f"Generation failed: {type(exc).__name__}."
+        self._end_chat(None, exc)
+        with self.tracing():
+            _record_failure(self.job, code, message, exc)
+            self.stream.error(code, message)
+            notify(self.bound.webhooks, build_view(self.job.id, self.job.meta, "failed"), self.job.meta)
+        self._end_span()  # _record_failure put the exception on it
 
-def _generate(
-    request: JobRequest,
-    first_token: Any,
-    on_text: TokenSink | None = None,
-    cancelled: Callable[[], bool] | None = None,
-) -> Generation:
-    """The model call, as a span with the GenAI semantic-convention attributes."""
-    runtime = context.current_runtime()
+    def _end_early(self, kind: str, exc: GptossError) -> NoReturn:
+        try:
+            _end_early(self.job, self.stream, kind, exc)
+        finally:
+            self._end_span(exc)
+
+    def _end_chat(self, generation: Generation | None, exc: BaseException | None = None) -> None:
+        if self._chat is None:
+            return
+        if generation is not None:
+            self._chat.set_attributes(
+                {
+                    "gen_ai.response.model": self.bound.runtime.spec.name,
+                    "gen_ai.response.finish_reasons": [generation.finish_reason],
+                    "gen_ai.usage.input_tokens": generation.prompt_tokens,
+                    "gen_ai.usage.output_tokens": generation.completion_tokens,
+                }
+            )
+        if exc is not None:
+            self._chat.record_exception(exc)
+            self._chat.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+        self._chat.end()
+        self._chat = None
+
+    def _end_span(self, exc: BaseException | None = None) -> None:
+        if self._span is None:
+            return
+        if exc is not None:
+            self._span.record_exception(exc)
+            self._span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+        self._span.end()
+        self._span = None
+
+
+def _chat_span(request: JobRequest, model: str, parent: Span) -> Span:
+    """The model call's span, with the GenAI semantic-convention attributes."""
     operation = "chat" if request.messages is not None else "text_completion"
-    with tracer.start_as_current_span(f"{operation} {runtime.spec.name}", kind=SpanKind.INTERNAL) as span:
-        span.set_attributes(
-            {
-                "gen_ai.operation.name": operation,
-                "gen_ai.provider.name": "huggingface.transformers",
-                "gen_ai.request.model": runtime.spec.name,
-                "gen_ai.request.max_tokens": request.max_tokens or 0,
-                **{
-                    f"gen_ai.request.{name}": value
-                    for name, value in (("temperature", request.temperature), ("top_p", request.top_p),
-                                        ("seed", request.seed))
-                    if value is not None
-                },
-            }
-        )  # fmt: skip
-        generation = runtime.generate(request, first_token, on_text, cancelled)
-        span.set_attributes(
-            {
-                "gen_ai.response.model": runtime.spec.name,
-                "gen_ai.response.finish_reasons": [generation.finish_reason],
-                "gen_ai.usage.input_tokens": generation.prompt_tokens,
-                "gen_ai.usage.output_tokens": generation.completion_tokens,
-            }
-        )
-        return generation
+    return tracer.start_span(
+        f"{operation} {model}",
+        context=trace.set_span_in_context(parent),
+        kind=SpanKind.INTERNAL,
+        attributes={
+            "gen_ai.operation.name": operation,
+            "gen_ai.provider.name": "huggingface.transformers",
+            "gen_ai.request.model": model,
+            "gen_ai.request.max_tokens": request.max_tokens or 0,
+            **{
+                f"gen_ai.request.{name}": value
+                for name, value in (("temperature", request.temperature), ("top_p", request.top_p),
+                                    ("seed", request.seed))
+                if value is not None
+            },
+        },
+    )  # fmt: skip
 
 
 def _observe(meta: dict[str, Any], generation: Generation) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,27 +17,16 @@ from shared.harmony import FINAL_CHANNEL, HarmonyChat
 from shared.prompts import prompt_token_ids
 from shared.registry import ModelSpec
 from shared.settings import Settings
+from workers.batch import DecodeBatch
+from workers.completion import Completion, Generation, TokenSink
+from workers.kv_budget import model_kv_bytes_per_token
 from workers.model_store import prepare
 from workers.output import OutputText
 from workers.placement import Placement
 
 log = structlog.get_logger()
 
-TokenSink = Callable[[str, str], None]
-"""Receives each piece of generated text as (channel, text) as soon as it is final."""
-
-
-@dataclass(frozen=True)
-class Generation:
-    """What one request produced."""
-
-    text: str
-    finish_reason: Literal["stop", "length"]
-    prompt_tokens: int
-    completion_tokens: int
-    reasoning: str | None = None
-    token_ids: tuple[int, ...] = ()
-    cancelled: bool = False
+__all__ = ["Generation", "ModelRuntime", "TokenSink", "pick_device"]
 
 
 def pick_device(configured: str | None) -> str:
@@ -211,6 +199,40 @@ class ModelRuntime:
         text = output.text(FINAL_CHANNEL)
         was_cancelled = cancel is not None and cancel.fired and not ended
         return Generation(text, finish, len(ids), len(new_ids), reasoning, tuple(new_ids), was_cancelled)
+
+    @property
+    def can_batch(self) -> bool:
+        """Requests may share decode steps (not under tensor parallel: every rank must run the same
+        steps, and only single requests are relayed)."""
+        return self.relay is None
+
+    def completion(
+        self,
+        request: JobRequest,
+        on_first_token: Callable[[], None] | None = None,
+        on_text: TokenSink | None = None,
+    ) -> Completion:
+        """`request` rendered and ready to grow token by token in a batch."""
+        renderer = self.chat if self.chat is not None else self.tokenizer
+        ids = prompt_token_ids(renderer, request)
+        max_tokens = request.max_tokens or 1
+        eos = _as_set(self._generation_config(request, max_tokens).eos_token_id)
+        output = OutputText(request.stop)
+        decode = self._decoder(output, on_text)
+        return Completion(
+            ids, max_tokens, eos, output, decode, on_first_token, on_text, self.chat is not None
+        )
+
+    def new_batch(self) -> DecodeBatch:
+        """An empty batch on this model."""
+        pad = self.model.config.pad_token_id
+        if pad is None and self.tokenizer is not None:
+            pad = self.tokenizer.pad_token_id
+        return DecodeBatch(self.model, self.device, int(pad if pad is not None else 0))
+
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of KV cache one token takes in a batch (every layer kept whole)."""
+        return model_kv_bytes_per_token(self.model.config, self.model.dtype.itemsize)
 
     def _decoder(self, output: OutputText, on_text: TokenSink | None) -> Callable[[int | None], None]:
         """A function taking each new token (None at the end) that turns them into channel text."""

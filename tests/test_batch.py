@@ -1,0 +1,93 @@
+"""The batch engine on its own: KV budget decisions, per-row sampling, and DecodeBatch against
+single-request generation (fp32, so batched greedy output must match the single one)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from shared.contract import JobRequest
+from shared.registry import model_spec
+from workers.batch import Row
+from workers.kv_budget import KvBudget, budget_bytes, kv_bytes_per_token
+from workers.runtime import ModelRuntime
+from workers.sampling import Sampler, choose, sampler_for
+
+QUESTIONS = ["a cat", "the sea", "a robot", "winter", "bread", "a king", "music", "the moon"]
+
+
+def test_kv_bytes_per_token_counts_layers_heads_and_both_tensors() -> None:
+    # SmolLM2-135M: 30 layers, 3 KV heads of 64, bf16.
+    assert kv_bytes_per_token(30, 3, 64, 2) == 30 * 3 * 64 * 2 * 2
+
+
+def test_budget_admits_while_the_padded_worst_case_fits() -> None:
+    budget = KvBudget(bytes_per_token=10, budget=10 * 1000)
+    assert budget.admits([], 5000)  # alone, always
+    assert budget.admits([300, 200], 300)  # 3 rows x 300
+    assert not budget.admits([300, 200, 300], 300)  # 4 x 300 = 1200 tokens > 1000
+    assert not budget.admits([100], 600)  # 2 x 600: a long newcomer pads the short row too
+    assert budget.worst_case([100, 250]) == 2 * 250 * 10
+    assert budget_bytes(None, 1000) == 250 and budget_bytes(42, 1000) == 42
+
+
+def test_samplers_are_per_row_and_seeded() -> None:
+    logits = torch.tensor([[0.0, 5.0, 1.0], [0.0, 0.1, 0.2]])
+    greedy = sampler_for(JobRequest(prompt="x", temperature=0), "cpu")
+    assert greedy.greedy
+    seeded = [sampler_for(JobRequest(prompt="x", temperature=1.0, seed=7), "cpu") for _ in range(2)]
+    draws = [[int(choose(logits, [greedy, s])[1]) for _ in range(20)] for s in seeded]
+    assert draws[0] == draws[1]  # the same seed draws the same tokens
+    assert int(choose(logits, [greedy, seeded[0]])[0]) == 1
+    narrow = Sampler(1.0, 0.5, torch.Generator().manual_seed(1))  # top_p keeps only the top token
+    assert {int(choose(logits, [narrow, greedy])[0]) for _ in range(20)} == {1}
+
+
+@pytest.fixture(scope="module")
+def fp32_runtime(prepared_models) -> ModelRuntime:  # type: ignore[no-untyped-def]
+    spec = model_spec("smollm2-135m")
+    folder = spec.directory(prepared_models.cache_dir)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    return ModelRuntime(spec, model, AutoTokenizer.from_pretrained(str(folder)), "cpu")
+
+
+def request(topic: str, max_tokens: int = 8, **extra: object) -> JobRequest:
+    messages = [{"role": "user", "content": f"Write one sentence about {topic}."}]
+    return JobRequest.model_validate({"messages": messages, "max_tokens": max_tokens, "temperature": 0, **extra})
+
+
+def run_batch(runtime: ModelRuntime, requests: list[JobRequest], stagger: int = 0) -> list[tuple[int, ...]]:
+    """Decode `requests` in one batch (the second half joining `stagger` steps late); their tokens."""
+    batch = runtime.new_batch()
+    rows = [Row(str(i), runtime.completion(r), sampler_for(r, "cpu")) for i, r in enumerate(requests)]
+    late = len(rows) // 2 if stagger else len(rows)
+    batch.join(rows[:late])
+    done: dict[str, tuple[int, ...]] = {}
+    steps = 0
+    while batch.rows or late < len(rows):
+        if late < len(rows) and steps >= stagger:
+            batch.join(rows[late:])
+            late = len(rows)
+        ended = {r.key for r in batch.rows if r.completion.ended}
+        for row in batch.drop(ended):
+            done[row.key] = tuple(row.completion.token_ids)
+        batch.step()
+        steps += 1
+    return [done[str(i)] for i in range(len(requests))]
+
+
+def test_batched_greedy_matches_single_requests(fp32_runtime: ModelRuntime) -> None:
+    requests = [request(t, max_tokens=6 + i) for i, t in enumerate(QUESTIONS)]
+    single = [fp32_runtime.run(r).token_ids for r in requests]
+    assert run_batch(fp32_runtime, requests) == single
+    assert run_batch(fp32_runtime, requests, stagger=3) == single  # joining mid-flight, leaving early
+
+
+def test_stop_strings_and_max_tokens_per_row(fp32_runtime: ModelRuntime) -> None:
+    free = fp32_runtime.run(request("a cat", max_tokens=12))
+    stop = free.text.split()[2]
+    stopped = request("a cat", max_tokens=12, stop=[stop])
+    tokens = run_batch(fp32_runtime, [stopped, request("the sea", max_tokens=3)])
+    assert len(tokens[1]) == 3
+    assert len(tokens[0]) < 12 and tokens[0] == free.token_ids[: len(tokens[0])]

@@ -1,0 +1,146 @@
+"""Continuous batching: many requests decoded together in one model pass per step, over one
+left-padded KV cache. New requests join between steps (prefilled together, then merged into the
+cache); ended ones leave, and columns that only padding fills are trimmed away."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from workers.completion import Completion
+from workers.sampling import Sampler, choose
+
+
+@dataclass
+class Row:
+    """One request in the batch: its completion and how it picks tokens."""
+
+    key: str
+    completion: Completion
+    sampler: Sampler
+
+
+class DecodeBatch:
+    """The rows decoding together, their shared cache, attention mask and positions.
+
+    Every row's tokens sit contiguously at the right end of the cache (left padding), so one decode
+    step appends one column for all rows, and causal and sliding-window masks hold per row.
+    """
+
+    def __init__(self, model: Any, device: str, pad_id: int):
+        self.model, self.device, self.pad_id = model, device, pad_id
+        self.rows: list[Row] = []
+        self._cache: DynamicCache | None = None
+        self._mask = torch.zeros((0, 0), dtype=torch.long, device=device)
+        self._positions = torch.zeros((0, 1), dtype=torch.long, device=device)
+        self._last = torch.zeros((0,), dtype=torch.long, device=device)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def length(self) -> int:
+        """Columns of the cache (the longest row, padding included)."""
+        return int(self._mask.shape[1])
+
+    def join(self, rows: list[Row]) -> None:
+        """Prefill `rows` together and merge them into the batch; each gets its first token."""
+        if not rows:
+            return
+        width = max(len(r.completion.prompt_ids) for r in rows)
+        ids = torch.tensor(
+            [[self.pad_id] * (width - len(r.completion.prompt_ids)) + r.completion.prompt_ids for r in rows],
+            device=self.device,
+        )
+        mask = torch.tensor(
+            [[0] * (width - len(r.completion.prompt_ids)) + [1] * len(r.completion.prompt_ids) for r in rows],
+            device=self.device,
+        )
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        logits = self._forward(ids, mask, positions, cache)
+        first = choose(logits, [r.sampler for r in rows])
+        self._merge(cache, mask, positions[:, -1:], first)
+        self.rows.extend(rows)
+        for row, token in zip(rows, first.tolist(), strict=True):
+            row.completion.add(int(token))
+
+    def step(self) -> None:
+        """One decode step: every row gets its next token."""
+        if not self.rows:
+            return
+        assert self._cache is not None
+        ones = torch.ones((len(self.rows), 1), dtype=self._mask.dtype, device=self.device)
+        self._mask = torch.cat([self._mask, ones], dim=1)
+        self._positions = self._positions + 1
+        logits = self._forward(self._last[:, None], self._mask, self._positions, self._cache)
+        self._last = choose(logits, [r.sampler for r in self.rows])
+        for row, token in zip(self.rows, self._last.tolist(), strict=True):
+            row.completion.add(int(token))
+
+    def drop(self, keys: set[str]) -> list[Row]:
+        """Take the rows of `keys` out of the batch; the rows taken out."""
+        gone = [r for r in self.rows if r.key in keys]
+        if not gone:
+            return []
+        keep = [i for i, r in enumerate(self.rows) if r.key not in keys]
+        self.rows = [self.rows[i] for i in keep]
+        if not keep:
+            self._cache = None
+            self._mask = self._mask[:0, :0]
+            self._positions, self._last = self._positions[:0], self._last[:0]
+            return gone
+        index = torch.tensor(keep, device=self.device)
+        mask = self._mask.index_select(0, index)
+        start = int(mask.any(dim=0).int().argmax())  # leading columns that are padding in every row
+        self._mask = mask[:, start:]
+        self._positions, self._last = (
+            self._positions.index_select(0, index),
+            self._last.index_select(0, index),
+        )
+        assert self._cache is not None
+        for layer in self._cache.layers:
+            layer.keys = layer.keys.index_select(0, index)[:, :, start:]
+            layer.values = layer.values.index_select(0, index)[:, :, start:]
+        return gone
+
+    def _forward(
+        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache
+    ) -> torch.Tensor:
+        with torch.inference_mode():
+            out = self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        return out.logits[:, -1, :]
+
+    def _merge(
+        self, cache: DynamicCache, mask: torch.Tensor, positions: torch.Tensor, last: torch.Tensor
+    ) -> None:
+        if self._cache is None or not self.rows:
+            self._cache, self._mask, self._positions, self._last = cache, mask, positions, last
+            return
+        width = max(self.length, int(mask.shape[1]))
+        for old, new in zip(self._cache.layers, cache.layers, strict=True):
+            old.keys = torch.cat([_pad_left(old.keys, width, 2), _pad_left(new.keys, width, 2)], dim=0)
+            old.values = torch.cat([_pad_left(old.values, width, 2), _pad_left(new.values, width, 2)], dim=0)
+        self._mask = torch.cat([_pad_left(self._mask, width, 1), _pad_left(mask, width, 1)], dim=0)
+        self._positions = torch.cat([self._positions, positions], dim=0)
+        self._last = torch.cat([self._last, last], dim=0)
+
+
+def _pad_left(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """`tensor` grown to `width` along `dim` with zeros in front."""
+    missing = width - tensor.shape[dim]
+    if missing <= 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)

@@ -1,0 +1,93 @@
+"""One request's completion as it grows token by token: its text by channel (cut at stop strings),
+whether it has ended, and what it produced. A batch row carries one."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from shared.harmony import FINAL_CHANNEL, REASONING_CHANNEL
+from workers.output import OutputText
+
+TokenSink = Callable[[str, str], None]
+"""Receives each piece of generated text as (channel, text) as soon as it is final."""
+
+
+@dataclass(frozen=True)
+class Generation:
+    """What one request produced."""
+
+    text: str
+    finish_reason: Literal["stop", "length"]
+    prompt_tokens: int
+    completion_tokens: int
+    reasoning: str | None = None
+    token_ids: tuple[int, ...] = ()
+    cancelled: bool = False
+
+
+class Completion:
+    """The tokens of one request so far, turned into channel text as they come.
+
+    `decode` takes each token (None at the end) and feeds `output`; `on_text` receives what is
+    safe to stream; `on_first_token` is called once, when the first token exists.
+    """
+
+    def __init__(
+        self,
+        prompt_ids: list[int],
+        max_tokens: int,
+        eos: set[int],
+        output: OutputText,
+        decode: Callable[[int | None], None],
+        on_first_token: Callable[[], None] | None = None,
+        on_text: TokenSink | None = None,
+        has_reasoning: bool = False,
+    ):
+        self.prompt_ids, self.max_tokens, self.eos = prompt_ids, max_tokens, eos
+        self._output, self._decode = output, decode
+        self._on_first_token, self._on_text = on_first_token, on_text
+        self._has_reasoning = has_reasoning
+        self.token_ids: list[int] = []
+
+    def add(self, token: int) -> None:
+        """One new token."""
+        self.token_ids.append(token)
+        if len(self.token_ids) == 1 and self._on_first_token is not None:
+            self._on_first_token()
+        self._decode(token)
+
+    @property
+    def ended(self) -> bool:
+        """An end token, a stop string or max_tokens ended it."""
+        return (
+            self._output.stopped
+            or len(self.token_ids) >= self.max_tokens
+            or (bool(self.token_ids) and self.token_ids[-1] in self.eos)
+        )
+
+    @property
+    def worst_case_tokens(self) -> int:
+        """Prompt plus max_tokens: the most cache this request can need."""
+        return len(self.prompt_ids) + self.max_tokens
+
+    def result(self, cancelled: bool = False) -> Generation:
+        """What the request produced (text still held back is released to `on_text` first)."""
+        self._decode(None)
+        for channel, text in self._output.flush():
+            if self._on_text is not None:
+                self._on_text(channel, text)
+        ids = self.token_ids
+        end_token = bool(ids) and ids[-1] in self.eos
+        stopped = self._output.stopped or end_token or len(ids) < self.max_tokens
+        reasoning = self._output.text(REASONING_CHANNEL) if self._has_reasoning else None
+        return Generation(
+            self._output.text(FINAL_CHANNEL),
+            "stop" if stopped else "length",
+            len(self.prompt_ids),
+            len(ids),
+            reasoning,
+            tuple(ids),
+            cancelled and not end_token,
+        )

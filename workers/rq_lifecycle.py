@@ -1,0 +1,60 @@
+"""One job's RQ lifecycle driven by hand, for jobs a batch runs side by side: the one place that
+calls RQ's worker internals. Pinned to rq 3.0 (`RQ_VERSION`): the steps are those of
+`BaseWorker.perform_job` (prepare the execution and the job, then finalize success or failure),
+run per job instead of around one `job.perform()` call.
+
+A job taken here is exactly what RQ's own loop would make of it: started registry and execution
+while it runs, its status, its result stored as an RQ `Result` (or the failure record and the
+failed registry), the finished registry, and nothing left in the started registry.
+"""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import Any
+
+import rq
+from rq.executions import Execution
+from rq.job import Job
+from rq.queue import Queue
+from rq.utils import now
+from rq.worker import BaseWorker
+
+RQ_VERSION = "3.0"
+"""The rq release whose internals this module follows (checked by the tests)."""
+
+ExcInfo = tuple[type[BaseException] | None, BaseException | None, TracebackType | None]
+
+
+def rq_matches() -> bool:
+    """The installed rq is the one this module was written against."""
+    return rq.__version__.startswith(RQ_VERSION)
+
+
+def take_job(worker: BaseWorker) -> tuple[Job, Queue] | None:
+    """The next job of the worker's queues (in their order: highest priority first), without waiting."""
+    return Queue.dequeue_any(
+        worker.queues,
+        None,
+        connection=worker.connection,
+        job_class=worker.job_class,
+        serializer=worker.serializer,
+    )
+
+
+def start_job(worker: BaseWorker, job: Job) -> Execution:
+    """Mark `job` started by `worker`: its execution in the started registry, status `started`."""
+    execution = worker.prepare_execution(job)
+    worker.prepare_job_execution(job, remove_from_intermediate_queue=len(worker.queues) == 1)
+    job.started_at = now()
+    return execution
+
+
+def finish_job(worker: BaseWorker, job: Job, queue: Queue, execution: Execution, result: Any) -> None:
+    """`job` returned `result`: stored as RQ stores a job function's return value."""
+    worker._finalize_success(job, queue, execution, result)
+
+
+def fail_job(worker: BaseWorker, job: Job, queue: Queue, execution: Execution, exc_info: ExcInfo) -> None:
+    """`job` raised: failed as RQ fails a job whose function raised (traceback, failed registry)."""
+    worker._finalize_failure(job, queue, execution, exc_info)
