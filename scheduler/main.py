@@ -69,7 +69,9 @@ def main(settings: Settings | None = None) -> None:
         metrics=metrics_url,
     )
     try:
-        scheduler.run(stop, on_tick=Reaper(redis, settings.job_max_retries, metrics).sweep_if_due)
+        # Heartbeats are trusted once Redis has been up longer than one lives (plus a beat).
+        reaper = Reaper(redis, settings.job_max_retries, settings.heartbeat_ttl + 1.0, metrics)
+        scheduler.run(stop, on_tick=reaper.sweep_if_due)
     finally:
         beat.stop()
         log.info("scheduler_stopped", routed=scheduler.routed)

@@ -11,6 +11,7 @@ import time
 
 import structlog
 from redis import Redis
+from redis.exceptions import RedisError
 
 from shared import keys
 from shared.heartbeat import WorkerBeat, read_live
@@ -26,20 +27,40 @@ SWEEP_INTERVAL = 1.0
 class Reaper:
     """Compares the jobs workers say they run with the workers still alive."""
 
-    def __init__(self, redis: Redis, max_retries: int, metrics: SchedulerMetrics | None = None):
+    def __init__(
+        self, redis: Redis, max_retries: int, settle: float, metrics: SchedulerMetrics | None = None
+    ):
         self._redis, self._max_retries, self._metrics = redis, max_retries, metrics
+        self._settle = settle
         self._last_seen: dict[str, float] = {}
         self._next_sweep = 0.0
+        self._healthy_since: float | None = None
 
     def sweep_if_due(self) -> None:
         """Sweep when SWEEP_INTERVAL has passed since the last sweep."""
         now = time.monotonic()
         if now >= self._next_sweep:
             self._next_sweep = now + SWEEP_INTERVAL
-            self.sweep()
+            try:
+                self.sweep()
+            except RedisError:
+                self._healthy_since = None
+                raise
+
+    def settled(self) -> bool:
+        """Whether heartbeats can be trusted: Redis has answered us, and has been up, for longer
+        than a heartbeat lives. Right after an outage every heartbeat has lapsed while its worker
+        is alive; handing its job back then would run it twice."""
+        now = time.monotonic()
+        if self._healthy_since is None:
+            self._healthy_since = now
+        uptime = float(self._redis.info("server").get("uptime_in_seconds", 0))
+        return now - self._healthy_since >= self._settle and uptime >= self._settle
 
     def sweep(self) -> dict[str, str]:
         """Hand back every job of a worker without a live heartbeat; {job id: outcome}."""
+        if not self.settled():
+            return {}
         beats = read_live(self._redis, keys.WORKER_HEARTBEAT_PATTERN, WorkerBeat)
         live = {b.name for b in beats}
         for beat in beats:

@@ -139,3 +139,23 @@ def test_scheduler_restart_loses_nothing(stack, redis: Redis, redis_url: str, pr
     processes.start("scheduler-2", ["scheduler"], process_env(GPTOSS_REDIS_URL=redis_url))
     start_worker()
     assert [poll_job(base, job_id, 120)["status"] for job_id in ids] == ["finished"] * 5
+
+
+def test_reaper_waits_for_heartbeats_to_settle_before_handing_back(redis: Redis) -> None:
+    """Right after it starts (or after an outage) the reaper trusts no missing heartbeat: a live
+    worker may simply not have beaten yet, and handing its job back would run it twice."""
+    from scheduler.reaper import Reaper
+    from shared.queues import open_queue
+    from shared.recovery import mark_running
+
+    job = open_queue(keys.SINGLE_QUEUE, redis).enqueue(keys.GENERATE_FUNC, {"prompt": "x"}, failure_ttl=60)
+    open_queue(keys.SINGLE_QUEUE, redis).remove(job)
+    mark_running(redis, job.id, "a-worker-without-heartbeat", keys.SINGLE_QUEUE)
+    reaper = Reaper(redis, max_retries=2, settle=1.0)
+    assert reaper.sweep() == {}  # not settled yet
+    assert redis.hexists(keys.RUNNING, job.id)
+    import time
+
+    time.sleep(1.1)
+    assert reaper.sweep() == {job.id: "requeued"}
+    assert open_queue(keys.SINGLE_QUEUE, redis).job_ids == [job.id]
