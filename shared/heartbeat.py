@@ -36,6 +36,9 @@ class WorkerBeat(BaseModel):
     running: int = 0
     free_slots: int = 1
     tokens_per_second: float | None = None
+    running_jobs: list[str] = []
+    kv_cache_bytes: int = 0
+    kv_cache_budget_bytes: int | None = None
 
 
 class SchedulerBeat(BaseModel):

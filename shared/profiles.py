@@ -27,6 +27,7 @@ class Profile(BaseModel, frozen=True):
     temperature: float = Field(ge=0.0, le=2.0)
     top_p: float = Field(gt=0.0, le=1.0)
     reasoning_effort: ReasoningEffort
+    batch_size: int = Field(default=8, ge=1)
     ttft_sla_s: float
     e2e_sla_s: float
 

@@ -14,6 +14,9 @@ PRODUCTION_SAMPLE_RATIO = 0.03
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 """Redis that a lone process (api, scheduler, worker) talks to when none is configured."""
 
+DEFAULT_BATCH_SIZE = 8
+"""Requests a worker decodes at once when neither GPTOSS_MAX_BATCH_SIZE nor a profile says."""
+
 
 class Settings(BaseSettings):
     """Everything a process may be told; nothing else reads the environment."""
@@ -73,6 +76,12 @@ class Settings(BaseSettings):
     )
     device: str | None = Field(default=None, description="Worker device (cuda:N, cpu); unset: cuda:0 if any")
     torch_threads: int | None = Field(default=None, description="CPU threads per worker (torch default)")
+    max_batch_size: int | None = Field(
+        default=None, ge=1, description="Requests a worker decodes at once; unset: the profile's, else 8"
+    )
+    kv_cache_budget_bytes: int | None = Field(
+        default=None, ge=1, description="Bytes a worker's batch KV cache may reach; unset: 25% of device memory"
+    )
     tp_timeout: int = Field(
         default=7 * 24 * 3600, description="Seconds tensor-parallel ranks wait for each other (idle included)"
     )
@@ -182,6 +191,14 @@ class Settings(BaseSettings):
             if data.get("model"):
                 data = {**data, "model": canonical_name(data["model"])}
         return data
+
+    def batch_size(self) -> int:
+        """Requests a worker decodes at once: as set, else the profile's, else DEFAULT_BATCH_SIZE."""
+        from shared.profiles import profile_named
+
+        if self.max_batch_size is not None:
+            return self.max_batch_size
+        return profile_named(self.profile).batch_size if self.profile else DEFAULT_BATCH_SIZE
 
     def vocab_dir(self) -> Path:
         """Folder of harmony's o200k vocabulary."""

@@ -21,6 +21,17 @@ class Row:
     key: str
     completion: Completion
     sampler: Sampler
+    error: BaseException | None = None
+    """What went wrong with this row alone (its text could not be decoded or streamed)."""
+
+    def add(self, token: int) -> None:
+        """Give the row its next token; a failure stays with the row, not the batch."""
+        if self.error is not None:
+            return
+        try:
+            self.completion.add(token)
+        except Exception as exc:
+            self.error = exc
 
 
 class DecodeBatch:
@@ -66,7 +77,7 @@ class DecodeBatch:
         self._merge(cache, mask, positions[:, -1:], first)
         self.rows.extend(rows)
         for row, token in zip(rows, first.tolist(), strict=True):
-            row.completion.add(int(token))
+            row.add(int(token))
 
     def step(self) -> None:
         """One decode step: every row gets its next token."""
@@ -79,7 +90,7 @@ class DecodeBatch:
         logits = self._forward(self._last[:, None], self._mask, self._positions, self._cache)
         self._last = choose(logits, [r.sampler for r in self.rows])
         for row, token in zip(self.rows, self._last.tolist(), strict=True):
-            row.completion.add(int(token))
+            row.add(int(token))
 
     def drop(self, keys: set[str]) -> list[Row]:
         """Take the rows of `keys` out of the batch; the rows taken out."""

@@ -58,3 +58,14 @@ def finish_job(worker: BaseWorker, job: Job, queue: Queue, execution: Execution,
 def fail_job(worker: BaseWorker, job: Job, queue: Queue, execution: Execution, exc_info: ExcInfo) -> None:
     """`job` raised: failed as RQ fails a job whose function raised (traceback, failed registry)."""
     worker._finalize_failure(job, queue, execution, exc_info)
+
+
+def return_job(job: Job, queue: Queue) -> None:
+    """Put a job taken but not started back at the front of its queue (it stays `queued`)."""
+    queue.push_job_id(job.id, at_front=True)
+
+
+def keep_alive(worker: BaseWorker, jobs: list[Job]) -> None:
+    """Renew the worker's RQ key while a long batch runs (RQ renews it only between jobs)."""
+    ttl = max((worker.get_heartbeat_ttl(job) for job in jobs), default=None)
+    worker.heartbeat(ttl)

@@ -206,6 +206,10 @@ class ModelRuntime:
         steps, and only single requests are relayed)."""
         return self.relay is None
 
+    def prompt_length(self, request: JobRequest) -> int:
+        """Tokens of `request`'s prompt."""
+        return len(prompt_token_ids(self.chat if self.chat is not None else self.tokenizer, request))
+
     def completion(
         self,
         request: JobRequest,

@@ -19,6 +19,7 @@ from rq import SimpleWorker
 from rq.job import Job
 from rq.queue import Queue
 from rq.utils import now as utcnow
+from rq.worker import WorkerStatus
 
 from shared import keys
 from shared.drain import leave_backlog, record_done
@@ -29,6 +30,9 @@ from shared.recovery import clear_running, hand_back, mark_running
 from shared.settings import Settings
 from shared.stages import META_REQUEST_ID, META_TENANT
 from shared.tracing import context_from
+from workers import context
+from workers.batching import BatchSession
+from workers.kv_budget import KvBudget, budget_bytes
 from workers.memory import MemoryReading, read_memory, relieve_memory
 
 log = structlog.get_logger()
@@ -39,10 +43,16 @@ PAUSE_POLL = 0.5
 PRESSURE_CHECK = 1
 """Seconds one wait for a job lasts before memory pressure is checked again."""
 
+BATCH_PRESSURE_CHECK = 0.5
+"""Seconds a batch reuses one memory reading when deciding whether to take more jobs."""
+
 
 class GenerationWorker(SimpleWorker):
     """A SimpleWorker (jobs run in this process, next to the model) that reports its state and
-    memory, and takes nothing new while its memory is over the critical threshold."""
+    memory, and takes nothing new while its memory is over the critical threshold.
+
+    With a batch size over 1, a generation job RQ hands it opens a batch session (workers/batching.py)
+    that keeps taking jobs while it has room and runs them together; each stays its own RQ job."""
 
     def __init__(
         self,
@@ -58,7 +68,11 @@ class GenerationWorker(SimpleWorker):
         )
         self.settings, self.model_name, self.device, self.metrics = settings, settings.model, device, metrics
         self.metrics_url: str | None = None
-        self.current_job_id: str | None = None
+        self.running: dict[str, str] = {}  # job id -> its queue, every job running now
+        self.batch_size = settings.batch_size()
+        self.session: BatchSession | None = None
+        self._kv_budget: KvBudget | None = None
+        self._pressure_checked, self._may_take = 0.0, True
         self.jobs_done = 0
         self.tokens_per_second: float | None = None
         # Not `state`: that is RQ's own property, written to the worker's Redis hash.
@@ -97,30 +111,86 @@ class GenerationWorker(SimpleWorker):
             time.sleep(PAUSE_POLL)
         log.info("memory_pressure_relieved", pressure=round(self.memory().pressure, 3))
 
+    @property
+    def current_job_id(self) -> str | None:
+        """One of the running jobs (the oldest), or None."""
+        return next(iter(list(self.running)), None)
+
+    @property
+    def stopping(self) -> bool:
+        """A stop was requested: take nothing new."""
+        return bool(self._stop_requested)
+
+    def may_take(self) -> bool:
+        """Memory allows taking another job now (a reading reused for BATCH_PRESSURE_CHECK s)."""
+        now = time.monotonic()
+        if now - self._pressure_checked >= BATCH_PRESSURE_CHECK:
+            self._pressure_checked = now
+            self._may_take = self.memory().pressure < self.settings.memory_critical
+        return self._may_take
+
+    def kv_budget(self) -> KvBudget:
+        """The batch's KV cache budget (from settings, else a share of the device's memory)."""
+        if self._kv_budget is None:
+            runtime = context.current_runtime()
+            total = self.memory().total
+            self._kv_budget = KvBudget(
+                runtime.kv_bytes_per_token(), budget_bytes(self.settings.kv_cache_budget_bytes, total)
+            )
+        return self._kv_budget
+
     def execute_job(self, job: Job, queue: Queue) -> None:
-        self.current_job_id, self.activity = job.id, "busy"
+        if self._batches(job):
+            self.session = BatchSession(self, context.current(), self.batch_size, self.kv_budget())
+            try:
+                self.session.run(job, queue)
+            finally:
+                self.session = None
+                self.set_state(WorkerStatus.IDLE)
+            return
         # RQ's own lines about this job (success, failure, result TTL) carry its ids and trace too.
         structlog.contextvars.bind_contextvars(job_id=job.id, request_id=job.meta.get(META_REQUEST_ID))
         token = otel_context.attach(context_from(job.meta))
         started = time.perf_counter()
+        self.job_began(job, queue)
+        try:
+            super().execute_job(job, queue)
+        finally:
+            otel_context.detach(token)
+            self.job_ended(job, time.perf_counter() - started)
+            structlog.contextvars.clear_contextvars()
+
+    def _batches(self, job: Job) -> bool:
+        """Run `job` in a batch session: batching is on, the job is a generation and the model
+        can batch (tensor-parallel runtimes run one request at a time)."""
+        if self.batch_size <= 1 or job.func_name != keys.GENERATE_FUNC:
+            return False
+        try:
+            return context.current_runtime().can_batch
+        except RuntimeError:  # no runtime bound: RQ's plain path reports it per job
+            return False
+
+    def job_began(self, job: Job, queue: Queue) -> None:
+        """Bookkeeping as a job starts: out of its tenant's backlog, recorded as running."""
+        self.running[job.id], self.activity = queue.name, "busy"
         try:
             leave_backlog(self.connection, job.meta.get(META_TENANT), job.id)
         except RedisError as exc:  # bookkeeping only; the job runs regardless
             log.warning("backlog_not_updated", error=str(exc))
         mark_running(self.connection, job.id, self.name, queue.name)  # so the reaper finds it if we die
-        try:
-            super().execute_job(job, queue)
-        finally:
-            otel_context.detach(token)
-            clear_running(self.connection, job.id)
-            self._note_done(job, time.perf_counter() - started)
-            self.current_job_id, self.activity = None, "idle"
-            self.jobs_done += 1
-            structlog.contextvars.clear_contextvars()
+
+    def job_ended(self, job: Job, seconds: float) -> None:
+        """Bookkeeping as a job ends (finished or failed)."""
+        clear_running(self.connection, job.id)
+        self._note_done(job, seconds)
+        self.running.pop(job.id, None)
+        self.jobs_done += 1
+        if not self.running:
+            self.activity = "idle"
 
     def request_stop(self, signum: int, frame: Any) -> None:
         # Warm shutdown (RQ): finish the running job, then stop; past the grace period, hand it back.
-        if self.current_job_id is not None and self._grace_timer is None:
+        if self.running and self._grace_timer is None:
             self._grace_timer = threading.Timer(self.settings.shutdown_grace, self.abandon_running_job)
             self._grace_timer.daemon = True
             self._grace_timer.start()
@@ -136,12 +206,12 @@ class GenerationWorker(SimpleWorker):
         self.abandon_running_job()
 
     def abandon_running_job(self) -> None:
-        """Hand the running job back to its queue (not counted as a failure) and exit at once, so
-        RQ does not record the interrupted job as failed."""
-        job_id = self.current_job_id
-        if job_id is not None:
+        """Hand every running job back to its queue (not counted as a failure) and exit at once, so
+        RQ does not record the interrupted jobs as failed."""
+        job_ids = list(self.running)
+        for job_id in job_ids:
             hand_back(self.connection, job_id, "its worker shut down", self.settings.job_max_retries, False)
-        log.warning("worker_exiting", handed_back=job_id)
+        log.warning("worker_exiting", handed_back=job_ids)
         if self.on_exit is not None:
             self.on_exit()
         try:
@@ -161,7 +231,9 @@ class GenerationWorker(SimpleWorker):
     def beat(self) -> WorkerBeat:
         """This worker's state as a heartbeat (and its memory gauges brought up to date)."""
         memory = self.memory()
-        running = 1 if self.activity == "busy" else 0
+        running_jobs = list(self.running)
+        running = len(running_jobs)
+        session = self.session
         if self.metrics is not None:
             self.metrics.memory_used.labels(memory.device).set(memory.used)
             self.metrics.memory_total.labels(memory.device).set(memory.total)
@@ -173,7 +245,7 @@ class GenerationWorker(SimpleWorker):
             model=self.model_name,
             device=self.device,
             state=self.activity,  # type: ignore[arg-type]
-            current_job=self.current_job_id,
+            current_job=running_jobs[0] if running_jobs else None,
             jobs_done=self.jobs_done,
             pid=os.getpid(),
             host=socket.gethostname(),
@@ -183,8 +255,11 @@ class GenerationWorker(SimpleWorker):
             memory_total_bytes=memory.total,
             pressure=memory.pressure,
             running=running,
-            free_slots=1 - running,
+            free_slots=max(0, self.batch_size - running),
             tokens_per_second=self.tokens_per_second,
+            running_jobs=running_jobs,
+            kv_cache_bytes=session.kv_bytes if session is not None else 0,
+            kv_cache_budget_bytes=self._kv_budget.budget if self._kv_budget is not None else None,
         )
 
 

@@ -1,0 +1,154 @@
+"""Batched workers end to end in one process: a real Redis, a real RQ worker in burst mode with a
+batch of up to 16, SmolLM2 in fp32 (so batched greedy output equals single-request output)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from redis import Redis
+from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from shared import keys
+from shared.cancellation import request_cancel
+from shared.contract import JobRequest
+from shared.queues import fetch_job, open_queue
+from shared.registry import model_spec
+from workers import context, rq_lifecycle
+from workers.runtime import ModelRuntime
+from workers.stream import JobStream
+from workers.worker import build_worker
+
+MODEL = "smollm2-135m"
+TOPICS = ["a cat", "the sea", "a robot", "winter", "bread", "a king", "music", "the moon",
+          "a river", "chess", "rain", "a train", "coffee", "a forest", "the sun", "a clock"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def runtime(prepared_models) -> ModelRuntime:  # type: ignore[no-untyped-def]
+    spec = model_spec(MODEL)
+    folder = spec.directory(prepared_models.cache_dir)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    return ModelRuntime(spec, model, AutoTokenizer.from_pretrained(str(folder)), "cpu")
+
+
+def payload(topic: str, max_tokens: int = 10, **extra: object) -> dict:
+    messages = [{"role": "user", "content": f"Write one sentence about {topic}."}]
+    return {"messages": messages, "max_tokens": max_tokens, "temperature": 0, **extra}
+
+
+def enqueue(redis: Redis, body: dict, queue: str = keys.SINGLE_QUEUE) -> str:
+    return open_queue(queue, redis).enqueue(keys.GENERATE_FUNC, body, result_ttl=600, failure_ttl=600).id
+
+
+def work(settings, redis: Redis, runtime: ModelRuntime, **overrides: object):  # type: ignore[no-untyped-def]
+    config = settings(model=MODEL, observability=False, **{"max_batch_size": 16, **overrides})
+    worker, _ = build_worker(config, redis, runtime.device)
+    context.bind(runtime, worker.name, keys.SINGLE_QUEUE)
+    worker.activity = "idle"
+    worker.work(burst=True, logging_level=None)
+    return worker
+
+
+def stamps(redis: Redis, job_id: str) -> dict:
+    return fetch_job(job_id, redis).meta["timestamps"]
+
+
+def assert_clean(redis: Redis, worker) -> None:  # type: ignore[no-untyped-def]
+    for queue in keys.queues_by_priority(keys.SINGLE_QUEUE):
+        assert StartedJobRegistry(queue, connection=redis).count == 0
+    assert redis.hlen(keys.RUNNING) == 0
+    assert redis.scard(worker.executions_key) == 0 and not worker.running
+
+
+def test_rq_internals_are_the_pinned_version() -> None:
+    assert rq_lifecycle.rq_matches()
+
+
+def test_sixteen_concurrent_jobs_match_their_single_outputs(settings, redis: Redis, runtime) -> None:  # type: ignore[no-untyped-def]
+    bodies = [payload(t, max_tokens=8 + i % 5) for i, t in enumerate(TOPICS)]
+    single = [runtime.run(JobRequest.model_validate(b)).text for b in bodies]
+    ids = [enqueue(redis, b) for b in bodies]
+    worker = work(settings, redis, runtime)
+    jobs = [fetch_job(i, redis) for i in ids]
+    assert [j.get_status() for j in jobs] == ["finished"] * 16
+    assert [j.return_value()["text"] for j in jobs] == single
+    assert all(j.return_value()["worker"] == worker.name for j in jobs)
+    # They ran together: every job started before the first one finished.
+    assert max(stamps(redis, i)["started"] for i in ids) < min(stamps(redis, i)["finished"] for i in ids)
+    assert FinishedJobRegistry(keys.SINGLE_QUEUE, connection=redis).count == 16
+    assert all(len(redis.xrange(f"rq:results:{i}")) == 1 for i in ids)  # results as RQ stores them
+    assert_clean(redis, worker)
+
+
+def test_a_bad_request_fails_alone(settings, redis: Redis, runtime, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    invalid = enqueue(redis, {"prompt": "x", "temperature": 99})
+    good = [enqueue(redis, payload(t)) for t in TOPICS[:3]]
+    broken = enqueue(redis, payload("a broken stream", max_tokens=20))
+    text = JobStream.text
+
+    def failing_text(self, channel: str, piece: str) -> None:  # type: ignore[no-untyped-def]
+        if self._key == keys.job_stream(broken):
+            raise RuntimeError("stream broke")
+        text(self, channel, piece)
+
+    monkeypatch.setattr(JobStream, "text", failing_text)
+    worker = work(settings, redis, runtime)
+    for job_id in (invalid, broken):
+        job = fetch_job(job_id, redis)
+        assert job.get_status() == "failed" and job.meta["error"]["code"] == "generation_failed"
+    assert [fetch_job(i, redis).get_status() for i in good] == ["finished"] * 3
+    failed = FailedJobRegistry(keys.SINGLE_QUEUE, connection=redis).get_job_ids()
+    assert set(failed) == {invalid, broken}
+    assert_clean(redis, worker)
+
+
+def test_cancel_stops_one_request_mid_batch(settings, redis: Redis, runtime) -> None:  # type: ignore[no-untyped-def]
+    long = enqueue(redis, payload("the history of the world", max_tokens=200))
+    others = [enqueue(redis, payload(t, max_tokens=30)) for t in TOPICS[:2]]
+
+    def cancel_once_streaming() -> None:
+        while not fetch_job(long, redis).meta.get("timestamps", {}).get("first_token"):
+            threading.Event().wait(0.05)
+        request_cancel(redis, long, 600)
+
+    canceller = threading.Thread(target=cancel_once_streaming, daemon=True)
+    canceller.start()
+    worker = work(settings, redis, runtime)
+    canceller.join(5)
+    job = fetch_job(long, redis)
+    assert job.meta["cancelled"]["code"] == "job_cancelled" and job.get_status() == "failed"
+    assert [fetch_job(i, redis).get_status() for i in others] == ["finished"] * 2
+    assert_clean(redis, worker)
+
+
+def test_priorities_are_taken_first(settings, redis: Redis, runtime) -> None:  # type: ignore[no-untyped-def]
+    low = enqueue(redis, payload("a cat"), keys.priority_queue(keys.SINGLE_QUEUE, "low"))
+    normal = enqueue(redis, payload("the sea"))
+    high = enqueue(redis, payload("a robot"), keys.priority_queue(keys.SINGLE_QUEUE, "high"))
+    work(settings, redis, runtime, max_batch_size=2)
+    assert stamps(redis, high)["started"] <= stamps(redis, normal)["started"] < stamps(redis, low)["started"]
+    assert stamps(redis, low)["started"] >= min(stamps(redis, i)["finished"] for i in (high, normal))
+
+
+def test_the_kv_budget_bounds_the_batch(settings, redis: Redis, runtime) -> None:  # type: ignore[no-untyped-def]
+    bodies = [payload(t, max_tokens=12) for t in TOPICS[:6]]
+    worst = max(runtime.prompt_length(JobRequest.model_validate(b)) + 12 for b in bodies)
+    budget = 2 * worst * runtime.kv_bytes_per_token()  # room for two rows, not three
+    ids = [enqueue(redis, b) for b in bodies]
+    worker = work(settings, redis, runtime, kv_cache_budget_bytes=budget)
+    spans = [(stamps(redis, i)["started"], stamps(redis, i)["finished"]) for i in ids]
+    most = max(sum(1 for s, f in spans if s <= t < f) for t, _ in spans)
+    assert most == 2
+    assert [fetch_job(i, redis).get_status() for i in ids] == ["finished"] * 6
+    assert_clean(redis, worker)
+
+
+def test_seeded_sampling_is_per_request(settings, redis: Redis, runtime) -> None:  # type: ignore[no-untyped-def]
+    sampled = payload("a dragon", max_tokens=12, temperature=1.0, seed=1234)
+    ids = [enqueue(redis, sampled), enqueue(redis, payload("bread")), enqueue(redis, sampled)]
+    work(settings, redis, runtime)
+    texts = [fetch_job(i, redis).return_value()["text"] for i in ids]
+    assert texts[0] == texts[2]  # the same seed draws the same tokens beside other requests

@@ -1,0 +1,201 @@
+"""A worker's batch session: while it has jobs, it takes more from its queues as long as it has
+room (slots, KV budget, memory), decodes them all in one loop, and settles each job on its own in
+RQ as it ends. It starts when the worker's RQ loop hands it a job and returns when none is left."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from rq.executions import Execution
+from rq.job import Job
+from rq.queue import Queue
+from rq.timeouts import JobTimeoutException
+
+from shared.contract import JobRequest
+from workers import rq_lifecycle
+from workers.batch import DecodeBatch, Row
+from workers.jobs import JobRun
+from workers.kv_budget import KvBudget
+from workers.sampling import sampler_for
+
+if TYPE_CHECKING:
+    from workers.context import WorkerContext
+    from workers.worker import GenerationWorker
+
+log = structlog.get_logger()
+
+RQ_HEARTBEAT_EVERY = 15.0
+"""Seconds between renewals of the worker's RQ key while a session runs."""
+
+
+@dataclass
+class Slot:
+    """One job of the batch: its RQ records, its run and its row."""
+
+    job: Job
+    queue: Queue
+    execution: Execution
+    run: JobRun
+    row: Row
+    began: float
+
+
+class BatchSession:
+    """Jobs decoded together until none is left (see the module docstring)."""
+
+    def __init__(self, worker: GenerationWorker, bound: WorkerContext, size: int, budget: KvBudget):
+        self.worker, self.bound, self.size, self.budget = worker, bound, size, budget
+        self.batch: DecodeBatch = bound.runtime.new_batch()
+        self.slots: dict[str, Slot] = {}
+        self._full = False  # a job did not fit the KV budget: take none until a row leaves
+        self._beat = time.monotonic()
+
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes the batch's KV cache holds now."""
+        return len(self.batch) * self.batch.length * self.budget.bytes_per_token
+
+    def run(self, job: Job, queue: Queue) -> None:
+        """Serve `job` and every job that arrives while the batch is not empty."""
+        joining = self._admit(job, queue)
+        while joining or self.slots:
+            joining += self._take_more()
+            self._join(joining)
+            joining = []
+            self._settle()
+            self._step()
+            self._settle()
+            self._keep_alive()
+
+    def _take_more(self) -> list[Slot]:
+        """Jobs waiting in the worker's queues, while there is room and the worker may take them."""
+        joining: list[Slot] = []
+        while (
+            len(self.slots) < self.size
+            and not self._full
+            and not self.worker.stopping
+            and self.worker.may_take()
+        ):
+            taken = rq_lifecycle.take_job(self.worker)
+            if taken is None:
+                break
+            joining += self._admit(*taken)
+        return joining
+
+    def _admit(self, job: Job, queue: Queue) -> list[Slot]:
+        """Start `job` (or give it back when it does not fit the KV budget): the slot, if it joins."""
+        worst = self._worst_case(job)
+        lengths = [s.row.completion.worst_case_tokens for s in self.slots.values()]
+        if not self.budget.admits(lengths, worst):
+            rq_lifecycle.return_job(job, queue)
+            self._full = True
+            log.info("batch_full", job_id=job.id, rows=len(lengths), kv_budget=self.budget.budget)
+            return []
+        self.worker.job_began(job, queue)
+        execution = rq_lifecycle.start_job(self.worker, job)
+        run = JobRun(job, self.bound)
+        with run.logging():
+            try:
+                request = run.begin(job.args[0])
+            except Exception:  # cancelled, expired or invalid: begin recorded why
+                self._fail(job, queue, execution, run, sys.exc_info(), recorded=True)
+                return []
+            try:
+                completion = self.bound.runtime.completion(request, run.first_token, run.stream.text)
+            except Exception:
+                self._fail(job, queue, execution, run, sys.exc_info(), recorded=False)
+                return []
+        row = Row(job.id, completion, sampler_for(request, self.batch.device))
+        slot = Slot(job, queue, execution, run, row, time.monotonic())
+        self.slots[job.id] = slot
+        return [slot]
+
+    def _worst_case(self, job: Job) -> int:
+        """Prompt + max_tokens of `job` (0 when it cannot be read: it joins, and fails on its own)."""
+        try:
+            request = JobRequest.model_validate(job.args[0])
+            return self.bound.runtime.prompt_length(request) + (request.max_tokens or 1)
+        except Exception:
+            return 0
+
+    def _join(self, joining: list[Slot]) -> None:
+        if not joining:
+            return
+        try:
+            self.batch.join([s.row for s in joining])
+        except Exception:  # the prefill failed: those jobs fail, the batch goes on without them
+            info = sys.exc_info()
+            for slot in joining:
+                self.batch.drop({slot.job.id})
+                self._end(slot, info)
+
+    def _step(self) -> None:
+        if not self.batch.rows:
+            return
+        try:
+            self.batch.step()
+        except Exception:  # a failed decode step leaves no row usable
+            info = sys.exc_info()
+            for slot in list(self.slots.values()):
+                self.batch.drop({slot.job.id})
+                self._end(slot, info)
+
+    def _settle(self) -> None:
+        """Finish every job whose row ended, was cancelled, failed or ran out of time."""
+        ended: set[str] = set()
+        now = time.monotonic()
+        for key, slot in self.slots.items():
+            timeout = slot.job.timeout
+            if slot.row.completion.ended or slot.row.error is not None or slot.run.cancel():
+                ended.add(key)
+            elif timeout is not None and timeout > 0 and now - slot.began > timeout:
+                slot.row.error = JobTimeoutException(
+                    f"Job exceeded maximum timeout value ({timeout} seconds)"
+                )
+                ended.add(key)
+        if not ended:
+            return
+        self.batch.drop(ended)
+        self._full = False
+        for key in ended:
+            slot = self.slots[key]
+            if slot.row.error is not None:
+                error = slot.row.error
+                self._end(slot, (type(error), error, error.__traceback__))
+            else:
+                self._end(slot, None)
+
+    def _end(self, slot: Slot, exc_info: Any) -> None:
+        """Settle one job in RQ: its result, or its failure."""
+        self.slots.pop(slot.job.id, None)
+        job, queue, run = slot.job, slot.queue, slot.run
+        with run.logging():
+            if exc_info is None:
+                try:
+                    generation = slot.row.completion.result(cancelled=run.cancel.cancelled)
+                    result = run.finish(generation)
+                except Exception:  # cancelled (JobCancelled, recorded by finish) or a failure to record
+                    self._fail(job, queue, slot.execution, run, sys.exc_info(), recorded=True)
+                    return
+                rq_lifecycle.finish_job(self.worker, job, queue, slot.execution, result)
+                self.worker.job_ended(job, time.monotonic() - slot.began)
+                return
+            self._fail(job, queue, slot.execution, run, exc_info, recorded=False)
+
+    def _fail(
+        self, job: Job, queue: Queue, execution: Execution, run: JobRun, exc_info: Any, recorded: bool
+    ) -> None:
+        if not recorded:
+            run.fail(exc_info[1])
+        rq_lifecycle.fail_job(self.worker, job, queue, execution, exc_info)
+        self.worker.job_ended(job, 0.0)
+
+    def _keep_alive(self) -> None:
+        now = time.monotonic()
+        if now - self._beat >= RQ_HEARTBEAT_EVERY:
+            self._beat = now
+            rq_lifecycle.keep_alive(self.worker, [s.job for s in self.slots.values()])
