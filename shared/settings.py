@@ -80,7 +80,7 @@ class Settings(BaseSettings):
         default=None, ge=1, description="Requests a worker decodes at once; unset: the profile's, else 8"
     )
     kv_cache_budget_bytes: int | None = Field(
-        default=None, ge=1, description="Bytes a worker's batch KV cache may reach; unset: 25% of device memory"
+        default=None, ge=1, description="Bytes a worker's batch KV cache may reach; unset: 25% of its memory"
     )
     tp_timeout: int = Field(
         default=7 * 24 * 3600, description="Seconds tensor-parallel ranks wait for each other (idle included)"

@@ -54,7 +54,9 @@ def fp32_runtime(prepared_models) -> ModelRuntime:  # type: ignore[no-untyped-de
 
 def request(topic: str, max_tokens: int = 8, **extra: object) -> JobRequest:
     messages = [{"role": "user", "content": f"Write one sentence about {topic}."}]
-    return JobRequest.model_validate({"messages": messages, "max_tokens": max_tokens, "temperature": 0, **extra})
+    return JobRequest.model_validate(
+        {"messages": messages, "max_tokens": max_tokens, "temperature": 0, **extra}
+    )
 
 
 def run_batch(runtime: ModelRuntime, requests: list[JobRequest], stagger: int = 0) -> list[tuple[int, ...]]:
