@@ -1,0 +1,217 @@
+"""Throughput on the embedded model, side by side in one run: raw `model.generate` (one stream),
+the full pipeline (API -> scheduler -> batching worker) with 1 request at a time and with 16 at
+once, and `transformers serve --continuous-batching` on the same model and prompts (when it
+installs and starts: `pip install "transformers[serving]"`). Prints tokens/s and the ratios, and
+writes JSON to bench/results/throughput.json.
+
+    .venv/bin/python bench/throughput.py [--tokens 64] [--concurrent 16] [--single-runs 3]
+
+Pipeline tokens/s use the job's own stage stamps (received -> finished), so client polling does
+not count; raw generate is timed around the call. Greedy decoding, so every system makes the same
+number of tokens for the same prompt unless it stops at an end token (counted as made).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import click
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from cli.up import free_port  # noqa: E402
+
+MODEL = "smollm2-135m"
+TOPICS = ["a cat", "the sea", "a robot", "winter", "bread", "a king", "music", "the moon",
+          "a river", "chess", "rain", "a train", "coffee", "a forest", "the sun", "a clock"]  # fmt: skip
+
+
+def messages(i: int) -> list[dict[str, str]]:
+    return [{"role": "user", "content": f"Write a long story about {TOPICS[i % len(TOPICS)]}."}]
+
+
+def model_folder() -> Path:
+    from shared.registry import model_spec
+    from shared.settings import Settings
+    from workers.model_store import prepare
+
+    return prepare(model_spec(MODEL), Settings().cache_dir)
+
+
+def raw_generate(folder: Path, tokens: int, runs: int) -> dict[str, Any]:
+    """One stream at a time through `model.generate`, as the worker loads the model (bf16)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.bfloat16).eval()
+    made, seconds = 0, 0.0
+    for i in range(runs + 1):  # the first run warms up
+        ids = tokenizer.apply_chat_template(messages(i), add_generation_prompt=True, return_tensors="pt")
+        ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+        started = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
+                                 do_sample=False, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+        if i:
+            seconds += time.perf_counter() - started
+            made += out.shape[1] - ids.shape[1]
+    del model
+    return {"tokens": made, "seconds": seconds, "tokens_per_second": made / seconds}
+
+
+def start_stack(folder: Path, concurrent: int) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPTOSS_")}
+    env.update({"GPTOSS_API_PORT": str(port), "GPTOSS_DATA_DIR": str(folder / "data"), "GPTOSS_AUTH": "false",
+                "GPTOSS_MAX_BATCH_SIZE": str(concurrent), "GPTOSS_SCHEDULER_METRICS_PORT": "0",
+                "GPTOSS_WORKER_METRICS_PORT": "0", "GPTOSS_LOG_FORMAT": "json"})  # fmt: skip
+    log = open(folder / "up.log", "wb")  # noqa: SIM115
+    up = subprocess.Popen([sys.executable, "-m", "cli", "up"], cwd=ROOT, env=env, stdout=log, stderr=log)
+    base = f"http://127.0.0.1:{port}"
+    wait_ready(f"{base}/readyz", 240)
+    return up, base
+
+
+def wait_ready(url: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"{url} not ready")
+
+
+def run_job(base: str, i: int, tokens: int) -> dict[str, Any]:
+    body = {"messages": messages(i), "max_tokens": tokens, "temperature": 0}
+    job_id = requests.post(f"{base}/v1/jobs", json=body, timeout=10).json()["id"]
+    while True:
+        view = requests.get(f"{base}/v1/jobs/{job_id}", timeout=10).json()
+        if view["status"] in ("finished", "failed", "rejected", "cancelled", "expired"):
+            if view["status"] != "finished":
+                raise SystemExit(f"job {job_id} ended {view['status']}: {view.get('error')}")
+            return view
+        time.sleep(0.05)
+
+
+def pipeline(base: str, tokens: int, runs: int, concurrent: int) -> dict[str, Any]:
+    run_job(base, 0, tokens)  # warm up
+    made, seconds = 0, 0.0
+    for i in range(runs):
+        view = run_job(base, i, tokens)
+        made += view["result"]["usage"]["completion_tokens"]
+        seconds += view["timestamps"]["finished"] - view["timestamps"]["received"]
+    single = {"tokens": made, "seconds": seconds, "tokens_per_second": made / seconds}
+    with ThreadPoolExecutor(concurrent) as pool:
+        views = list(pool.map(lambda i: run_job(base, i, tokens), range(concurrent)))
+    made = sum(v["result"]["usage"]["completion_tokens"] for v in views)
+    span = max(v["timestamps"]["finished"] for v in views) - min(v["timestamps"]["received"] for v in views)
+    batched = {"tokens": made, "seconds": span, "tokens_per_second": made / span, "requests": concurrent}
+    return {"single": single, "concurrent": batched}
+
+
+def transformers_serve(folder: Path, tokens: int, concurrent: int, work: Path) -> dict[str, Any]:
+    """16 concurrent chat requests against `transformers serve --continuous-batching`."""
+    port = free_port()
+    binary = Path(sys.executable).parent / "transformers"
+    log = open(work / "serve.log", "wb")  # noqa: SIM115
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    serve = subprocess.Popen(
+        [str(binary), "serve", str(folder), "--continuous-batching", "--port", str(port),
+         "--cb-max-memory-percent", "0.1"],
+        stdout=log, stderr=log, env=env, start_new_session=True,
+    )  # fmt: skip
+    base = f"http://localhost:{port}"
+    try:
+        try:
+            wait_ready(f"{base}/health", 180)
+        except SystemExit:
+            return {"error": "transformers serve did not start; see " + str(work / "serve.log")}
+
+        def chat(i: int) -> int:
+            body = {"model": str(folder), "messages": messages(i), "max_tokens": tokens, "temperature": 0,
+                    "stream": False}  # fmt: skip
+            answer = requests.post(f"{base}/v1/chat/completions", json=body, timeout=600)
+            answer.raise_for_status()
+            return int(answer.json()["usage"]["completion_tokens"])
+
+        chat(0)  # warm up (loads the model)
+        started = time.perf_counter()
+        with ThreadPoolExecutor(concurrent) as pool:
+            made = sum(pool.map(chat, range(concurrent)))
+        seconds = time.perf_counter() - started
+        return {
+            "tokens": made,
+            "seconds": seconds,
+            "tokens_per_second": made / seconds,
+            "requests": concurrent,
+        }
+    except requests.RequestException as exc:
+        return {"error": f"transformers serve failed: {exc}"}
+    finally:
+        os.killpg(serve.pid, signal.SIGTERM)
+        serve.wait(30)
+
+
+@click.command()
+@click.option("--tokens", default=64, help="max_tokens of every request")
+@click.option("--concurrent", default=16, help="Requests at once (and the worker's batch size)")
+@click.option("--single-runs", default=3, help="Requests timed one at a time")
+@click.option("--skip-serve", is_flag=True, help="Do not try transformers serve")
+def main(tokens: int, concurrent: int, single_runs: int, skip_serve: bool) -> None:
+    folder = model_folder()
+    raw = raw_generate(folder, tokens, single_runs)
+    print(f"raw generate, 1 stream:        {raw['tokens_per_second']:7.1f} tokens/s", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        up, base = start_stack(work, concurrent)
+        try:
+            piped = pipeline(base, tokens, single_runs, concurrent)
+        finally:
+            up.send_signal(signal.SIGINT)
+            up.wait(60)
+        print(f"pipeline, 1 request:           {piped['single']['tokens_per_second']:7.1f} tokens/s")
+        rate = piped["concurrent"]["tokens_per_second"]
+        print(f"pipeline, {concurrent} concurrent:       {rate:7.1f} tokens/s")
+        serve = {"skipped": True} if skip_serve else transformers_serve(folder, tokens, concurrent, work)
+    if "tokens_per_second" in serve:
+        print(f"transformers serve (CB), {concurrent}:  {serve['tokens_per_second']:7.1f} tokens/s")
+    else:
+        print(f"transformers serve: {serve}")
+    base_rate = raw["tokens_per_second"]
+    ratios = {
+        "pipeline_single_vs_raw": piped["single"]["tokens_per_second"] / base_rate,
+        "pipeline_concurrent_vs_raw_single": piped["concurrent"]["tokens_per_second"] / base_rate,
+    }
+    if "tokens_per_second" in serve:
+        ratios["pipeline_concurrent_vs_transformers_serve"] = (
+            piped["concurrent"]["tokens_per_second"] / serve["tokens_per_second"]
+        )
+    for name, value in ratios.items():
+        print(f"{name}: {value:.2f}x")
+    record = {
+        "model": MODEL, "tokens": tokens, "concurrent": concurrent, "cpu_count": os.cpu_count(),
+        "load_average": os.getloadavg(), "raw_generate": raw, "pipeline": piped,
+        "transformers_serve": serve, "ratios": ratios, "at": time.time(),
+    }  # fmt: skip
+    out = ROOT / "bench" / "results" / "throughput.json"
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
