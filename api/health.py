@@ -36,7 +36,9 @@ def readyz():  # type: ignore[no-untyped-def]
 
 
 def _answer(reasons: list[str], counts: dict):  # type: ignore[no-untyped-def]
-    body = {"ready": not reasons, "reasons": reasons, **counts}
+    body: dict = {"ready": not reasons, "reasons": reasons, **counts}
+    if reasons:  # a 503 carries the same error object as every other error answer
+        body["error"] = {"code": "not_ready", "type": "server_error", "message": "; ".join(reasons)}
     response = jsonify(body)
     response.status_code = 200 if not reasons else 503
     return response

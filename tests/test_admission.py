@@ -22,6 +22,7 @@ from shared.drain import (
 )
 from shared.heartbeat import WorkerBeat, publish
 from shared.queues import open_queue
+from shared.registry import model_spec
 
 BODY = {"prompt": "Hello there", "max_tokens": 4, "temperature": 0}
 
@@ -70,9 +71,9 @@ def test_held_jobs_count_towards_the_backlog(redis: Redis, settings) -> None:  #
 def scheduler_for(redis: Redis, settings, prepared_models):  # type: ignore[no-untyped-def]
     def make(**overrides: object) -> tuple[Scheduler, object]:
         config = settings(cache_dir=prepared_models.cache_dir, **overrides)
-        return Scheduler(config, redis, PromptCounter(config.cache_dir)), create_app(
-            config, redis
-        ).test_client()
+        counter = PromptCounter(config.cache_dir, config.vocab_dir())
+        counter.tokenizer(model_spec(config.model))  # loaded now, so hold deadlines time only the hold
+        return Scheduler(config, redis, counter), create_app(config, redis).test_client()
 
     return make
 
