@@ -105,17 +105,28 @@ def run_job(base: str, i: int, tokens: int) -> dict[str, Any]:
             if view["status"] != "finished":
                 raise SystemExit(f"job {job_id} ended {view['status']}: {view.get('error')}")
             return view
-        time.sleep(0.05)
+        time.sleep(0.5)
+
+
+def stages(views: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean seconds between the stage stamps of `views` (where the pipeline's time goes)."""
+    order = ["received", "scheduled", "started", "first_token", "finished"]
+    return {
+        f"{a}->{b}": sum(v["timestamps"][b] - v["timestamps"][a] for v in views) / len(views)
+        for a, b in zip(order, order[1:], strict=False)
+    }
 
 
 def pipeline(base: str, tokens: int, runs: int, concurrent: int) -> dict[str, Any]:
     run_job(base, 0, tokens)  # warm up
-    made, seconds = 0, 0.0
+    made, seconds, views = 0, 0.0, []
     for i in range(runs):
         view = run_job(base, i, tokens)
+        views.append(view)
         made += view["result"]["usage"]["completion_tokens"]
         seconds += view["timestamps"]["finished"] - view["timestamps"]["received"]
-    single = {"tokens": made, "seconds": seconds, "tokens_per_second": made / seconds}
+    single = {"tokens": made, "seconds": seconds, "tokens_per_second": made / seconds,
+              "stages_s": stages(views)}  # fmt: skip
     with ThreadPoolExecutor(concurrent) as pool:
         views = list(pool.map(lambda i: run_job(base, i, tokens), range(concurrent)))
     made = sum(v["result"]["usage"]["completion_tokens"] for v in views)

@@ -36,6 +36,16 @@ def take_waiting(redis: Redis, job_id: str) -> bool:
     return any(int(n) for n in pipe.execute())
 
 
+def cancels_requested(redis: Redis, job_ids: list[str]) -> set[str]:
+    """Which of `job_ids` someone asked to stop (one round trip)."""
+    if not job_ids:
+        return set()
+    pipe = redis.pipeline(transaction=False)
+    for job_id in job_ids:
+        pipe.exists(keys.cancel_flag(job_id))
+    return {job_id for job_id, found in zip(job_ids, pipe.execute(), strict=True) if found}
+
+
 class CancelWatch:
     """Whether a running job was cancelled, reading Redis at most every `poll` seconds, so it can be
     asked at every decode step."""

@@ -10,17 +10,20 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import structlog
+from redis.exceptions import RedisError
 from rq.executions import Execution
 from rq.job import Job
 from rq.queue import Queue
 from rq.timeouts import JobTimeoutException
 
+from shared.cancellation import CANCEL_POLL, cancels_requested
 from shared.contract import JobRequest
 from workers import rq_lifecycle
 from workers.batch import DecodeBatch, Row
 from workers.jobs import JobRun
 from workers.kv_budget import KvBudget
 from workers.sampling import sampler_for
+from workers.stream import EventBuffer
 
 if TYPE_CHECKING:
     from workers.context import WorkerContext
@@ -52,7 +55,8 @@ class BatchSession:
         self.batch: DecodeBatch = bound.runtime.new_batch()
         self.slots: dict[str, Slot] = {}
         self._full = False  # a job did not fit the KV budget: take none until a row leaves
-        self._beat = time.monotonic()
+        self._beat = self._cancels_read = time.monotonic()
+        self.events = EventBuffer(worker.connection)  # every row's token events, one write per step
 
     @property
     def kv_bytes(self) -> int:
@@ -66,14 +70,19 @@ class BatchSession:
             joining += self._take_more()
             self._join(joining)
             joining = []
+            self.events.flush()
             self._settle()
             self._step()
+            self.events.flush()
+            self._read_cancels()
             self._settle()
             self._keep_alive()
 
     def _take_more(self) -> list[Slot]:
         """Jobs waiting in the worker's queues, while there is room and the worker may take them."""
         joining: list[Slot] = []
+        if len(self.slots) >= self.size or self._full or not rq_lifecycle.jobs_waiting(self.worker):
+            return joining
         while (
             len(self.slots) < self.size
             and not self._full
@@ -97,7 +106,7 @@ class BatchSession:
             return []
         self.worker.job_began(job, queue)
         execution = rq_lifecycle.start_job(self.worker, job)
-        run = JobRun(job, self.bound)
+        run = JobRun(job, self.bound, self.events)
         with run.logging():
             try:
                 request = run.begin(job.args[0])
@@ -150,7 +159,7 @@ class BatchSession:
         now = time.monotonic()
         for key, slot in self.slots.items():
             timeout = slot.job.timeout
-            if slot.row.completion.ended or slot.row.error is not None or slot.run.cancel():
+            if slot.row.completion.ended or slot.row.error is not None or slot.run.cancel.cancelled:
                 ended.add(key)
             elif timeout is not None and timeout > 0 and now - slot.began > timeout:
                 slot.row.error = JobTimeoutException(
@@ -193,6 +202,19 @@ class BatchSession:
             run.fail(exc_info[1])
         rq_lifecycle.fail_job(self.worker, job, queue, execution, exc_info)
         self.worker.job_ended(job, 0.0)
+
+    def _read_cancels(self) -> None:
+        """Mark the rows a client cancelled: every row's flag in one read, at most every CANCEL_POLL s."""
+        now = time.monotonic()
+        if now - self._cancels_read < CANCEL_POLL or not self.slots:
+            return
+        self._cancels_read = now
+        try:
+            cancelled = cancels_requested(self.worker.connection, list(self.slots))
+        except RedisError:  # a lost read must not fail the batch; the next one reads again
+            return
+        for job_id in cancelled:
+            self.slots[job_id].run.cancel.cancelled = True
 
     def _keep_alive(self) -> None:
         now = time.monotonic()

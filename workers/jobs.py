@@ -36,7 +36,7 @@ from shared.views import build_view
 from shared.webhooks import notify
 from workers import context
 from workers.completion import Generation
-from workers.stream import JobStream
+from workers.stream import EventBuffer, JobStream
 
 log = structlog.get_logger()
 tracer = trace.get_tracer("gptoss.worker")
@@ -66,9 +66,10 @@ class JobRun:
     then the caller lets RQ fail the job with its traceback.
     """
 
-    def __init__(self, job: Any, bound: context.WorkerContext):
+    def __init__(self, job: Any, bound: context.WorkerContext, buffer: EventBuffer | None = None):
         self.job, self.bound = job, bound
-        self.stream = JobStream(job.connection, job.id, ttl=retention_of(job.meta))  # /v1/jobs/<id>/events
+        # GET /v1/jobs/<id>/events; in a batch, token events go out once per decode step (`buffer`).
+        self.stream = JobStream(job.connection, job.id, ttl=retention_of(job.meta), buffer=buffer)
         self.cancel = CancelWatch(job.connection, job.id)
         self.request: JobRequest | None = None
         self._parent = context_from(job.meta)

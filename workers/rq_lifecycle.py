@@ -42,6 +42,14 @@ def take_job(worker: BaseWorker) -> tuple[Job, Queue] | None:
     )
 
 
+def jobs_waiting(worker: BaseWorker) -> bool:
+    """Any job waits in the worker's queues (one round trip: cheaper than a pop per queue per step)."""
+    pipe = worker.connection.pipeline(transaction=False)
+    for queue in worker.queues:
+        pipe.llen(queue.key)
+    return any(int(n) for n in pipe.execute())
+
+
 def start_job(worker: BaseWorker, job: Job) -> Execution:
     """Mark `job` started by `worker`: its execution in the started registry, status `started`."""
     execution = worker.prepare_execution(job)
