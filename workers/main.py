@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 import time
 
 import structlog
 import torch
 from prometheus_client import CollectorRegistry
+from redis import Redis
+from redis.exceptions import RedisError
+from tenacity import Retrying, retry_if_exception_type, wait_exponential
 
 from shared.connection import connect
 from shared.exposition import serve_metrics
@@ -20,7 +25,33 @@ from shared.webhooks import WebhookSender
 from workers import context
 from workers.runtime import ModelRuntime
 from workers.tensor_parallel import placement_for
-from workers.worker import build_worker, quiet_dequeue_lines
+from workers.worker import GenerationWorker, build_worker, quiet_dequeue_lines
+
+REDIS_WAIT = wait_exponential(multiplier=0.5, max=5)
+"""Backoff between attempts to reach Redis again after the work loop lost it."""
+
+
+def work_until_stopped(worker: GenerationWorker, redis: Redis, burst: bool) -> None:
+    """Run RQ's work loop; when it ends without a stop request (RQ quits on an unexpected error,
+    such as Redis going away), wait for Redis with backoff and start the loop again."""
+    log = structlog.get_logger()
+    stop = threading.Event()
+    while True:
+        worker.work(burst=burst, logging_level=None)
+        if burst or worker.stop_asked or worker._stop_requested:
+            return
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: stop.set())
+        log.warning("worker_loop_lost", reason="the work loop ended without a stop request")
+        for attempt in Retrying(wait=REDIS_WAIT, retry=retry_if_exception_type(RedisError), reraise=True):
+            with attempt:
+                if stop.is_set():
+                    return
+                redis.ping()
+                # The loop's teardown could not record its end while Redis was away; do it now so
+                # the same name can register again.
+                worker.register_death()
+        log.info("worker_loop_restarting")
 
 
 def main(settings: Settings | None = None, burst: bool = False) -> None:
@@ -64,7 +95,7 @@ def main(settings: Settings | None = None, burst: bool = False) -> None:
             model=settings.model,
             metrics=worker.metrics_url,
         )
-        worker.work(burst=burst, logging_level=None)
+        work_until_stopped(worker, redis, burst)
     finally:
         if runtime is not None and runtime.relay is not None:
             runtime.relay.release()  # the other tensor-parallel ranks stop too

@@ -75,6 +75,7 @@ class GenerationWorker(SimpleWorker):
         self._pressure_checked, self._may_take = 0.0, True
         self.jobs_done = 0
         self.tokens_per_second: float | None = None
+        self.stop_asked = False
         # Not `state`: that is RQ's own property, written to the worker's Redis hash.
         self.activity = "loading"
         self._grace_timer: threading.Timer | None = None
@@ -189,6 +190,7 @@ class GenerationWorker(SimpleWorker):
             self.activity = "idle"
 
     def request_stop(self, signum: int, frame: Any) -> None:
+        self.stop_asked = True  # RQ records a stop only when busy; the restart loop needs it always
         # Warm shutdown (RQ): finish the running job, then stop; past the grace period, hand it back.
         if self.running and self._grace_timer is None:
             self._grace_timer = threading.Timer(self.settings.shutdown_grace, self.abandon_running_job)
