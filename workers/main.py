@@ -18,6 +18,7 @@ from shared.connection import connect
 from shared.exposition import serve_metrics
 from shared.logging import configure_logging
 from shared.metrics import WorkerMetrics
+from shared.recovery import hand_back
 from shared.registry import model_spec
 from shared.settings import Settings
 from shared.tracing import configure_tracing
@@ -51,6 +52,13 @@ def work_until_stopped(worker: GenerationWorker, redis: Redis, burst: bool) -> N
                 # The loop's teardown could not record its end while Redis was away; do it now so
                 # the same name can register again.
                 worker.register_death()
+                # Jobs cut off mid-run go back to their queue (not counted as their failure).
+                for job_id in list(worker.running):
+                    hand_back(
+                        redis, job_id, "its worker lost Redis mid-job", worker.settings.job_max_retries, False
+                    )
+                worker.running.clear()
+                worker.activity = "idle"
         log.info("worker_loop_restarting")
 
 
