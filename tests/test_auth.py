@@ -139,3 +139,18 @@ def test_input_limits_are_422(redis: Redis, settings, body: dict) -> None:  # ty
     client = create_app(settings(max_body_bytes=2_000_000), redis).test_client()
     response = client.post("/v1/jobs", json=body)
     assert response.status_code == 422 and response.get_json()["error"]["code"] == "validation_error"
+
+
+def test_up_keeps_one_operator_key_until_it_is_revoked(
+    redis: Redis, redis_url: str, settings, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    from cli.up import client_key
+    from shared.apikeys import authenticate, revoke
+
+    config = settings(auth=True, data_dir=tmp_path)
+    first = client_key(redis_url, config)
+    assert authenticate(redis, first) is not None and client_key(redis_url, config) == first
+    assert (tmp_path / "api-key").stat().st_mode & 0o777 == 0o600
+    revoke(redis, first.split("_")[1])
+    second = client_key(redis_url, config)
+    assert second != first and authenticate(redis, second) is not None
