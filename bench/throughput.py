@@ -7,7 +7,8 @@ writes JSON to bench/results/throughput.json.
     .venv/bin/python bench/throughput.py [--tokens 64] [--concurrent 16] [--single-runs 3]
 
 Pipeline tokens/s use the job's own stage stamps (received -> finished), so client polling does
-not count; raw generate is timed around the call. Greedy decoding, so every system makes the same
+not count; raw generate is timed around the call. Each figure is the best of several runs (the CPU
+may be shared; the best run is the least disturbed). Greedy decoding, so every system makes the same
 number of tokens for the same prompt unless it stops at an end token (counted as made).
 """
 
@@ -33,6 +34,8 @@ sys.path.insert(0, str(ROOT))
 from cli.up import free_port  # noqa: E402
 
 MODEL = "smollm2-135m"
+ROUNDS = 2
+"""Rounds of concurrent requests per system (the best one counts)."""
 TOPICS = ["a cat", "the sea", "a robot", "winter", "bread", "a king", "music", "the moon",
           "a river", "chess", "rain", "a train", "coffee", "a forest", "the sun", "a clock"]  # fmt: skip
 
@@ -56,7 +59,7 @@ def raw_generate(folder: Path, tokens: int, runs: int) -> dict[str, Any]:
 
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.bfloat16).eval()
-    made, seconds = 0, 0.0
+    rates = []
     for i in range(runs + 1):  # the first run warms up
         ids = tokenizer.apply_chat_template(messages(i), add_generation_prompt=True, return_tensors="pt")
         ids = ids["input_ids"] if hasattr(ids, "keys") else ids
@@ -65,10 +68,9 @@ def raw_generate(folder: Path, tokens: int, runs: int) -> dict[str, Any]:
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
                                  do_sample=False, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
         if i:
-            seconds += time.perf_counter() - started
-            made += out.shape[1] - ids.shape[1]
+            rates.append((out.shape[1] - ids.shape[1]) / (time.perf_counter() - started))
     del model
-    return {"tokens": made, "seconds": seconds, "tokens_per_second": made / seconds}
+    return {"runs_tokens_per_second": rates, "tokens_per_second": max(rates)}
 
 
 def start_stack(folder: Path, concurrent: int) -> tuple[subprocess.Popen, str]:
@@ -117,22 +119,34 @@ def stages(views: list[dict[str, Any]]) -> dict[str, float]:
     }
 
 
+def spread(views: list[dict[str, Any]], stage: str) -> float:
+    """Seconds between the first and the last of `views` to reach `stage`."""
+    at = [v["timestamps"][stage] for v in views]
+    return max(at) - min(at)
+
+
 def pipeline(base: str, tokens: int, runs: int, concurrent: int) -> dict[str, Any]:
     run_job(base, 0, tokens)  # warm up
-    made, seconds, views = 0, 0.0, []
-    for i in range(runs):
-        view = run_job(base, i, tokens)
-        views.append(view)
-        made += view["result"]["usage"]["completion_tokens"]
-        seconds += view["timestamps"]["finished"] - view["timestamps"]["received"]
-    single = {"tokens": made, "seconds": seconds, "tokens_per_second": made / seconds,
-              "stages_s": stages(views)}  # fmt: skip
-    with ThreadPoolExecutor(concurrent) as pool:
-        views = list(pool.map(lambda i: run_job(base, i, tokens), range(concurrent)))
-    made = sum(v["result"]["usage"]["completion_tokens"] for v in views)
-    span = max(v["timestamps"]["finished"] for v in views) - min(v["timestamps"]["received"] for v in views)
-    batched = {"tokens": made, "seconds": span, "tokens_per_second": made / span, "requests": concurrent}
-    return {"single": single, "concurrent": batched}
+    views = [run_job(base, i, tokens) for i in range(runs)]
+    rates = [
+        v["result"]["usage"]["completion_tokens"]
+        / (v["timestamps"]["finished"] - v["timestamps"]["received"])
+        for v in views
+    ]
+    single = {"runs_tokens_per_second": rates, "tokens_per_second": max(rates), "stages_s": stages(views)}
+    rounds = []
+    for _ in range(ROUNDS):
+        with ThreadPoolExecutor(concurrent) as pool:
+            views = list(pool.map(lambda i: run_job(base, i, tokens), range(concurrent)))
+        made = sum(v["result"]["usage"]["completion_tokens"] for v in views)
+        span = max(v["timestamps"]["finished"] for v in views) - min(
+            v["timestamps"]["received"] for v in views
+        )
+        rounds.append({"tokens": made, "seconds": span, "tokens_per_second": made / span,
+                       "stages_s": stages(views), "start_spread_s": spread(views, "started"),
+                       "finish_spread_s": spread(views, "finished")})  # fmt: skip
+    best = max(rounds, key=lambda r: r["tokens_per_second"])
+    return {"single": single, "concurrent": {**best, "requests": concurrent, "rounds": rounds}}
 
 
 def transformers_serve(folder: Path, tokens: int, concurrent: int, work: Path) -> dict[str, Any]:
@@ -161,16 +175,13 @@ def transformers_serve(folder: Path, tokens: int, concurrent: int, work: Path) -
             return int(answer.json()["usage"]["completion_tokens"])
 
         chat(0)  # warm up (loads the model)
-        started = time.perf_counter()
-        with ThreadPoolExecutor(concurrent) as pool:
-            made = sum(pool.map(chat, range(concurrent)))
-        seconds = time.perf_counter() - started
-        return {
-            "tokens": made,
-            "seconds": seconds,
-            "tokens_per_second": made / seconds,
-            "requests": concurrent,
-        }
+        rates = []
+        for _ in range(ROUNDS):
+            started = time.perf_counter()
+            with ThreadPoolExecutor(concurrent) as pool:
+                made = sum(pool.map(chat, range(concurrent)))
+            rates.append(made / (time.perf_counter() - started))
+        return {"rounds_tokens_per_second": rates, "tokens_per_second": max(rates), "requests": concurrent}
     except requests.RequestException as exc:
         return {"error": f"transformers serve failed: {exc}"}
     finally:
@@ -185,6 +196,8 @@ def transformers_serve(folder: Path, tokens: int, concurrent: int, work: Path) -
 @click.option("--skip-serve", is_flag=True, help="Do not try transformers serve")
 def main(tokens: int, concurrent: int, single_runs: int, skip_serve: bool) -> None:
     folder = model_folder()
+    # Best of several runs for every system, raw generate before and after the pipeline: the CPU
+    # may be shared, and the best run is the one least disturbed by others.
     raw = raw_generate(folder, tokens, single_runs)
     print(f"raw generate, 1 stream:        {raw['tokens_per_second']:7.1f} tokens/s", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -195,6 +208,10 @@ def main(tokens: int, concurrent: int, single_runs: int, skip_serve: bool) -> No
         finally:
             up.send_signal(signal.SIGINT)
             up.wait(60)
+        again = raw_generate(folder, tokens, single_runs)
+        raw = {"runs_tokens_per_second": raw["runs_tokens_per_second"] + again["runs_tokens_per_second"],
+               "tokens_per_second": max(raw["tokens_per_second"], again["tokens_per_second"])}  # fmt: skip
+        print(f"raw generate, best of both:    {raw['tokens_per_second']:7.1f} tokens/s")
         print(f"pipeline, 1 request:           {piped['single']['tokens_per_second']:7.1f} tokens/s")
         rate = piped["concurrent"]["tokens_per_second"]
         print(f"pipeline, {concurrent} concurrent:       {rate:7.1f} tokens/s")

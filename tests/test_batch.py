@@ -93,3 +93,25 @@ def test_stop_strings_and_max_tokens_per_row(fp32_runtime: ModelRuntime) -> None
     tokens = run_batch(fp32_runtime, [stopped, request("the sea", max_tokens=3)])
     assert len(tokens[1]) == 3
     assert len(tokens[0]) < 12 and tokens[0] == free.token_ids[: len(tokens[0])]
+
+
+def test_harmony_rows_batch_like_single_requests(prepared_models) -> None:  # type: ignore[no-untyped-def]
+    from workers.tiny_model import CONVERSATIONS
+
+    tiny = ModelRuntime.load(model_spec("tiny-gpt-oss"), prepared_models)  # fp32
+    requests = [
+        JobRequest(messages=[{"role": "user", "content": q}], max_tokens=40 + 10 * i, temperature=0)
+        for i, (q, _, _) in enumerate(CONVERSATIONS[:4])
+    ]
+    single = [tiny.run(r) for r in requests]
+    assert run_batch(tiny, requests, stagger=2) == [g.token_ids for g in single]
+    batch = tiny.new_batch()
+    rows = [Row(str(i), tiny.completion(r), sampler_for(r, "cpu")) for i, r in enumerate(requests)]
+    batch.join(rows)
+    while batch.rows:
+        batch.drop({r.key for r in batch.rows if r.completion.ended})
+        batch.step()
+    results = [r.completion.result() for r in rows]
+    assert [(g.text, g.reasoning, g.finish_reason) for g in results] == [
+        (g.text, g.reasoning, g.finish_reason) for g in single
+    ]

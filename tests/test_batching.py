@@ -17,6 +17,7 @@ from shared.contract import JobRequest
 from shared.queues import fetch_job, open_queue
 from shared.registry import model_spec
 from workers import context, rq_lifecycle
+from workers.batch import DecodeBatch
 from workers.runtime import ModelRuntime
 from workers.stream import JobStream
 from workers.worker import build_worker
@@ -152,3 +153,25 @@ def test_seeded_sampling_is_per_request(settings, redis: Redis, runtime) -> None
     work(settings, redis, runtime)
     texts = [fetch_job(i, redis).return_value()["text"] for i in ids]
     assert texts[0] == texts[2]  # the same seed draws the same tokens beside other requests
+
+
+def test_heartbeat_reports_the_batch(settings, redis: Redis, runtime, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    ids = [enqueue(redis, payload(t, max_tokens=6)) for t in TOPICS[:4]]
+    config = settings(model=MODEL, observability=False, max_batch_size=16)
+    worker, _ = build_worker(config, redis, runtime.device)
+    context.bind(runtime, worker.name, keys.SINGLE_QUEUE)
+    beats = []
+    step = DecodeBatch.step
+
+    def stepping(self: DecodeBatch) -> None:
+        beats.append(worker.beat())
+        step(self)
+
+    monkeypatch.setattr(DecodeBatch, "step", stepping)
+    worker.work(burst=True, logging_level=None)
+    busiest = max(beats, key=lambda b: b.running)
+    assert busiest.running == 4 and busiest.free_slots == 12 and set(busiest.running_jobs) == set(ids)
+    assert busiest.state == "busy" and busiest.current_job in ids
+    assert 0 < busiest.kv_cache_bytes <= (busiest.kv_cache_budget_bytes or 0)
+    after = worker.beat()
+    assert after.running == 0 and after.free_slots == 16 and after.state == "idle"
