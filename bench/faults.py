@@ -146,11 +146,13 @@ def worker_deaths(cluster: Cluster, jobs: int, kills: int) -> dict:
         while not cluster.busy_workers("gpu-single"):
             time.sleep(0.05)
         victim = cluster.busy_workers("gpu-single")[0]
-        job_id, killed_at = victim["current_job"], time.time()
+        job_id = victim["current_job"]
+        stream = f"gptoss:stream:{job_id}"
+        before = sum(1 for _, f in cluster.redis.xrange(stream) if f[b"event"] == b"retry")
+        killed_at = time.time()
         os.kill(victim["pid"], signal.SIGKILL)
-        while True:  # noticed when the reaper puts the job back (its retry count goes up)
-            events = [f[b"event"] for _, f in cluster.redis.xrange(f"gptoss:stream:{job_id}")]
-            if b"retry" in events:
+        while True:  # noticed when the reaper puts the job back: one more retry event on its stream
+            if sum(1 for _, f in cluster.redis.xrange(stream) if f[b"event"] == b"retry") > before:
                 detections.append(time.time() - killed_at)
                 break
             time.sleep(0.05)
