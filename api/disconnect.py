@@ -31,7 +31,9 @@ def gone(sock: socket.socket | None) -> bool:
         readable, _, _ = select.select([sock], [], [], 0)
         if not readable:
             return False
-        return sock.recv(1, socket.MSG_PEEK) == b""
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, InterruptedError):  # a spurious wake-up: nothing to read, still there
+        return False
     except (ConnectionError, OSError):
         return True
     except ValueError:  # TLS sockets refuse MSG_PEEK
