@@ -105,16 +105,21 @@ class BatchSession:
             log.info("batch_full", job_id=job.id, rows=len(lengths), kv_budget=self.budget.budget)
             return []
         self.worker.job_began(job, queue)
-        execution = rq_lifecycle.start_job(self.worker, job)
         run = JobRun(job, self.bound, self.events)
+        with run.logging(), run.tracing():  # RQ's own lines about the job carry its ids and trace
+            execution = rq_lifecycle.start_job(self.worker, job)
         with run.logging():
             try:
                 request = run.begin(job.args[0])
+            except RedisError:
+                raise  # Redis is away: the session ends, the worker hands its jobs back
             except Exception:  # cancelled, expired or invalid: begin recorded why
                 self._fail(job, queue, execution, run, sys.exc_info(), recorded=True)
                 return []
             try:
                 completion = self.bound.runtime.completion(request, run.first_token, run.stream.text)
+            except RedisError:
+                raise
             except Exception:
                 self._fail(job, queue, execution, run, sys.exc_info(), recorded=False)
                 return []
@@ -172,6 +177,9 @@ class BatchSession:
         self._full = False
         for key in ended:
             slot = self.slots[key]
+            if isinstance(slot.row.error, RedisError):
+                # Not the job's fault: end the session; the worker hands every running job back.
+                raise slot.row.error
             if slot.row.error is not None:
                 error = slot.row.error
                 self._end(slot, (type(error), error, error.__traceback__))
@@ -187,10 +195,13 @@ class BatchSession:
                 try:
                     generation = slot.row.completion.result(cancelled=run.cancel.cancelled)
                     result = run.finish(generation)
+                except RedisError:
+                    raise
                 except Exception:  # cancelled (JobCancelled, recorded by finish) or a failure to record
                     self._fail(job, queue, slot.execution, run, sys.exc_info(), recorded=True)
                     return
-                rq_lifecycle.finish_job(self.worker, job, queue, slot.execution, result)
+                with run.tracing():
+                    rq_lifecycle.finish_job(self.worker, job, queue, slot.execution, result)
                 self.worker.job_ended(job, time.monotonic() - slot.began)
                 return
             self._fail(job, queue, slot.execution, run, exc_info, recorded=False)
@@ -200,7 +211,8 @@ class BatchSession:
     ) -> None:
         if not recorded:
             run.fail(exc_info[1])
-        rq_lifecycle.fail_job(self.worker, job, queue, execution, exc_info)
+        with run.logging(), run.tracing():
+            rq_lifecycle.fail_job(self.worker, job, queue, execution, exc_info)
         self.worker.job_ended(job, 0.0)
 
     def _read_cancels(self) -> None:

@@ -79,7 +79,9 @@ class JobRun:
 
     @contextmanager
     def logging(self) -> Iterator[None]:
-        """Log lines (RQ's too) carry this job's ids while inside."""
+        """Log lines (RQ's too) carry this job's ids while inside; what was bound before comes back
+        after (a batch enters one job's logging from inside another's callbacks)."""
+        before = structlog.contextvars.get_contextvars()
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(
             job_id=self.job.id, request_id=self.job.meta.get(META_REQUEST_ID)
@@ -88,6 +90,7 @@ class JobRun:
             yield
         finally:
             structlog.contextvars.clear_contextvars()
+            structlog.contextvars.bind_contextvars(**before)
 
     @contextmanager
     def tracing(self) -> Iterator[None]:
@@ -151,7 +154,7 @@ class JobRun:
         stamp(self.job.meta, STAGE_FIRST_TOKEN, now)
         self.job.save_meta()
         received = self.job.meta.get(META_TIMESTAMPS, {}).get(STAGE_RECEIVED, self._started)
-        with self.tracing():
+        with self.logging(), self.tracing():
             log.info("first_token", ttft_ms=round((now - received) * 1000, 1))
 
     def finish(self, generation: Generation) -> dict[str, Any]:
