@@ -23,7 +23,7 @@ LONG = {"prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,", "max_tokens": 2000, 
 def stack(redis_url: str, prepared_models, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     running, procs = start_stack(
         redis_url, prepared_models.cache_dir, tmp_path_factory.mktemp("cancel"), "smollm2-135m",
-        GPTOSS_TORCH_THREADS=1,
+        GPTOSS_TORCH_THREADS=1, GPTOSS_MAX_BATCH_SIZE=2,  # two batch slots: a third job waits
     )  # fmt: skip
     try:
         yield running
@@ -52,8 +52,9 @@ def wait_status(stack: Stack, job_id: str, status: str, timeout: float = 90) -> 
 
 
 def test_cancel_a_queued_and_a_running_job(stack: Stack) -> None:
-    running = submit(stack, LONG)
+    running, filler = submit(stack, LONG), submit(stack, LONG)  # both batch slots taken
     wait_for(lambda: tokens_streamed(stack, running) >= 3, 90, "the long job to generate")
+    wait_for(lambda: tokens_streamed(stack, filler) >= 1, 90, "the second long job to generate")
     queued = submit(stack, {**LONG, "max_tokens": 8})
     wait_for(lambda: job(stack, queued)["status"] == "scheduled", 30, "the second job to wait for the worker")
 
@@ -80,6 +81,8 @@ def test_cancel_a_queued_and_a_running_job(stack: Stack) -> None:
     wait_status(stack, after, "finished")
     ended = requests.delete(f"{stack.base}/v1/jobs/{after}", headers=stack.headers(), timeout=5)
     assert ended.status_code == 409 and ended.json()["error"]["code"] == "job_ended"
+    requests.delete(f"{stack.base}/v1/jobs/{filler}", headers=stack.headers(), timeout=5)
+    wait_status(stack, filler, "cancelled")
     # The stream of the cancelled job ends with its error event.
     last = stack.redis.xrevrange(keys.job_stream(running), count=1)[0][1]
     assert last[b"event"] == b"error" and json.loads(last[b"data"])["code"] == "job_cancelled"
