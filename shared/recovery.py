@@ -15,6 +15,7 @@ import structlog
 from pydantic import BaseModel
 from redis import Redis
 from rq.exceptions import NoSuchJobError
+from rq.intermediate_queue import IntermediateQueue
 from rq.job import JobStatus
 from rq.job_lifecycle import record_job_failure
 from rq.registry import StartedJobRegistry
@@ -113,3 +114,30 @@ def _stream_event(redis: Redis, job_id: str, event: str, data: dict[str, Any]) -
     pipe.xadd(key, {"event": event, "data": json.dumps(data)})
     pipe.expire(key, keys.STREAM_TTL)
     pipe.execute()
+
+
+def rescue_dequeued(redis: Redis, queues: list[Any]) -> list[str]:
+    """Jobs this worker took off its queues (into RQ's intermediate list) but never started, because
+    Redis went away in between: back to the front of their queue. Called when the worker's loop
+    starts again; an id still in the started registry is left alone."""
+    rescued = []
+    for queue in queues:
+        intermediate = IntermediateQueue(queue.key, connection=redis)
+        started = StartedJobRegistry(queue=queue)
+        for job_id in intermediate.get_job_ids():
+            if job_id in started:
+                continue
+            try:
+                job = fetch_job(job_id, redis)
+            except NoSuchJobError:
+                intermediate.remove(job_id)
+                continue
+            if job.get_status(refresh=True) != JobStatus.QUEUED:
+                continue
+            pipe = redis.pipeline()
+            queue.enqueue_job(job, pipeline=pipe, at_front=True)
+            pipe.lrem(intermediate.key, 0, job_id)
+            pipe.execute()
+            rescued.append(job_id)
+            log.warning("job_requeued", job_id=job_id, reason="dequeued but never started", queue=queue.name)
+    return rescued

@@ -18,7 +18,7 @@ from shared.connection import connect
 from shared.exposition import serve_metrics
 from shared.logging import configure_logging
 from shared.metrics import WorkerMetrics
-from shared.recovery import hand_back
+from shared.recovery import hand_back, rescue_dequeued
 from shared.registry import model_spec
 from shared.settings import Settings
 from shared.tracing import configure_tracing
@@ -59,6 +59,7 @@ def work_until_stopped(worker: GenerationWorker, redis: Redis, burst: bool) -> N
                     )
                 worker.running.clear()
                 worker.activity = "idle"
+                rescue_dequeued(redis, worker.queues)
         log.info("worker_loop_restarting")
 
 
