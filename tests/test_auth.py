@@ -154,3 +154,15 @@ def test_up_keeps_one_operator_key_until_it_is_revoked(
     revoke(redis, first.split("_")[1])
     second = client_key(redis_url, config)
     assert second != first and authenticate(redis, second) is not None
+
+
+def test_a_tenant_can_neither_cancel_nor_list_another_tenants_jobs(app, redis: Redis) -> None:  # type: ignore[no-untyped-def]
+    alice, _ = create_key(redis, "alice")
+    bob, _ = create_key(redis, "bob")
+    job_id = app.post("/v1/jobs", json=BODY, headers=bearer(alice)).get_json()["id"]
+    refused = app.delete(f"/v1/jobs/{job_id}", headers=bearer(bob))
+    assert refused.status_code == 404 and refused.get_json()["error"]["code"] == "job_not_found"
+    assert app.get(f"/v1/jobs/{job_id}", headers=bearer(alice)).get_json()["status"] == "queued"
+    listed = lambda key: [j["id"] for j in app.get("/v1/jobs", headers=bearer(key)).get_json()["data"]]  # noqa: E731
+    assert listed(alice) == [job_id] and listed(bob) == []
+    assert app.delete(f"/v1/jobs/{job_id}", headers=bearer(alice)).status_code == 200
