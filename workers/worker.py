@@ -145,9 +145,15 @@ class GenerationWorker(SimpleWorker):
             self.session = BatchSession(self, context.current(), self.batch_size, self.kv_budget())
             try:
                 self.session.run(job, queue)
+            except RedisError as exc:  # Redis went away mid-batch: not the jobs' fault
+                log.warning("batch_lost_redis", error=str(exc), running=list(self.running))
+                self._hand_back_after_outage()
             finally:
                 self.session = None
-                self.set_state(WorkerStatus.IDLE)
+                try:
+                    self.set_state(WorkerStatus.IDLE)
+                except RedisError:
+                    pass
             return
         # RQ's own lines about this job (success, failure, result TTL) carry its ids and trace too.
         structlog.contextvars.bind_contextvars(job_id=job.id, request_id=job.meta.get(META_REQUEST_ID))
@@ -160,6 +166,31 @@ class GenerationWorker(SimpleWorker):
             otel_context.detach(token)
             self.job_ended(job, time.perf_counter() - started)
             structlog.contextvars.clear_contextvars()
+
+    def _hand_back_after_outage(self) -> None:
+        """Once Redis answers again, put every job the batch was running back on its queue (not
+        counted as their failure). Stopped before that: the reaper hands them back."""
+        while not self._stop_requested:
+            try:
+                self.connection.ping()
+                break
+            except RedisError:
+                time.sleep(PAUSE_POLL)
+        else:
+            return
+        for job_id in list(self.running):
+            try:
+                hand_back(
+                    self.connection,
+                    job_id,
+                    "its worker lost Redis mid-job",
+                    self.settings.job_max_retries,
+                    False,
+                )
+            except RedisError as exc:
+                log.warning("hand_back_failed", job_id=job_id, error=str(exc))
+        self.running.clear()
+        self.activity = "idle"
 
     def _batches(self, job: Job) -> bool:
         """Run `job` in a batch session: batching is on, the job is a generation and the model
