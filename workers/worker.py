@@ -178,8 +178,10 @@ class GenerationWorker(SimpleWorker):
                 time.sleep(PAUSE_POLL)
         else:
             return
-        for job_id in list(self.running):
+        for job_id, queue_name in list(self.running.items()):
             try:
+                # Re-marked first: a job taken just as Redis went away may never have been marked.
+                mark_running(self.connection, job_id, self.name, queue_name)
                 hand_back(
                     self.connection,
                     job_id,
