@@ -41,7 +41,7 @@ def start(folder: Path, budget: int) -> tuple[subprocess.Popen, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GPTOSS_")}
     env.update({"GPTOSS_API_PORT": str(port), "GPTOSS_DATA_DIR": str(folder / "data"),
                 "GPTOSS_BACKLOG_BUDGET": str(budget), "GPTOSS_TENANT_BACKLOG_BUDGET": str(budget),
-                "GPTOSS_ADMIN_KEY": ADMIN_KEY, "GPTOSS_SCHEDULER_METRICS_PORT": "0",
+                "GPTOSS_ADMIN_KEY": ADMIN_KEY, "GPTOSS_AUTH": "false", "GPTOSS_SCHEDULER_METRICS_PORT": "0",
                 "GPTOSS_WORKER_METRICS_PORT": "0", "GPTOSS_LOG_FORMAT": "json"})  # fmt: skip
     log = open(folder / "up.log", "wb")  # noqa: SIM115
     up = subprocess.Popen([sys.executable, "-m", "cli", "up"], cwd=ROOT, env=env, stdout=log, stderr=log)

@@ -12,7 +12,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SimpleSpanProcessor
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
 from opentelemetry.sdk.trace.sampling import (
     Decision,
     ParentBased,
@@ -28,6 +28,9 @@ from shared.settings import Settings
 
 FORCE_TRACE_HEADER = "X-Force-Trace"
 """A request carrying this header (any non-empty value but 0) is traced whatever the ratio."""
+
+FILE_EXPORT_DELAY_MS = 200
+"""Milliseconds between writes of finished spans to the trace file."""
 
 META_TRACEPARENT = "traceparent"
 META_TRACESTATE = "tracestate"
@@ -86,7 +89,9 @@ def configure_tracing(settings: Settings, process: str) -> TracerProvider | None
     if settings.trace_dir is not None:
         settings.trace_dir.mkdir(parents=True, exist_ok=True)
         out = open(settings.trace_dir / f"{process}-{os.getpid()}.jsonl", "a", buffering=1)  # noqa: SIM115
-        provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter(out=out, formatter=_one_line)))
+        # Batched in a background thread, as OTLP export is: a job's many spans cost no I/O inline.
+        exporter = ConsoleSpanExporter(out=out, formatter=_one_line)
+        provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=FILE_EXPORT_DELAY_MS))
     trace.set_tracer_provider(provider)
     from opentelemetry.instrumentation.redis import RedisInstrumentor
 
