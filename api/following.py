@@ -35,12 +35,17 @@ class JobEvent:
 
     kind: str
     data: dict[str, Any]
+    id: str | None = None
+    """The stream entry's id (resume after it with Last-Event-ID); None for an ending read from the job."""
 
 
-def follow(redis: Redis, job_id: str, client_gone: Callable[[], bool]) -> Iterator[JobEvent | None]:
-    """The job's events from its first, until `done` or `error`; None after each empty block (a
-    chance to send a keep-alive). Raises ClientGone as soon as `client_gone()` is seen true."""
-    key, after = keys.job_stream(job_id), "0-0"
+def follow(
+    redis: Redis, job_id: str, client_gone: Callable[[], bool], after: str = "0-0"
+) -> Iterator[JobEvent | None]:
+    """The job's events after stream entry `after` (from its first by default), until `done` or
+    `error`; None after each empty block (a chance to send a keep-alive). Raises ClientGone as soon
+    as `client_gone()` is seen true."""
+    key = keys.job_stream(job_id)
     while True:
         if client_gone():
             raise ClientGone(job_id)
@@ -48,7 +53,7 @@ def follow(redis: Redis, job_id: str, client_gone: Callable[[], bool]) -> Iterat
         entries = read[0][1] if read else []
         for entry_id, fields in entries:
             after = _text(entry_id)
-            event = JobEvent(_text(fields[b"event"]), json.loads(fields[b"data"]))
+            event = JobEvent(_text(fields[b"event"]), json.loads(fields[b"data"]), after)
             yield event
             if event.kind in ("done", "error"):
                 return
@@ -69,10 +74,21 @@ def _ending_without_stream(redis: Redis, job_id: str) -> JobEvent | None:
     rq_status = job.get_status(refresh=False)
     view = build_view(job.id, job.meta, rq_status, job.return_value() if rq_status == "finished" else None)
     if view.status is JobStatus.FINISHED and view.result is not None:
-        return JobEvent("done", view.result.model_dump(mode="json"))
-    if view.error is not None and view.status is not JobStatus.FINISHED:
-        return JobEvent("error", view.error.model_dump())
+        return JobEvent(
+            "done", {**view.result.model_dump(mode="json"), "timings": view.timestamps.model_dump()}
+        )
+    if view.status in ENDED_WITHOUT_RESULT:
+        error = (
+            view.error.model_dump()
+            if view.error is not None
+            else {"code": "job_failed", "message": "The job failed."}
+        )
+        return JobEvent("error", error)
     return None
+
+
+ENDED_WITHOUT_RESULT = (JobStatus.FAILED, JobStatus.REJECTED, JobStatus.CANCELLED, JobStatus.EXPIRED)
+"""Statuses after which a job's stream gets no more events."""
 
 
 ERROR_STATUS = {
