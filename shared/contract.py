@@ -23,6 +23,9 @@ MAX_STOP_CHARS = 256
 MAX_NAME_CHARS = 128
 """Characters of a model or profile name."""
 
+SESSION_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
+"""What a session id may hold (it names Redis keys)."""
+
 
 class ChatMessage(BaseModel):
     """One message of a conversation."""
@@ -58,6 +61,14 @@ class JobRequest(BaseModel):
     reasoning_effort: Literal["low", "medium", "high"] | None = Field(
         default=None, description="Harmony models' reasoning effort; unset: the profile's"
     )
+    session_id: str | None = Field(
+        default=None,
+        pattern=SESSION_ID_PATTERN,
+        description="Multi-turn chat session: its turns go to the worker that keeps its KV cache",
+    )
+    cache: bool = Field(
+        default=True, description="false: never answer from, nor store into, the response cache"
+    )
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -84,12 +95,19 @@ class JobRequest(BaseModel):
         return self
 
 
+class PromptTokensDetails(BaseModel):
+    """What OpenAI reports of the prompt's tokens: how many came from a cache (a session's KV)."""
+
+    cached_tokens: int = 0
+
+
 class Usage(BaseModel):
     """Token counts of one job."""
 
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class JobResult(BaseModel):
@@ -102,6 +120,9 @@ class JobResult(BaseModel):
     model: str
     worker: str
     queue: str
+    cache: Literal["hit", "miss"] | None = Field(
+        default=None, description="hit: answered from the response cache; miss: generated and stored"
+    )
 
 
 class JobStatus(StrEnum):

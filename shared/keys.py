@@ -143,3 +143,28 @@ def idempotency(tenant: str, digest: str) -> str:
 RUNNING = PREFIX + "running"
 """Hash of job id -> the worker running it (JSON), so the jobs of a dead worker can be found.
 Bounded: entries leave when jobs end or are handed back."""
+
+
+def response_cache_entry(fingerprint: str) -> str:
+    """Key of one cached response (JSON of the job result), by its request's fingerprint."""
+    return f"{PREFIX}cache:response:{fingerprint}"
+
+
+RESPONSE_CACHE_LRU = PREFIX + "cache:response:lru"
+"""Sorted set of cached fingerprints (score: last use), the order of eviction."""
+
+RESPONSE_CACHE_SIZES = PREFIX + "cache:response:sizes"
+"""Hash of fingerprint -> bytes of its entry, so eviction knows what it frees."""
+
+RESPONSE_CACHE_BYTES = PREFIX + "cache:response:bytes"
+"""Bytes all cached responses take now (the sum of RESPONSE_CACHE_SIZES)."""
+
+
+def session_affinity(tenant: str, session_id: str) -> str:
+    """Key naming the worker that holds one tenant's session's KV cache (with the session's TTL)."""
+    return f"{PREFIX}session:{tenant}:{session_id}"
+
+
+def own_queue(worker_name: str) -> str:
+    """The RQ queue of one worker alone: where the scheduler routes the turns of its sessions."""
+    return f"worker:{worker_name}"

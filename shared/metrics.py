@@ -131,6 +131,22 @@ class WorkerMetrics:
             "gptoss_memory_pressure", "Used over total memory of the worker's device (0..1)",
             ["device"], registry=registry,
         )  # fmt: skip
+        self.session_hits = Counter(
+            "gptoss_session_cache_hits", "Session turns that reused the session's cached KV prefix",
+            ["model"], registry=registry,
+        )  # fmt: skip
+        self.session_misses = Counter(
+            "gptoss_session_cache_misses", "Session turns prefilled in full (no cached KV on this worker)",
+            ["model"], registry=registry,
+        )  # fmt: skip
+        self.prefix_tokens_reused = Counter(
+            "gptoss_prefix_tokens_reused", "Prompt tokens taken from a session's KV cache, not computed",
+            ["model"], registry=registry,
+        )  # fmt: skip
+        self.session_cache_bytes = Gauge(
+            "gptoss_session_cache_bytes", "Bytes of session KV caches the worker holds",
+            ["model"], registry=registry,
+        )  # fmt: skip
         self.model_load = Gauge(
             "gptoss_model_load_seconds",
             "Seconds the worker took to load its model",

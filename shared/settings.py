@@ -126,6 +126,26 @@ class Settings(BaseSettings):
     )
     webhook_timeout: float = Field(default=10.0, gt=0, description="Seconds one webhook delivery may take")
 
+    response_cache: bool = Field(
+        default=True, description="Answer deterministic requests (greedy or seeded) seen before from Redis"
+    )
+    response_cache_ttl: int = Field(
+        default=3600, ge=1, description="Seconds a cached response lives after its last use"
+    )
+    response_cache_max_bytes: int = Field(
+        default=64 * 1024 * 1024, ge=1, description="Bytes all cached responses may take (LRU beyond)"
+    )
+    response_cache_shared: bool = Field(
+        default=False,
+        description="Share cached responses across tenants (off: each tenant has its own entries)",
+    )
+    session_cache_bytes: int | None = Field(
+        default=None, ge=0, description="Bytes of session KV caches a worker keeps; unset: 10% of its memory"
+    )
+    session_ttl: int = Field(
+        default=600, ge=1, description="Seconds a session's KV cache and worker affinity live after a turn"
+    )
+
     auth: bool = Field(
         default=True,
         description="Require an API key (Authorization: Bearer) on the API; off for local development",

@@ -21,6 +21,8 @@ META_WEBHOOK = "webhook"
 META_RETENTION = "retention"
 META_CANCELLED = "cancelled"
 META_EXPIRED = "expired"
+META_CACHE_KEY = "cache_key"
+META_SESSION_WORKER = "session_worker"
 
 STAGE_RECEIVED = "received"
 STAGE_SCHEDULED = "scheduled"
