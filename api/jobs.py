@@ -39,11 +39,11 @@ Model = TypeVar("Model", bound=BaseModel)
 
 @bp.post("")
 def create():  # type: ignore[no-untyped-def]
-    """Validate a request and enqueue it; answer 202 with where to poll (200 and the same job when an
-    Idempotency-Key repeats an earlier request)."""
+    """Validate a request and enqueue it; answer 202 with where to poll (200 and the full job: when
+    an Idempotency-Key repeats an earlier request, or when the response cache answered it, finished)."""
     body = read_json()
     submitted = submit(parse_body(body, JobSubmission), "/v1/jobs", body)
-    view = job_view(owned_job(submitted.job_id)) if submitted.replayed else None
+    view = job_view(owned_job(submitted.job_id)) if submitted.replayed or submitted.cached else None
     response = jsonify(
         view.model_dump(mode="json", exclude_none=True)
         if view is not None
@@ -54,7 +54,7 @@ def create():  # type: ignore[no-untyped-def]
             "url": f"/v1/jobs/{submitted.job_id}",
         }
     )
-    response.status_code = 200 if submitted.replayed else 202
+    response.status_code = 200 if view is not None else 202
     response.headers["Location"] = f"/v1/jobs/{submitted.job_id}"
     if submitted.replayed:
         response.headers["Idempotent-Replayed"] = "true"

@@ -25,6 +25,7 @@ from shared import keys
 from shared.heartbeat import SchedulerBeat, WorkerBeat, read_live
 from shared.metrics import ApiMetrics
 from shared.queues import open_queue
+from shared.response_cache import read_stats
 
 bp = Blueprint("metrics", __name__)
 
@@ -42,7 +43,8 @@ REGISTRIES = {
 
 
 class RedisStateCollector(Collector):
-    """Reads queue depths, registry sizes and live heartbeats from Redis at each scrape."""
+    """Reads queue depths, registry sizes, live heartbeats and the response cache's size from Redis at
+    each scrape."""
 
     def __init__(self, redis: Redis):
         self._redis = redis
@@ -55,6 +57,8 @@ class RedisStateCollector(Collector):
         live = GaugeMetricFamily("gptoss_workers_live", "Workers with a live heartbeat", labels=["queue"])
         schedulers = GaugeMetricFamily("gptoss_schedulers_live", "Schedulers with a live heartbeat")
         up = GaugeMetricFamily("gptoss_redis_up", "Whether Redis answered this scrape")
+        cache_bytes = GaugeMetricFamily("gptoss_response_cache_bytes", "Bytes the response cache holds")
+        cache_entries = GaugeMetricFamily("gptoss_response_cache_entries", "Responses the cache holds")
         try:
             for name in QUEUES:
                 queue = open_queue(name, self._redis)
@@ -66,12 +70,15 @@ class RedisStateCollector(Collector):
                 live.add_metric([name], sum(1 for w in workers if w.queue == name and w.state != "loading"))
             beats = read_live(self._redis, keys.SCHEDULER_HEARTBEAT_PATTERN, SchedulerBeat)
             schedulers.add_metric([], len(beats))
+            cached = read_stats(self._redis)
+            cache_bytes.add_metric([], cached.bytes)
+            cache_entries.add_metric([], cached.entries)
             up.add_metric([], 1)
         except RedisError:
             up.add_metric([], 0)
             yield up
             return
-        yield from (waiting, registry, live, schedulers, up)
+        yield from (waiting, registry, live, schedulers, cache_bytes, cache_entries, up)
 
 
 def api_metrics(redis: Redis, model: str) -> ApiMetrics:

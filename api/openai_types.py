@@ -57,6 +57,10 @@ class SamplingFields(BaseModel):
     user: str | None = None
     profile: str | None = Field(default=None, max_length=128, description="Extension: the serving profile")
     priority: Literal["high", "normal", "low"] = Field(default="normal", description="Extension")
+    cache: bool = Field(default=True, description="Extension: false never uses the response cache")
+    session_id: str | None = Field(
+        default=None, max_length=128, description="Extension: the multi-turn session this turn belongs to"
+    )
 
     def include_usage(self) -> bool:
         """The stream should end with a usage chunk."""
@@ -67,7 +71,7 @@ class SamplingFields(BaseModel):
             return JobSubmission(
                 model=self.model, max_tokens=self.max_tokens, temperature=self.temperature,
                 top_p=self.top_p, seed=self.seed, stop=self.stop, profile=self.profile,
-                priority=self.priority, **fields,
+                priority=self.priority, cache=self.cache, session_id=self.session_id, **fields,
             )  # fmt: skip
         except ValueError as exc:  # the job contract's own checks (stop sequences, ...)
             raise ValidationFailed(f"The request has invalid fields: {exc}") from None

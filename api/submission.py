@@ -12,6 +12,7 @@ from flask import current_app, g, request
 from redis import Redis
 
 from api.admission import admitted
+from api.caching import cache_key, finish_from_cache, open_cache
 from api.services import services
 from api.tenancy import current_tenant
 from shared import idempotency, keys
@@ -19,24 +20,29 @@ from shared.contract import JobRequest, JobSubmission
 from shared.deadlines import start_deadline
 from shared.drain import enter_backlog
 from shared.errors import ModelNotFound, PromptTooLong, ValidationFailed
+from shared.normalise import canonical
 from shared.profiles import apply_profile, max_tokens_limit, profile_named
 from shared.prompts import ModelNotPrepared, load_prompt_tokenizer, prompt_token_ids
 from shared.queues import open_queue
 from shared.registry import ModelSpec, canonical_name, model_spec
+from shared.response_cache import store_target
 from shared.retention import remember
 from shared.stages import (
+    META_CACHE_KEY,
     META_DEADLINE,
     META_MODEL,
     META_PRIORITY,
     META_REQUEST_ID,
     META_RETENTION,
     META_TENANT,
+    META_TIMESTAMPS,
     META_WEBHOOK,
     STAGE_RECEIVED,
     stamp,
 )
 from shared.tracing import inject_into
-from shared.webhooks import WebhookSender
+from shared.views import build_view
+from shared.webhooks import WebhookSender, notify
 
 log = structlog.get_logger()
 
@@ -50,6 +56,8 @@ class Submitted:
     job_id: str
     model: str
     replayed: bool = False
+    cached: bool = False
+    """Answered from the response cache: the job is finished already."""
 
 
 def webhooks() -> WebhookSender:
@@ -59,8 +67,10 @@ def webhooks() -> WebhookSender:
 
 def submit(submission: JobSubmission, route: str, body: Any) -> Submitted:
     """Validate `submission` against the served model, its profile and context, and enqueue it on the
-    `incoming` queue of its priority; `route` and the raw `body` identify it for Idempotency-Key."""
+    `incoming` queue of its priority (or, when the response cache holds its answer, create it
+    finished); `route` and the raw `body` identify it for Idempotency-Key."""
     svc = services()
+    submission = canonical(submission)  # before anything reads it: equal requests, equal bytes
     payload, model, max_tokens = prepare(submission.request())
     if submission.webhook is not None:
         webhooks().check(submission.webhook)
@@ -73,9 +83,14 @@ def submit(submission: JobSubmission, route: str, body: Any) -> Submitted:
         if (existing := idempotency.claim(svc.redis, tenant, key, digest)) is not None:
             log.info("job_replayed", job_id=existing)
             return Submitted(existing, model, replayed=True)
+    fingerprint = cache_key(svc.settings, model, payload, tenant)
     try:
         svc.limits.charge(tenant, max_tokens + (_count_prompt(model_spec(model), payload) or 0))
-        job_id = _enqueue(svc.redis, submission, payload, model, tenant)
+        cached = open_cache(svc.redis, svc.settings).lookup(fingerprint) if fingerprint else None
+        if cached is not None:
+            job_id = _finish_cached(svc.redis, submission, payload, model, tenant, cached)
+        else:
+            job_id = _enqueue(svc.redis, submission, payload, model, tenant, fingerprint)
     except BaseException:
         if key is not None:
             idempotency.release(svc.redis, tenant, key)
@@ -83,6 +98,12 @@ def submit(submission: JobSubmission, route: str, body: Any) -> Submitted:
     if key is not None:
         idempotency.settle(svc.redis, tenant, key, digest, job_id, svc.settings.idempotency_ttl)
     structlog.contextvars.bind_contextvars(job_id=job_id, tenant=tenant)
+    if fingerprint is not None:
+        # The fingerprint's head names the entry in logs; the prompt never appears.
+        (svc.metrics.cache_hits if cached else svc.metrics.cache_misses).labels(model).inc()
+        log.info("cache_hit" if cached else "cache_miss", model=model, fingerprint=fingerprint[:16])
+    if cached is not None:
+        return Submitted(job_id, model, cached=True)
     svc.metrics.jobs_submitted.labels(model).inc()
     log.info(
         "job_submitted",
@@ -94,7 +115,33 @@ def submit(submission: JobSubmission, route: str, body: Any) -> Submitted:
     return Submitted(job_id, model)
 
 
-def _enqueue(redis: Redis, submission: JobSubmission, payload: JobRequest, model: str, tenant: str) -> str:
+def _finish_cached(
+    redis: Redis,
+    submission: JobSubmission,
+    payload: JobRequest,
+    model: str,
+    tenant: str,
+    cached: dict[str, Any],
+) -> str:
+    """The job of a cache hit, created finished (never queued), in the tenant's list."""
+    settings = services().settings
+    identity = {META_REQUEST_ID: g.request_id, META_MODEL: model, META_TENANT: tenant}
+    job_id, meta, result = finish_from_cache(redis, settings, submission, payload, cached, identity)
+    received = meta[META_TIMESTAMPS][STAGE_RECEIVED]
+    remember(redis, job_id, tenant, received, settings.result_ttl)
+    if submission.webhook is not None:
+        notify(webhooks(), build_view(job_id, meta, "finished", result), meta)
+    return job_id
+
+
+def _enqueue(
+    redis: Redis,
+    submission: JobSubmission,
+    payload: JobRequest,
+    model: str,
+    tenant: str,
+    fingerprint: str | None = None,
+) -> str:
     settings = services().settings
     with admitted(redis, settings, services().metrics, tenant):
         received = time.time()
@@ -110,6 +157,10 @@ def _enqueue(redis: Redis, submission: JobSubmission, payload: JobRequest, model
             meta[META_DEADLINE] = deadline
         if submission.webhook is not None:
             meta[META_WEBHOOK] = submission.webhook
+        if fingerprint is not None:
+            meta[META_CACHE_KEY] = store_target(  # the worker stores the result there
+                fingerprint, settings.response_cache_ttl, settings.response_cache_max_bytes
+            )
         stamp(meta, STAGE_RECEIVED, received)
         inject_into(meta)  # the scheduler and the worker continue this trace
         job = open_queue(keys.priority_queue(keys.INCOMING_QUEUE, submission.priority), redis).enqueue(

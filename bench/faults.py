@@ -54,6 +54,7 @@ class Cluster:
             {
                 "GPTOSS_REDIS_URL": f"redis://127.0.0.1:{self.port}/0",
                 "GPTOSS_AUTH": "false",
+                "GPTOSS_RESPONSE_CACHE": "false",  # repeats must run, not be answered from the cache
                 "GPTOSS_API_PORT": str(self.api_port),
                 "GPTOSS_HEARTBEAT_INTERVAL": "0.5",
                 "GPTOSS_HEARTBEAT_TTL": "3",

@@ -37,7 +37,8 @@ def start_stack(name: str, folder: Path, extra: dict[str, str]) -> tuple[subproc
     env = {k: v for k, v in os.environ.items() if not k.startswith("GPTOSS_")}
     env.update({"GPTOSS_API_PORT": str(port), "GPTOSS_DATA_DIR": str(folder / name / "data"),
                 "GPTOSS_SCHEDULER_METRICS_PORT": str(free_port()), "GPTOSS_WORKER_METRICS_PORT": "0",
-                "GPTOSS_LOG_FORMAT": "json", "GPTOSS_AUTH": "false", **extra})  # fmt: skip
+                "GPTOSS_LOG_FORMAT": "json", "GPTOSS_AUTH": "false",
+                "GPTOSS_RESPONSE_CACHE": "false", **extra})  # fmt: skip  # repeats must generate
     log = open(folder / f"{name}.log", "wb")  # noqa: SIM115
     up = subprocess.Popen([sys.executable, "-m", "cli", "up"], cwd=ROOT, env=env, stdout=log, stderr=log)
     return up, f"http://127.0.0.1:{port}"

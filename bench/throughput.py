@@ -78,7 +78,8 @@ def start_stack(folder: Path, concurrent: int) -> tuple[subprocess.Popen, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GPTOSS_")}
     env.update({"GPTOSS_API_PORT": str(port), "GPTOSS_DATA_DIR": str(folder / "data"), "GPTOSS_AUTH": "false",
                 "GPTOSS_MAX_BATCH_SIZE": str(concurrent), "GPTOSS_SCHEDULER_METRICS_PORT": "0",
-                "GPTOSS_WORKER_METRICS_PORT": "0", "GPTOSS_LOG_FORMAT": "json"})  # fmt: skip
+                "GPTOSS_WORKER_METRICS_PORT": "0", "GPTOSS_LOG_FORMAT": "json",
+                "GPTOSS_RESPONSE_CACHE": "false"})  # fmt: skip  # measure generation, not cache hits
     log = open(folder / "up.log", "wb")  # noqa: SIM115
     up = subprocess.Popen([sys.executable, "-m", "cli", "up"], cwd=ROOT, env=env, stdout=log, stderr=log)
     base = f"http://127.0.0.1:{port}"

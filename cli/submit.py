@@ -25,7 +25,7 @@ def submit_and_wait(
     base = settings.api_url.rstrip("/")
     headers = {"Authorization": f"Bearer {settings.api_key.get_secret_value()}"} if settings.api_key else {}
     answer = requests.post(f"{base}/v1/jobs", json=body, headers=headers, timeout=30)
-    if answer.status_code != 202:
+    if answer.status_code not in (200, 202):  # 200: answered at once, from the response cache
         click.echo(f"submit refused ({answer.status_code}): {answer.text}", err=True)
         return 1
     job = answer.json()
@@ -36,7 +36,9 @@ def submit_and_wait(
         if view["status"] in TERMINAL:
             if view["status"] == "finished":
                 click.echo(view["result"]["text"])
-                route = view.get("route", {}).get("queue")
+                route = (
+                    "cache" if view["result"].get("cache") == "hit" else view.get("route", {}).get("queue")
+                )
                 usage = view["result"]["usage"]
                 click.echo(
                     f"[{route}; {usage['prompt_tokens']}+{usage['completion_tokens']} tokens]", err=True

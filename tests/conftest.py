@@ -61,8 +61,9 @@ def settings(redis_url: str) -> Callable[..., Settings]:
     """Build Settings for the test's Redis, with overrides."""
 
     def make(**overrides: object) -> Settings:
-        # Auth is off unless a test is about it (tests/test_auth.py turns it on).
-        return Settings(**{"redis_url": redis_url, "auth": False, **overrides})
+        # Auth is off unless a test is about it (tests/test_auth.py turns it on); so is the response
+        # cache (tests/test_cache.py), which would answer a test's repeated greedy request itself.
+        return Settings(**{"redis_url": redis_url, "auth": False, "response_cache": False, **overrides})
 
     return make
 
@@ -83,9 +84,11 @@ def process_env(**values: object) -> dict[str, str]:
     """The environment for a child process: ours without GPTOSS_* and with `values`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("GPTOSS_")}
     # Metrics endpoints off unless a test asks: fixed default ports would clash between processes.
+    # The response cache too: it would answer a test's repeated greedy request (tests/test_cache.py).
     env.update(
-        {"GPTOSS_SCHEDULER_METRICS_PORT": "0", "GPTOSS_WORKER_METRICS_PORT": "0", "GPTOSS_AUTH": "false"}
-    )
+        {"GPTOSS_SCHEDULER_METRICS_PORT": "0", "GPTOSS_WORKER_METRICS_PORT": "0", "GPTOSS_AUTH": "false",
+         "GPTOSS_RESPONSE_CACHE": "false"}
+    )  # fmt: skip
     env.update({k: str(v) for k, v in values.items()})
     env["GPTOSS_LOG_FORMAT"] = "json"
     return env

@@ -18,7 +18,9 @@ from shared.contract import JobRequest, JobResult, Usage
 from shared.deadlines import expiry_message, past_deadline
 from shared.endings import retention_of
 from shared.errors import DeadlineExceeded, GptossError, JobCancelled
+from shared.response_cache import store_finished
 from shared.stages import (
+    META_CACHE_KEY,
     META_CANCELLED,
     META_ERROR,
     META_EXPIRED,
@@ -181,7 +183,10 @@ class JobRun:
                 model=bound.runtime.spec.name,
                 worker=bound.worker_name,
                 queue=bound.queue,
+                cache="miss" if job.meta.get(META_CACHE_KEY) else None,
             )
+            # Before `done`: a client that saw it and asks again finds it.
+            store_finished(job.connection, job.meta.get(META_CACHE_KEY), result.model_dump(mode="json"))
             self.stream.done(result.model_dump(mode="json"), job.meta.get(META_TIMESTAMPS, {}))
             final = build_view(job.id, job.meta, "finished", result.model_dump(mode="json"))
             notify(bound.webhooks, final, job.meta)
