@@ -17,9 +17,18 @@ from redis.exceptions import RedisError
 from rq.job import Job
 
 from scheduler.intake import Intake
-from scheduler.routing import Admission, Decision, Thresholds, WorkerState, admit, place
+from scheduler.routing import (
+    REASON_SESSION_AFFINITY,
+    Admission,
+    Decision,
+    Thresholds,
+    WorkerState,
+    admit,
+    place,
+)
 from scheduler.tokens import PromptCounter
 from shared import decisions, keys
+from shared.affinity import worker_of
 from shared.cancellation import cancel_requested
 from shared.contract import JobRequest, RouteTaken
 from shared.deadlines import expiry_message, past_deadline
@@ -183,17 +192,29 @@ class Scheduler:
     def _place(self, job: Job, prompt_tokens: int) -> None:
         received = job.meta.get(META_TIMESTAMPS, {}).get(STAGE_RECEIVED, time.time())
         workers = [
-            WorkerState(queue=b.queue, pressure=b.pressure, free_slots=b.free_slots)
+            WorkerState(queue=b.queue, pressure=b.pressure, free_slots=b.free_slots, name=b.name)
             for b in read_live(self._redis, keys.WORKER_HEARTBEAT_PATTERN, WorkerBeat)
             if b.state != "loading"
         ]
-        decision = place(prompt_tokens, workers, time.time() - received, self._limits)
+        affinity = self._affinity(job)
+        decision = place(prompt_tokens, workers, time.time() - received, self._limits, affinity)
+        if affinity is not None and decision.reason != REASON_SESSION_AFFINITY:
+            # The worker holding the cache is gone or cannot take it: routed as usual, full prefill.
+            log.info("session_affinity_lost", worker=affinity, reason=decision.reason)
         if decision.action == "reject":
             self._reject(job, decision.reason, decision.message, prompt_tokens)
         elif decision.action == "hold":
             self._hold(job, decision, received, prompt_tokens)
         else:
             self._route(job, decision, prompt_tokens)
+
+    def _affinity(self, job: Job) -> str | None:
+        """The worker holding the cache of the job's session, if it is a session's turn."""
+        payload = job.args[0] if job.args else None
+        session_id = payload.get("session_id") if isinstance(payload, dict) else None
+        if not session_id:
+            return None
+        return worker_of(self._redis, job.meta.get(META_TENANT) or keys.DEFAULT_TENANT, session_id)
 
     def _route(self, job: Job, decision: Decision, prompt_tokens: int) -> None:
         queue = decision.queue or keys.SINGLE_QUEUE
@@ -216,11 +237,15 @@ class Scheduler:
             job.meta[META_ROUTE] = taken.model_dump()
             stamp(job.meta, STAGE_SCHEDULED, time.time())
             inject_into(job.meta)  # the worker's spans become children of this one
-            target = keys.priority_queue(queue, job.meta.get(META_PRIORITY, "normal"))
+            # A worker's own queue has no priority levels (it serves it before all others).
+            own = decision.reason == REASON_SESSION_AFFINITY
+            target = queue if own else keys.priority_queue(queue, job.meta.get(META_PRIORITY, "normal"))
             self._intake.hand_over(job, open_queue(target, self._redis))
         self.routed += 1
         if self._metrics is not None:
-            self._metrics.routing_decisions.labels(queue, decision.reason).inc()
+            # Never a worker's own queue name as a label: one series per worker process would pile up.
+            label = "own" if decision.reason == REASON_SESSION_AFFINITY else queue
+            self._metrics.routing_decisions.labels(label, decision.reason).inc()
         self._remember(job, "route", queue, decision.reason, prompt_tokens)
         log.info(
             "route_decided", queue=queue, reason=decision.reason, prompt_tokens=prompt_tokens, held=was_held

@@ -14,6 +14,7 @@ from redis import Redis
 from redis.exceptions import RedisError
 
 from shared import keys
+from shared.affinity import own_queue_owners, release_own_queue
 from shared.heartbeat import WorkerBeat, read_live
 from shared.metrics import SchedulerMetrics
 from shared.recovery import hand_back, running
@@ -86,4 +87,8 @@ class Reaper:
                 outcome=outcome,
                 detected_after_s=round(detected_after, 2),
             )
+        for owner in own_queue_owners(self._redis) - live:
+            # Session turns routed to a worker that died before taking them: routed afresh.
+            for job_id in release_own_queue(self._redis, owner):
+                outcomes[job_id] = "requeued"
         return outcomes

@@ -13,6 +13,7 @@ from shared import keys
 REASON_WITHIN_THRESHOLD = "within_threshold"
 REASON_OVER_THRESHOLD = "over_threshold"
 REASON_PRESSURE_SPILL = "pressure_spill"
+REASON_SESSION_AFFINITY = "session_affinity"
 REJECT_PROMPT_TOO_LONG = "prompt_too_long"
 REJECT_CONTEXT_EXCEEDED = "context_exceeded"
 HOLD_NO_LIVE_WORKER = "no_live_worker"
@@ -54,6 +55,7 @@ class WorkerState:
     pressure: float
     free_slots: int = 1
     """Batch slots free now; a spill needs room on the other queue, a normal route only a queue."""
+    name: str = ""
 
 
 @dataclass(frozen=True)
@@ -116,10 +118,22 @@ def can_take(worker: WorkerState, prompt_tokens: int, limits: Thresholds) -> boo
     return not (level is Level.WARN and prompt_tokens > limits.long_prompt_tokens)
 
 
-def place(prompt_tokens: int, workers: Sequence[WorkerState], waited: float, limits: Thresholds) -> Decision:
-    """Route by size, spill a gpu-single request to gpu-multi under pressure, else hold; a job held
-    longer than `limits.hold_timeout` is rejected with the reason it was held."""
+def place(
+    prompt_tokens: int,
+    workers: Sequence[WorkerState],
+    waited: float,
+    limits: Thresholds,
+    affinity: str | None = None,
+) -> Decision:
+    """Send a session's turn to the worker holding its cache (`affinity`) while that worker is live,
+    on the queue its size needs and can take it; else route by size, spill a gpu-single request to
+    gpu-multi under pressure, else hold; a job held longer than `limits.hold_timeout` is rejected
+    with the reason it was held."""
     sized = route(prompt_tokens, limits.multi_gpu_threshold)
+    holder = next((w for w in workers if affinity and w.name == affinity), None)
+    if holder is not None and holder.queue == sized.queue and can_take(holder, prompt_tokens, limits):
+        message = f"Worker {holder.name} holds this session's cache."
+        return Decision("route", REASON_SESSION_AFFINITY, message, keys.own_queue(holder.name))
     on_target = [w for w in workers if w.queue == sized.queue]
     if any(can_take(w, prompt_tokens, limits) for w in on_target):
         return Decision("route", sized.reason, _route_message(sized, prompt_tokens, limits), sized.queue)

@@ -165,6 +165,18 @@ def session_affinity(tenant: str, session_id: str) -> str:
     return f"{PREFIX}session:{tenant}:{session_id}"
 
 
+OWN_QUEUE_PREFIX = "worker:"
+"""Names of workers' own queues start with this."""
+
+
 def own_queue(worker_name: str) -> str:
     """The RQ queue of one worker alone: where the scheduler routes the turns of its sessions."""
-    return f"worker:{worker_name}"
+    return OWN_QUEUE_PREFIX + worker_name
+
+
+def requeue_target(origin: str, priority: str) -> str:
+    """Where a job handed back from `origin` waits again: its queue, except that a job taken from a
+    worker's own queue goes back to `incoming`, to be routed afresh (that worker is gone)."""
+    if origin.startswith(OWN_QUEUE_PREFIX):
+        return priority_queue(INCOMING_QUEUE, priority)
+    return origin

@@ -22,6 +22,7 @@ from rq.registry import StartedJobRegistry
 
 from shared import keys
 from shared.queues import fetch_job, open_queue
+from shared.stages import META_PRIORITY
 
 log = structlog.get_logger()
 
@@ -81,10 +82,11 @@ def _hand_back(
         return "gone"
     if job.get_status(refresh=True) in (JobStatus.FINISHED, JobStatus.FAILED, JobStatus.CANCELED):
         return "gone"  # it ended after all: the result stands, nothing runs twice
-    queue = open_queue(job.origin, redis)
+    origin = open_queue(job.origin, redis)
+    queue = open_queue(keys.requeue_target(job.origin, job.meta.get(META_PRIORITY, "normal")), redis)
     retries = int(job.meta.get(META_RETRIES, 0)) + (1 if count_attempt else 0)
     job.meta[META_RETRIES] = retries
-    started = StartedJobRegistry(queue=queue)
+    started = StartedJobRegistry(queue=origin)
     if retries > max_retries:
         message = f"The job's worker was lost {retries} times ({reason}); it was not retried again."
         job.meta["error"] = {"code": "worker_lost", "message": message}

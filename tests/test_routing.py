@@ -6,6 +6,7 @@ from scheduler.routing import (
     HOLD_NO_LIVE_WORKER,
     REASON_OVER_THRESHOLD,
     REASON_PRESSURE_SPILL,
+    REASON_SESSION_AFFINITY,
     REASON_WITHIN_THRESHOLD,
     REJECT_CONTEXT_EXCEEDED,
     REJECT_HOLD_EXPIRED,
@@ -148,3 +149,33 @@ def test_hold_deadline_applies_to_pressure_too() -> None:
 
 def test_routable_job_is_routed_even_after_a_long_wait() -> None:
     assert place(100, [SINGLE_OK], 3600, LIMITS).action == "route"
+
+
+# place() with a session's affinity: the worker holding its cache, while it can take the turn.
+
+
+def test_a_session_turn_goes_to_the_worker_holding_its_cache() -> None:
+    holder = WorkerState(keys.SINGLE_QUEUE, 0.10, name="w2")
+    decision = place(100, [SINGLE_OK, holder, MULTI_OK], 0, LIMITS, affinity="w2")
+    assert (decision.action, decision.queue, decision.reason) == (
+        "route",
+        keys.own_queue("w2"),
+        REASON_SESSION_AFFINITY,
+    )
+
+
+def test_lost_or_unfit_affinity_falls_back_to_normal_routing() -> None:
+    gone = place(100, [SINGLE_OK], 0, LIMITS, affinity="w2")  # w2 has no live heartbeat
+    assert (gone.queue, gone.reason) == (keys.SINGLE_QUEUE, REASON_WITHIN_THRESHOLD)
+    critical = WorkerState(keys.SINGLE_QUEUE, 0.97, name="w2")
+    pressed = place(100, [SINGLE_OK, critical], 0, LIMITS, affinity="w2")
+    assert (pressed.queue, pressed.reason) == (keys.SINGLE_QUEUE, REASON_WITHIN_THRESHOLD)
+    grown = place(9000, [WorkerState(keys.SINGLE_QUEUE, 0.1, name="w2"), MULTI_OK], 0, LIMITS, affinity="w2")
+    assert (grown.queue, grown.reason) == (keys.MULTI_QUEUE, REASON_OVER_THRESHOLD)  # outgrew gpu-single
+
+
+def test_a_handed_back_session_turn_is_routed_afresh() -> None:
+    assert keys.requeue_target(keys.own_queue("w2"), "high") == keys.priority_queue(
+        keys.INCOMING_QUEUE, "high"
+    )
+    assert keys.requeue_target(keys.SINGLE_QUEUE, "high") == keys.SINGLE_QUEUE

@@ -12,6 +12,7 @@ from transformers import DynamicCache
 
 from workers.completion import Completion
 from workers.sampling import Sampler, choose
+from workers.sessions import Layers, SessionPrefix
 
 
 @dataclass
@@ -23,6 +24,8 @@ class Row:
     sampler: Sampler
     error: BaseException | None = None
     """What went wrong with this row alone (its text could not be decoded or streamed)."""
+    prefix: SessionPrefix | None = None
+    """Keys and values of the start of its prompt, from its session's last turn: not computed again."""
 
     def add(self, token: int) -> None:
         """Give the row its next token; a failure stays with the row, not the batch."""
@@ -58,9 +61,16 @@ class DecodeBatch:
         return int(self._mask.shape[1])
 
     def join(self, rows: list[Row]) -> None:
-        """Prefill `rows` together and merge them into the batch; each gets its first token."""
-        if not rows:
-            return
+        """Prefill `rows` and merge them into the batch; each gets its first token. Rows without a
+        cached prefix are prefilled together; one with a prefix computes only the rest of its prompt."""
+        cold = [r for r in rows if r.prefix is None]
+        if cold:
+            self._join_cold(cold)
+        for row in rows:
+            if row.prefix is not None:
+                self._join_warm(row, row.prefix)
+
+    def _join_cold(self, rows: list[Row]) -> None:
         width = max(len(r.completion.prompt_ids) for r in rows)
         ids = torch.tensor(
             [[self.pad_id] * (width - len(r.completion.prompt_ids)) + r.completion.prompt_ids for r in rows],
@@ -71,13 +81,53 @@ class DecodeBatch:
             device=self.device,
         )
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        self._prefill(rows, ids, mask, positions, DynamicCache())
+
+    def _join_warm(self, row: Row, prefix: SessionPrefix) -> None:
+        prompt = row.completion.prompt_ids
         cache = DynamicCache()
+        for index, (keys, values) in enumerate(prefix.layers):
+            cache.update(keys, values, index)
+        ids = torch.tensor([prompt[prefix.length :]], device=self.device)
+        mask = torch.ones((1, len(prompt)), dtype=torch.long, device=self.device)
+        positions = torch.arange(prefix.length, len(prompt), device=self.device)[None, :]
+        self._prefill([row], ids, mask, positions, cache)
+
+    def _prefill(
+        self,
+        rows: list[Row],
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        cache: DynamicCache,
+    ) -> None:
         logits = self._forward(ids, mask, positions, cache)
         first = choose(logits, [r.sampler for r in rows])
         self._merge(cache, mask, positions[:, -1:], first)
         self.rows.extend(rows)
         for row, token in zip(rows, first.tolist(), strict=True):
             row.add(int(token))
+
+    def row_state(self, key: str) -> tuple[list[int], Layers] | None:
+        """The tokens in the cache for row `key` and their keys and values (copied out of the
+        batch), for its session's next turn; None when they do not line up."""
+        index = next((i for i, r in enumerate(self.rows) if r.key == key), None)
+        if index is None or self._cache is None:
+            return None
+        completion = self.rows[index].completion
+        # The last token chosen was never fed back through the model: its keys are not cached.
+        token_ids = completion.prompt_ids + completion.token_ids[:-1]
+        held = int(self._mask[index].sum())
+        if held != len(token_ids) or held == 0:
+            return None
+        layers = [
+            (
+                layer.keys[index : index + 1, :, -held:].clone(),
+                layer.values[index : index + 1, :, -held:].clone(),
+            )
+            for layer in self._cache.layers
+        ]
+        return token_ids, layers
 
     def step(self) -> None:
         """One decode step: every row gets its next token."""

@@ -16,13 +16,17 @@ from rq.job import Job
 from rq.queue import Queue
 from rq.timeouts import JobTimeoutException
 
+from shared.affinity import remember_worker
 from shared.cancellation import CANCEL_POLL, cancels_requested
 from shared.contract import JobRequest
+from shared.keys import DEFAULT_TENANT
+from shared.stages import META_TENANT
 from workers import rq_lifecycle
 from workers.batch import DecodeBatch, Row
 from workers.jobs import JobRun
 from workers.kv_budget import KvBudget
 from workers.sampling import sampler_for
+from workers.sessions import SessionPrefix, session_key
 from workers.stream import EventBuffer
 
 if TYPE_CHECKING:
@@ -45,6 +49,8 @@ class Slot:
     run: JobRun
     row: Row
     began: float
+    session: str | None = None
+    """Its tenant's session (see workers/sessions.py), whose cache it leaves when it ends."""
 
 
 class BatchSession:
@@ -123,10 +129,54 @@ class BatchSession:
             except Exception:
                 self._fail(job, queue, execution, run, sys.exc_info(), recorded=False)
                 return []
-        row = Row(job.id, completion, sampler_for(request, self.batch.device))
-        slot = Slot(job, queue, execution, run, row, time.monotonic())
+            session = (
+                session_key(job.meta.get(META_TENANT) or DEFAULT_TENANT, request.session_id)
+                if request.session_id
+                else None
+            )
+            prefix = self._reuse(session, completion.prompt_ids)
+            completion.cached_tokens = prefix.length if prefix is not None else 0
+        row = Row(job.id, completion, sampler_for(request, self.batch.device), prefix=prefix)
+        slot = Slot(job, queue, execution, run, row, time.monotonic(), session)
         self.slots[job.id] = slot
         return [slot]
+
+    def _reuse(self, session: str | None, prompt_ids: list[int]) -> SessionPrefix | None:
+        """The cached start of a session turn's prompt on this worker, if any (counted and logged)."""
+        store = self.worker.session_store()
+        if session is None or store is None:
+            return None
+        prefix = store.take(session, prompt_ids)
+        metrics, model = self.bound.metrics, self.bound.runtime.spec.name
+        if metrics is not None:
+            (metrics.session_hits if prefix is not None else metrics.session_misses).labels(model).inc()
+            if prefix is not None:
+                metrics.prefix_tokens_reused.labels(model).inc(prefix.length)
+        reused = prefix.length if prefix is not None else 0
+        log.info(
+            "session_hit" if prefix else "session_miss", prefix_tokens=reused, prompt_tokens=len(prompt_ids)
+        )
+        return prefix
+
+    def _keep_session(self, slot: Slot) -> None:
+        """Keep an ended session turn's keys and values for its next turn, and tell the scheduler
+        this worker holds them."""
+        store = self.worker.session_store()
+        if slot.session is None or store is None:
+            return
+        state = self.batch.row_state(slot.job.id)
+        if state is None or not store.put(slot.session, *state):
+            return
+        request = slot.run.request
+        assert request is not None and request.session_id is not None
+        tenant = slot.job.meta.get(META_TENANT) or DEFAULT_TENANT
+        remember_worker(
+            self.worker.connection,
+            tenant,
+            request.session_id,
+            self.worker.name,
+            self.worker.settings.session_ttl,
+        )
 
     def _worst_case(self, job: Job) -> int:
         """Prompt + max_tokens of `job` (0 when it cannot be read: it joins, and fails on its own)."""
@@ -173,6 +223,10 @@ class BatchSession:
                 ended.add(key)
         if not ended:
             return
+        for key in ended:
+            slot = self.slots[key]
+            if slot.row.error is None and not slot.run.cancel.cancelled:
+                self._keep_session(slot)
         self.batch.drop(ended)
         self._full = False
         for key in ended:

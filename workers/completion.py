@@ -25,6 +25,8 @@ class Generation:
     reasoning: str | None = None
     token_ids: tuple[int, ...] = ()
     cancelled: bool = False
+    cached_tokens: int = 0
+    """Prompt tokens whose keys and values came from the session's cache, not computed."""
 
 
 class Completion:
@@ -50,6 +52,7 @@ class Completion:
         self._on_first_token, self._on_text = on_first_token, on_text
         self._has_reasoning = has_reasoning
         self.token_ids: list[int] = []
+        self.cached_tokens = 0
 
     def add(self, token: int) -> None:
         """One new token."""
@@ -90,4 +93,5 @@ class Completion:
             reasoning,
             tuple(ids),
             cancelled and not end_token,
+            self.cached_tokens,
         )

@@ -14,6 +14,7 @@ from redis import Redis
 from redis.exceptions import RedisError
 from tenacity import Retrying, retry_if_exception_type, wait_exponential
 
+from shared.affinity import release_own_queue
 from shared.connection import connect
 from shared.exposition import serve_metrics
 from shared.logging import configure_logging
@@ -63,6 +64,14 @@ def work_until_stopped(worker: GenerationWorker, redis: Redis, burst: bool) -> N
         log.info("worker_loop_restarting")
 
 
+def release_sessions(redis: Redis, name: str) -> None:
+    """As the worker stops: turns already routed to it are routed afresh (its caches die with it)."""
+    try:
+        release_own_queue(redis, name)
+    except RedisError as exc:  # the scheduler's reaper releases them once our heartbeat lapses
+        structlog.get_logger().warning("own_queue_not_released", error=str(exc))
+
+
 def main(settings: Settings | None = None, burst: bool = False) -> None:
     """Build settings, configure logging, tracing and metrics, load the model once, work the queue."""
     settings = settings or Settings()
@@ -109,4 +118,5 @@ def main(settings: Settings | None = None, burst: bool = False) -> None:
         if runtime is not None and runtime.relay is not None:
             runtime.relay.release()  # the other tensor-parallel ranks stop too
         heartbeat.stop()
+        release_sessions(redis, worker.name)
         log.info("worker_stopped", name=worker.name, jobs_done=worker.jobs_done)

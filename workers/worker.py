@@ -22,6 +22,7 @@ from rq.utils import now as utcnow
 from rq.worker import WorkerStatus
 
 from shared import keys
+from shared.affinity import release_own_queue
 from shared.drain import leave_backlog, record_done
 from shared.heartbeat import Heartbeat, WorkerBeat
 from shared.metrics import WorkerMetrics
@@ -34,6 +35,7 @@ from workers import context
 from workers.batching import BatchSession
 from workers.kv_budget import KvBudget, budget_bytes
 from workers.memory import MemoryReading, read_memory, relieve_memory
+from workers.sessions import SessionStore, session_budget
 
 log = structlog.get_logger()
 
@@ -72,6 +74,7 @@ class GenerationWorker(SimpleWorker):
         self.batch_size = settings.batch_size()
         self.session: BatchSession | None = None
         self._kv_budget: KvBudget | None = None
+        self._sessions: SessionStore | None = None
         self._pressure_checked, self._may_take = 0.0, True
         self.jobs_done = 0
         self.tokens_per_second: float | None = None
@@ -106,6 +109,7 @@ class GenerationWorker(SimpleWorker):
         if self.memory().pressure < self.settings.memory_critical:
             return
         log.warning("memory_critical_paused", pressure=round(self.memory().pressure, 3))
+        self._shed_sessions(self.memory().pressure)
         relieve_memory(self.device)
         while not self._stop_requested and self.memory().pressure >= self.settings.memory_warn:
             self.heartbeat()  # RQ's own worker key stays alive while we wait
@@ -127,8 +131,26 @@ class GenerationWorker(SimpleWorker):
         now = time.monotonic()
         if now - self._pressure_checked >= BATCH_PRESSURE_CHECK:
             self._pressure_checked = now
-            self._may_take = self.memory().pressure < self.settings.memory_critical
+            pressure = self.memory().pressure
+            if pressure >= self.settings.memory_warn:
+                self._shed_sessions(pressure)
+            self._may_take = pressure < self.settings.memory_critical
         return self._may_take
+
+    def session_store(self) -> SessionStore | None:
+        """This worker's session KV caches (None when their budget is 0)."""
+        if self._sessions is None:
+            budget = session_budget(self.settings.session_cache_bytes, self.memory().total)
+            if budget <= 0:
+                return None
+            self._sessions = SessionStore(budget, self.settings.session_ttl)
+        return self._sessions
+
+    def _shed_sessions(self, pressure: float) -> None:
+        """Under memory pressure, session caches go first (a later turn only prefills in full)."""
+        if self._sessions is not None and len(self._sessions):
+            freed = self._sessions.shed()
+            log.warning("session_cache_shed", bytes=freed, pressure=round(pressure, 3))
 
     def kv_budget(self) -> KvBudget:
         """The batch's KV cache budget (from settings, else a share of the device's memory)."""
@@ -197,7 +219,10 @@ class GenerationWorker(SimpleWorker):
     def _batches(self, job: Job) -> bool:
         """Run `job` in a batch session: batching is on, the job is a generation and the model
         can batch (tensor-parallel runtimes run one request at a time)."""
-        if self.batch_size <= 1 or job.func_name != keys.GENERATE_FUNC:
+        if job.func_name != keys.GENERATE_FUNC:
+            return False
+        # A session turn goes through the batch path even alone: that is where its cache is reused.
+        if self.batch_size <= 1 and not _is_session_turn(job):
             return False
         try:
             return context.current_runtime().can_batch
@@ -249,6 +274,7 @@ class GenerationWorker(SimpleWorker):
         log.warning("worker_exiting", handed_back=job_ids)
         if self.on_exit is not None:
             self.on_exit()
+        release_own_queue(self.connection, self.name)  # turns routed here are routed afresh
         try:
             self.register_death()
         finally:
@@ -269,7 +295,11 @@ class GenerationWorker(SimpleWorker):
         running_jobs = list(self.running)
         running = len(running_jobs)
         session = self.session
+        sessions = self._sessions
+        if sessions is not None:
+            sessions.expire()
         if self.metrics is not None:
+            self.metrics.session_cache_bytes.labels(self.model_name).set(sessions.nbytes if sessions else 0)
             self.metrics.memory_used.labels(memory.device).set(memory.used)
             self.metrics.memory_total.labels(memory.device).set(memory.total)
             self.metrics.memory_pressure.labels(memory.device).set(memory.pressure)
@@ -298,6 +328,11 @@ class GenerationWorker(SimpleWorker):
         )
 
 
+def _is_session_turn(job: Job) -> bool:
+    payload = job.args[0] if job.args else None
+    return isinstance(payload, dict) and bool(payload.get("session_id"))
+
+
 def quiet_dequeue_lines(record: logging.LogRecord) -> bool:
     """Drop RQ's per-job dequeue line, logged before the job's ids can be bound: our `job_started`
     event says the same with request id, job id and trace id (a filter for the `rq.worker` logger,
@@ -313,10 +348,12 @@ def worker_name(queue: str) -> str:
 def build_worker(
     settings: Settings, redis: Redis, device: str, metrics: WorkerMetrics | None = None
 ) -> tuple[GenerationWorker, Heartbeat]:
-    """The worker for `settings.worker_queue` (its queues of every priority, highest first, as RQ
-    serves several queues) and the heartbeat that reports it."""
+    """The worker for `settings.worker_queue` (its own queue first, where its sessions' turns come,
+    then its queues of every priority, highest first, as RQ serves several queues) and the
+    heartbeat that reports it."""
     name = worker_name(settings.worker_queue)
-    queues = [open_queue(q, redis) for q in keys.queues_by_priority(settings.worker_queue)]
+    names = [keys.own_queue(name), *keys.queues_by_priority(settings.worker_queue)]
+    queues = [open_queue(q, redis) for q in names]
     worker = GenerationWorker(queues, redis, name, settings, device, metrics)
     heartbeat = Heartbeat(
         redis, keys.worker_heartbeat(name), worker.beat, settings.heartbeat_interval, settings.heartbeat_ttl

@@ -1,0 +1,55 @@
+"""Session affinity: which worker holds a session's KV cache (a Redis key with the session's TTL),
+and the worker's own queue, where the scheduler sends that session's turns."""
+
+from __future__ import annotations
+
+import structlog
+from redis import Redis
+from rq.exceptions import NoSuchJobError
+
+from shared import keys
+from shared.queues import fetch_job, open_queue
+from shared.stages import META_PRIORITY
+
+log = structlog.get_logger()
+
+
+def remember_worker(redis: Redis, tenant: str, session_id: str, worker: str, ttl: int) -> None:
+    """Session `session_id` of `tenant` is cached on `worker` for the next `ttl` seconds."""
+    redis.set(keys.session_affinity(tenant, session_id), worker, ex=ttl)
+
+
+def worker_of(redis: Redis, tenant: str, session_id: str) -> str | None:
+    """The worker holding the session's cache, as last recorded (it may have gone since)."""
+    raw = redis.get(keys.session_affinity(tenant, session_id))
+    return raw.decode() if isinstance(raw, bytes) else raw
+
+
+def own_queue_owners(redis: Redis) -> set[str]:
+    """Workers that have an own queue registered in RQ."""
+    prefix = "rq:queue:" + keys.OWN_QUEUE_PREFIX
+    names = (m.decode() if isinstance(m, bytes) else m for m in redis.smembers("rq:queues"))
+    return {name[len(prefix) :] for name in names if name.startswith(prefix)}
+
+
+def release_own_queue(redis: Redis, worker: str) -> list[str]:
+    """Jobs waiting in `worker`'s own queue go back to `incoming` (their priority's), to be routed
+    afresh with a full prefill; the queue itself is removed. For a worker that stopped or died."""
+    queue = open_queue(keys.own_queue(worker), redis)
+    moved = []
+    for job_id in queue.get_job_ids():
+        try:
+            job = fetch_job(job_id, redis)
+        except NoSuchJobError:
+            queue.remove(job_id)
+            continue
+        target = open_queue(keys.requeue_target(queue.name, job.meta.get(META_PRIORITY, "normal")), redis)
+        pipe = redis.pipeline()
+        target.enqueue_job(job, pipeline=pipe, at_front=True)
+        pipe.lrem(queue.key, 0, job_id)
+        pipe.execute()
+        moved.append(job_id)
+        log.warning("job_requeued", job_id=job_id, reason=f"worker {worker} is gone", queue=target.name)
+    if queue.is_empty():
+        queue.delete(delete_jobs=False)
+    return moved
