@@ -14,7 +14,7 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from rq import get_current_job
 
 from shared.cancellation import CancelWatch, cancel_requested
-from shared.contract import JobRequest, JobResult, Usage
+from shared.contract import JobRequest, JobResult, PromptTokensDetails, Usage
 from shared.deadlines import expiry_message, past_deadline
 from shared.endings import retention_of
 from shared.errors import DeadlineExceeded, GptossError, JobCancelled
@@ -179,6 +179,9 @@ class JobRun:
                     prompt_tokens=generation.prompt_tokens,
                     completion_tokens=generation.completion_tokens,
                     total_tokens=generation.prompt_tokens + generation.completion_tokens,
+                    prompt_tokens_details=PromptTokensDetails(cached_tokens=generation.cached_tokens)
+                    if self.request is not None and self.request.session_id
+                    else None,
                 ),
                 model=bound.runtime.spec.name,
                 worker=bound.worker_name,
