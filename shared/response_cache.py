@@ -100,7 +100,14 @@ class ResponseCache:
         """Cache `result`, evicting the least recently used entries over the byte budget; the number
         evicted, or -1 when the result alone is over the budget (not cached)."""
         value = json.dumps(result, separators=(",", ":"), ensure_ascii=False)
-        args = [self._prefix, fingerprint, time.time(), self.ttl, self.max_bytes, value]
+        args: list[str | int | float] = [
+            self._prefix,
+            fingerprint,
+            time.time(),
+            self.ttl,
+            self.max_bytes,
+            value,
+        ]
         return int(self._store(keys=self._keys, args=args))
 
 
