@@ -3,12 +3,21 @@ reuses its first turn's keys and values yet decodes exactly what a cold run does
 
 from __future__ import annotations
 
+import json
+import signal
+import socket
+
 import pytest
+import requests
 import torch
+from redis import Redis
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from cli.up import free_port
+from shared import keys
 from shared.contract import JobRequest
 from shared.registry import model_spec
+from tests.conftest import Processes, http_ok, poll_job, process_env, wait_for
 from workers.batch import Row
 from workers.runtime import ModelRuntime
 from workers.sampling import sampler_for
@@ -135,3 +144,101 @@ def test_harmony_second_turn_reuses_its_prefix(prepared_models) -> None:  # type
     tiny = ModelRuntime.load(model_spec("tiny-gpt-oss"), prepared_models)  # fp32
     question, _, _ = CONVERSATIONS[0]
     second_turn_reuses_its_prefix(tiny, [{"role": "user", "content": question}], CONVERSATIONS[1][0])
+
+
+# End to end: API, scheduler and two workers as a user starts them, on the tiny gpt-oss (fp32).
+
+
+@pytest.fixture
+def two_workers(redis: Redis, redis_url: str, prepared_models, processes: Processes):  # type: ignore[no-untyped-def]
+    """API, scheduler and two gpu-single workers up; (base URL, {worker name: process})."""
+    port = free_port()
+    env = process_env(
+        GPTOSS_REDIS_URL=redis_url, GPTOSS_CACHE_DIR=prepared_models.cache_dir, GPTOSS_API_PORT=port,
+        GPTOSS_MODEL="tiny-gpt-oss", GPTOSS_HEARTBEAT_INTERVAL=0.25, GPTOSS_HEARTBEAT_TTL=2,
+    )  # fmt: skip
+    processes.start("api", ["api"], env)
+    processes.start("scheduler", ["scheduler"], env)
+    workers = {}
+    for index in range(2):
+        child = processes.start(f"worker-{index}", ["workers"], {**env, "GPTOSS_WORKER_QUEUE": "gpu-single"})
+        workers[f"{socket.gethostname()}.{child.pid}.gpu-single"] = child
+    base = f"http://127.0.0.1:{port}"
+    wait_for(lambda: http_ok(f"{base}/healthz"), 30, "the API")
+    wait_for(lambda: _idle_workers(redis) == 2, 60, "two live workers")
+    return base, workers
+
+
+def _idle_workers(redis: Redis) -> int:
+    found = list(redis.scan_iter(match=keys.WORKER_HEARTBEAT_PATTERN))
+    return (
+        sum(1 for raw in redis.mget(found) if raw and json.loads(raw)["state"] != "loading") if found else 0
+    )
+
+
+def turn(base: str, messages: list[dict[str, str]], **extra: object) -> dict:
+    body = {"messages": messages, "max_tokens": 30, "temperature": 0, **extra}
+    job_id = requests.post(f"{base}/v1/jobs", json=body, timeout=10).json()["id"]
+    view = poll_job(base, job_id, timeout=60)
+    assert view["status"] == "finished", view
+    return view
+
+
+def test_a_sessions_turns_reuse_its_workers_cache_and_survive_losing_it(two_workers, redis: Redis) -> None:  # type: ignore[no-untyped-def]
+    from workers.tiny_model import CONVERSATIONS
+
+    base, workers = two_workers
+    chat = [{"role": "user", "content": CONVERSATIONS[0][0]}]
+    first = turn(base, chat, session_id="chat-1")
+    holder = first["result"]["worker"]
+    assert first["result"]["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert redis.get(keys.session_affinity(keys.DEFAULT_TENANT, "chat-1")) == holder.encode()
+
+    chat += [
+        {"role": "assistant", "content": first["result"]["text"]},
+        {"role": "user", "content": CONVERSATIONS[1][0]},
+    ]
+    second = turn(base, chat, session_id="chat-1")
+    assert second["route"]["reason"] == "session_affinity"
+    assert second["result"]["worker"] == holder
+    cached = second["result"]["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert first["result"]["usage"]["prompt_tokens"] <= cached < second["result"]["usage"]["prompt_tokens"]
+    cold = turn(base, chat, cache=False)  # no session: a full prefill, wherever it runs
+    assert "prompt_tokens_details" not in cold["result"]["usage"]
+    assert (second["result"]["text"], second["result"]["reasoning"]) == (
+        cold["result"]["text"],
+        cold["result"]["reasoning"],
+    )
+
+    workers[holder].send_signal(signal.SIGKILL)  # the cache dies with its worker
+    wait_for(lambda: _idle_workers(redis) == 1, 30, "the holder's heartbeat to lapse")
+    chat += [
+        {"role": "assistant", "content": second["result"]["text"]},
+        {"role": "user", "content": CONVERSATIONS[2][0]},
+    ]
+    third = turn(base, chat, session_id="chat-1")
+    assert third["route"]["reason"] != "session_affinity"
+    assert third["result"]["worker"] != holder
+    assert third["result"]["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    fourth = turn(base, [*chat, {"role": "assistant", "content": third["result"]["text"]},
+                         {"role": "user", "content": "Thanks."}], session_id="chat-1")  # fmt: skip
+    assert fourth["route"]["reason"] == "session_affinity"  # the new holder's cache
+    assert fourth["result"]["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+
+
+def test_turns_waiting_on_a_dead_workers_queue_are_routed_afresh(redis: Redis) -> None:
+    from rq import Queue
+
+    from scheduler.reaper import Reaper
+    from shared.queues import SERIALIZER
+
+    own = Queue(keys.own_queue("gone-worker"), connection=redis, serializer=SERIALIZER)
+    job = own.enqueue(keys.GENERATE_FUNC, {"prompt": "hi", "session_id": "s"}, meta={"priority": "high"})
+    Reaper(redis, max_retries=2, settle=0).sweep()
+    assert own.count == 0 and keys.own_queue("gone-worker") not in [
+        q.name for q in Queue.all(connection=redis)
+    ]
+    incoming = Queue(
+        keys.priority_queue(keys.INCOMING_QUEUE, "high"), connection=redis, serializer=SERIALIZER
+    )
+    assert incoming.get_job_ids() == [job.id]
