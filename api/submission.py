@@ -3,6 +3,7 @@ the same RQ job on the same queue."""
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -243,10 +244,16 @@ def _count_prompt(spec: ModelSpec, request: JobRequest) -> int | None:
     """The prompt's tokens, with the tokenizer cached on the app; None while it is not prepared."""
     tokenizers: dict[str, Any] = current_app.extensions.setdefault("gptoss_tokenizers", {})
     if spec.name not in tokenizers:
-        settings = services().settings
-        try:
-            tokenizers[spec.name] = load_prompt_tokenizer(spec, settings.cache_dir, settings.vocab_dir())
-        except ModelNotPrepared:
-            log.warning("prompt_not_counted", model=spec.name, reason="tokenizer not prepared")
-            return None
+        # One loader at a time: concurrent first requests importing transformers at once fail
+        # (its lazy module hands a half-initialised name to the second thread).
+        with current_app.extensions.setdefault("gptoss_tokenizers_lock", threading.Lock()):
+            if spec.name not in tokenizers:
+                settings = services().settings
+                try:
+                    tokenizers[spec.name] = load_prompt_tokenizer(
+                        spec, settings.cache_dir, settings.vocab_dir()
+                    )
+                except ModelNotPrepared:
+                    log.warning("prompt_not_counted", model=spec.name, reason="tokenizer not prepared")
+                    return None
     return len(prompt_token_ids(tokenizers[spec.name], request))

@@ -1,0 +1,216 @@
+"""Caching through the real pipeline (`gptoss up`: API, scheduler, workers, each its own process) on
+the embedded model. Each section is a function returning its figures; main runs them against one
+stack and writes them under their own keys of bench/results/cache.json.
+
+- `replay`: 1000 greedy requests over 200 distinct prompts, repeats drawn from a Zipf law, from a
+  few client threads; hit rate, and hit vs miss p50 latency as a client sees it (from POST until
+  the result is in hand: a hit's POST answers with it, a miss's follows the job's events to `done`).
+  Targets: hit rate >= 70%, hit p50 <= 1% of miss p50. Also checks every hit is byte-identical to
+  the answer first generated for its prompt.
+
+    .venv/bin/python bench/cache.py [--requests 1000] [--prompts 200] [--max-tokens 64] [--threads 4]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import click
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from cli.up import free_port  # noqa: E402
+
+MODEL = "smollm2-135m"
+TOPICS = ["rivers", "bridges", "volcanoes", "libraries", "trains", "gardens", "bees", "clocks", "maps",
+          "glaciers", "violins", "lighthouses", "deserts", "printing", "tides", "owls", "salt", "kites",
+          "copper", "harbours"]  # fmt: skip
+ANGLES = ["history", "science", "uses", "future", "myths", "dangers", "beauty", "economics", "records",
+          "surprises"]  # fmt: skip
+
+
+@contextmanager
+def stack(folder: Path, extra: dict[str, str] | None = None) -> Iterator[str]:
+    """`gptoss up` with its own Redis and ports, auth off and the response cache on; its API URL."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPTOSS_")}
+    env.update({"GPTOSS_API_PORT": str(port), "GPTOSS_DATA_DIR": str(folder / "data"), "GPTOSS_AUTH": "false",
+                "GPTOSS_RESPONSE_CACHE": "true", "GPTOSS_SCHEDULER_METRICS_PORT": "0",
+                "GPTOSS_WORKER_METRICS_PORT": "0", "GPTOSS_LOG_FORMAT": "json", **(extra or {})})  # fmt: skip
+    log = open(folder / "up.log", "wb")  # noqa: SIM115
+    up = subprocess.Popen([sys.executable, "-m", "cli", "up"], cwd=ROOT, env=env, stdout=log, stderr=log)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(base, up)
+        yield base
+    finally:
+        up.send_signal(signal.SIGINT)
+        up.wait(60)
+
+
+def wait_ready(base: str, up: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and up.poll() is None:
+        try:
+            if requests.get(f"{base}/readyz", timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"{base} not ready in {timeout} s")
+
+
+def prompt(i: int) -> str:
+    """The i-th distinct prompt (200 distinct for i < 200)."""
+    topic, angle = TOPICS[i % len(TOPICS)], ANGLES[(i // len(TOPICS)) % len(ANGLES)]
+    return f"Write a short paragraph about the {angle} of {topic}."
+
+
+def zipf_draws(count: int, distinct: int, exponent: float, seed: int) -> list[int]:
+    """`count` prompt indices, rank k drawn with weight 1/k^exponent."""
+    weights = [1 / k**exponent for k in range(1, distinct + 1)]
+    return random.Random(seed).choices(range(distinct), weights=weights, k=count)
+
+
+def one_request(session: requests.Session, base: str, index: int, max_tokens: int) -> tuple[bool, float, str]:
+    """(hit?, client-side seconds from POST until the result is in hand, its text)."""
+    body = {"messages": [{"role": "user", "content": prompt(index)}], "max_tokens": max_tokens,
+            "temperature": 0}  # fmt: skip
+    started = time.perf_counter()
+    answer = session.post(f"{base}/v1/jobs", json=body, timeout=30)
+    if answer.status_code == 200:  # a hit: the finished job, result included
+        view = answer.json()
+        return view["result"]["cache"] == "hit", time.perf_counter() - started, view["result"]["text"]
+    if answer.status_code != 202:
+        raise RuntimeError(f"POST answered {answer.status_code}: {answer.text[:200]}")
+    job = answer.json()
+    with session.get(f"{base}{job['url']}/events", stream=True, timeout=300) as events:
+        kind = None
+        for line in events.iter_lines(decode_unicode=True):
+            if line.startswith("event: "):
+                kind = line[7:]
+            elif line.startswith("data: ") and kind in ("done", "error"):
+                data = json.loads(line[6:])
+                if kind == "error":
+                    raise RuntimeError(f"job {job['id']} failed: {data}")
+                return False, time.perf_counter() - started, data["text"]
+    raise RuntimeError(f"job {job['id']}: the event stream ended without `done`")
+
+
+def quantiles(values: list[float]) -> dict[str, float] | None:
+    if len(values) < 2:
+        return None
+    cuts = statistics.quantiles(values, n=20, method="inclusive")
+    return {"p50": statistics.median(values), "p95": cuts[18], "mean": statistics.fmean(values)}
+
+
+def replay(
+    base: str, count: int = 1000, distinct: int = 200, max_tokens: int = 64, threads: int = 4,
+    exponent: float = 1.0, seed: int = 0,
+) -> dict[str, Any]:  # fmt: skip
+    """Replay `count` greedy requests over `distinct` prompts with Zipf repeats from `threads`
+    clients; the figures (hit rate, hit and miss latency, byte-identity of hits)."""
+    draws = zipf_draws(count, distinct, exponent, seed)
+    lock, position = threading.Lock(), iter(range(count))
+    hits: list[float] = []
+    misses: list[float] = []
+    first_text: dict[int, str] = {}
+    errors: list[str] = []
+    mismatches = 0
+
+    def client() -> None:
+        nonlocal mismatches
+        session = requests.Session()
+        while True:
+            with lock:
+                n = next(position, None)
+            if n is None:
+                return
+            try:
+                hit, seconds, text = one_request(session, base, draws[n], max_tokens)
+            except Exception as exc:  # counted and shown, never a silently dead client thread
+                with lock:
+                    errors.append(f"{type(exc).__name__}: {exc}")
+                continue
+            with lock:
+                (hits if hit else misses).append(seconds)
+                known = first_text.setdefault(draws[n], text)
+                mismatches += hit and known != text
+
+    started = time.perf_counter()
+    workers = [threading.Thread(target=client) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    hit_q, miss_q = quantiles(hits), quantiles(misses)
+    ratio = hit_q["p50"] / miss_q["p50"] if hit_q and miss_q else None
+    return {
+        "requests": count, "distinct_prompts": distinct, "prompts_seen": len(set(draws)),
+        "zipf_exponent": exponent, "max_tokens": max_tokens, "client_threads": threads,
+        "hits": len(hits), "misses": len(misses), "hit_rate": len(hits) / count,
+        "hit_seconds": hit_q, "miss_seconds": miss_q, "hit_p50_over_miss_p50": ratio,
+        "hits_not_byte_identical": mismatches, "errors": len(errors), "first_errors": errors[:5],
+        "wall_seconds": time.perf_counter() - started,
+        "targets": {"hit_rate_min": 0.70, "hit_p50_over_miss_p50_max": 0.01},
+    }  # fmt: skip
+
+
+# `sessions(base, ...) -> dict` (multi-turn session KV reuse) goes here, as its own section: main
+# calls it after `replay` and writes its figures under the key "sessions".
+
+
+def print_replay(figures: dict[str, Any]) -> None:
+    print(f"replay: {figures['requests']} requests, {figures['prompts_seen']} distinct prompts seen "
+          f"(Zipf s={figures['zipf_exponent']}), {figures['client_threads']} clients, "
+          f"max_tokens {figures['max_tokens']}, {figures['wall_seconds']:.0f} s")  # fmt: skip
+    print(f"  hit rate {figures['hit_rate']:.1%} ({figures['hits']} hits, {figures['misses']} misses; "
+          "target >= 70%)")  # fmt: skip
+    for kind in ("hit", "miss"):
+        q = figures[f"{kind}_seconds"]
+        if q:
+            print(f"  {kind:4s} p50 {q['p50'] * 1000:8.1f} ms  p95 {q['p95'] * 1000:8.1f} ms")
+    if figures["hit_p50_over_miss_p50"] is not None:
+        print(f"  hit p50 / miss p50 = {figures['hit_p50_over_miss_p50']:.4f} (target <= 0.01)")
+    print(f"  hits not byte-identical to the generated answer: {figures['hits_not_byte_identical']}; "
+          f"errors: {figures['errors']} {figures['first_errors']}")  # fmt: skip
+
+
+@click.command()
+@click.option("--requests", "count", default=1000, show_default=True)
+@click.option("--prompts", "distinct", default=200, show_default=True, help="Distinct prompts.")
+@click.option("--max-tokens", default=64, show_default=True)
+@click.option("--threads", default=4, show_default=True, help="Concurrent clients.")
+@click.option("--zipf", "exponent", default=1.0, show_default=True, help="Zipf exponent of repeats.")
+def main(count: int, distinct: int, max_tokens: int, threads: int, exponent: float) -> None:
+    """Run each section against one stack; print and write the figures."""
+    folder = Path(tempfile.mkdtemp(prefix="gptoss-cache-bench-"))
+    record: dict[str, Any] = {"benchmark": "cache", "model": MODEL,
+                              "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
+    with stack(folder) as base:
+        record["replay"] = replay(base, count, distinct, max_tokens, threads, exponent)
+        print_replay(record["replay"])
+        # record["sessions"] = sessions(base, ...)  (to come)
+    out = ROOT / "bench" / "results" / "cache.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
