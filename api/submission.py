@@ -101,8 +101,9 @@ def submit(submission: JobSubmission, route: str, body: Any) -> Submitted:
     structlog.contextvars.bind_contextvars(job_id=job_id, tenant=tenant)
     if fingerprint is not None:
         # The fingerprint's head names the entry in logs; the prompt never appears.
-        (svc.metrics.cache_hits if cached else svc.metrics.cache_misses).labels(model).inc()
-        log.info("cache_hit" if cached else "cache_miss", model=model, fingerprint=fingerprint[:16])
+        hit = cached is not None
+        (svc.metrics.cache_hits if hit else svc.metrics.cache_misses).labels(model).inc()
+        log.info("cache_hit" if hit else "cache_miss", model=model, fingerprint=fingerprint[:16])
     if cached is not None:
         return Submitted(job_id, model, cached=True)
     svc.metrics.jobs_submitted.labels(model).inc()
