@@ -242,3 +242,20 @@ def test_turns_waiting_on_a_dead_workers_queue_are_routed_afresh(redis: Redis) -
         keys.priority_queue(keys.INCOMING_QUEUE, "high"), connection=redis, serializer=SERIALIZER
     )
     assert incoming.get_job_ids() == [job.id]
+
+
+def test_session_caches_go_first_under_memory_pressure(redis: Redis, settings, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from workers.worker import build_worker
+
+    reading = tmp_path / "memory.json"
+    reading.write_text(json.dumps({"used": 10, "total": 1000}))
+    worker, _ = build_worker(settings(memory_reading_file=reading, session_cache_bytes=10**6), redis, "cpu")
+    store = worker.session_store()
+    assert store is not None and store.budget == 10**6
+    store.put("t:s", [1, 2, 3], layers(3))
+    assert worker.may_take() and "t:s" in store  # no pressure: kept
+    reading.write_text(json.dumps({"used": 900, "total": 1000}))  # over warn (0.85), under critical
+    worker._pressure_checked = 0.0  # the reading is reused for half a second otherwise
+    assert worker.may_take()  # still takes work...
+    assert len(store) == 0 and store.nbytes == 0  # ...but the session caches are gone
+    assert build_worker(settings(session_cache_bytes=0), redis, "cpu")[0].session_store() is None
