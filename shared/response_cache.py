@@ -46,12 +46,18 @@ return value
 """
 )
 
-# ARGV: prefix, fingerprint, now, ttl, max bytes, value. Returns the entries evicted.
+# ARGV: prefix, fingerprint, now, ttl, max bytes, value. Returns the entries evicted, -1 when the
+# value alone is over the budget, -2 when the fingerprint is cached already (the first answer stays).
 STORE = (
     _FORGET
     + """
+if redis.call('EXPIRE', ARGV[1] .. ARGV[2], ARGV[4]) == 1 then
+  redis.call('ZADD', KEYS[1], ARGV[3], ARGV[2])
+  renew(ARGV[4])
+  return -2
+end
 local size = string.len(ARGV[6])
-forget(ARGV[2])
+forget(ARGV[2])  -- bookkeeping an expired entry left
 for _, fp in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[3] - ARGV[4])) do
   forget(fp)  -- unused for a whole TTL: its key has expired already, drop what still names it
 end
@@ -98,7 +104,9 @@ class ResponseCache:
 
     def store(self, fingerprint: str, result: dict[str, Any]) -> int:
         """Cache `result`, evicting the least recently used entries over the byte budget; the number
-        evicted, or -1 when the result alone is over the budget (not cached)."""
+        evicted, or -1 when the result alone is over the budget, or -2 when the fingerprint is cached
+        already: the first answer stays, so every hit gets the same bytes (two identical requests
+        generated at once in different batches may differ in their last float bits, and so tokens)."""
         value = json.dumps(result, separators=(",", ":"), ensure_ascii=False)
         args: list[str | int | float] = [
             self._prefix,

@@ -174,8 +174,9 @@ def test_eviction_under_a_small_byte_budget_is_least_recently_used(redis: Redis)
     assert cache.lookup("b") is None
     assert all(cache.lookup(n) is not None for n in ("a", "c", "d"))
     assert read_stats(redis).bytes == 3 * size <= cache.max_bytes
-    # Storing one entry again replaces it (its old size is not counted twice).
-    cache.store("d", result("0"))
+    # A fingerprint stored again keeps its first answer (and is counted once).
+    assert cache.store("d", result("1")) == -2
+    assert cache.lookup("d") == result("0")
     assert read_stats(redis) == read_stats(redis).__class__(3 * size, 3)
     # An entry over the whole budget is not cached and evicts nothing.
     assert cache.store("huge", result("x" * 4 * size)) == -1
