@@ -7,8 +7,13 @@ stack and writes them under their own keys of bench/results/cache.json.
   the result is in hand: a hit's POST answers with it, a miss's follows the job's events to `done`).
   Targets: hit rate >= 70%, hit p50 <= 1% of miss p50. Also checks every hit is byte-identical to
   an answer generated for its prompt, and that all hits of a prompt are alike.
+- `sessions`: five-turn chats (a long system prompt, short questions, greedy), each held twice side
+  by side one turn at a time: as a session (`session_id`, so turns reuse the worker's KV cache) and
+  without; TTFT per turn from the job's stamps (received -> first token), and cached prompt tokens.
+  Target: turn-5 TTFT with reuse <= 0.5x without.
 
     .venv/bin/python bench/cache.py [--requests 1000] [--prompts 200] [--max-tokens 64] [--threads 4]
+                                    [--conversations 6] [--section replay|sessions ...]
 """
 
 from __future__ import annotations
@@ -183,8 +188,85 @@ def replay(
     }  # fmt: skip
 
 
-# `sessions(base, ...) -> dict` (multi-turn session KV reuse) goes here, as its own section: main
-# calls it after `replay` and writes its figures under the key "sessions".
+SYSTEM = (
+    "You are a patient travel guide. You answer in two or three sentences, you mention one concrete "
+    "place in each answer, and you never use lists. The traveller is planning a two-week trip by train "
+    "through several European countries in spring, on a modest budget, and likes museums, markets, "
+    "long walks and local food. They do not drive, and they prefer small hotels near the station."
+)
+QUESTIONS = ["Where should I start the trip?", "What should I eat there?", "Which museum is worth a morning?",
+             "Where do I go next by train?", "What is a good day walk around there?"]  # fmt: skip
+CITIES = ["Lisbon", "Vienna", "Prague", "Krakow", "Ghent", "Turin", "Lyon", "Bologna"]
+
+
+def one_turn(
+    session: requests.Session,
+    base: str,
+    messages: list[dict[str, str]],
+    session_id: str | None,
+    max_tokens: int,
+) -> tuple[float, str, int]:
+    """(TTFT from the job's stamps, the reply, prompt tokens taken from the session's cache) of one
+    turn; the response cache is off for it, so every turn generates."""
+    body: dict[str, Any] = {"messages": messages, "max_tokens": max_tokens, "temperature": 0, "cache": False}
+    if session_id is not None:
+        body["session_id"] = session_id
+    job = session.post(f"{base}/v1/jobs", json=body, timeout=30).json()
+    with session.get(f"{base}{job['url']}/events", stream=True, timeout=300) as events:
+        for line in events.iter_lines(decode_unicode=True):
+            if line in ("event: done", "event: error"):
+                break
+    view = session.get(f"{base}{job['url']}", timeout=30).json()
+    while view["status"] not in ("finished", "failed", "rejected"):  # RQ settles just after `done`
+        time.sleep(0.01)
+        view = session.get(f"{base}{job['url']}", timeout=30).json()
+    if view["status"] != "finished":
+        raise RuntimeError(f"turn ended {view['status']}: {view.get('error')}")
+    stamps, usage = view["timestamps"], view["result"]["usage"]
+    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+    return stamps["first_token"] - stamps["received"], view["result"]["text"], cached
+
+
+def sessions(base: str, conversations: int = 6, turns: int = 5, max_tokens: int = 48) -> dict[str, Any]:
+    """`conversations` chats of `turns` turns, each held twice side by side, one turn at a time: as a
+    session (`session_id`: KV reuse) and without; TTFT per turn for both, and the turn-5 ratio."""
+    client = requests.Session()
+    ttft: dict[str, list[list[float]]] = {
+        "reuse": [[] for _ in range(turns)],
+        "cold": [[] for _ in range(turns)],
+    }
+    cached: list[list[int]] = [[] for _ in range(turns)]
+    for index in range(conversations):
+        start = [{"role": "system", "content": f"{SYSTEM} They start in {CITIES[index % len(CITIES)]}."}]
+        chats = {mode: list(start) for mode in ttft}
+        for turn in range(turns):
+            # Alternate which goes first, so neither always follows the other.
+            for mode in ("reuse", "cold") if (index + turn) % 2 == 0 else ("cold", "reuse"):
+                chats[mode].append({"role": "user", "content": QUESTIONS[turn % len(QUESTIONS)]})
+                session_id = f"bench-{index}" if mode == "reuse" else None
+                seconds, text, reused = one_turn(client, base, chats[mode], session_id, max_tokens)
+                chats[mode].append({"role": "assistant", "content": text})
+                ttft[mode][turn].append(seconds)
+                if mode == "reuse":
+                    cached[turn].append(reused)
+    p50 = {mode: [statistics.median(per_turn) for per_turn in values] for mode, values in ttft.items()}
+    return {
+        "conversations": conversations, "turns": turns, "max_tokens": max_tokens,
+        "ttft_p50_seconds": p50, "cached_tokens_mean": [statistics.fmean(c) for c in cached],
+        "last_turn_ttft_ratio": p50["reuse"][-1] / p50["cold"][-1],
+        "targets": {"last_turn_ttft_ratio_max": 0.5},
+    }  # fmt: skip
+
+
+def print_sessions(figures: dict[str, Any]) -> None:
+    print(f"sessions: {figures['conversations']} chats x {figures['turns']} turns, each with and without "
+          f"session reuse, max_tokens {figures['max_tokens']}")  # fmt: skip
+    for turn in range(figures["turns"]):
+        reuse, cold = figures["ttft_p50_seconds"]["reuse"][turn], figures["ttft_p50_seconds"]["cold"][turn]
+        print(f"  turn {turn + 1}: TTFT p50 reuse {reuse * 1000:7.1f} ms  without {cold * 1000:7.1f} ms  "
+              f"(cached prompt tokens {figures['cached_tokens_mean'][turn]:.0f})")  # fmt: skip
+    ratio = figures["last_turn_ttft_ratio"]
+    print(f"  turn {figures['turns']} TTFT reuse / without = {ratio:.3f} (target <= 0.5)")
 
 
 def print_replay(figures: dict[str, Any]) -> None:
@@ -213,15 +295,26 @@ def print_replay(figures: dict[str, Any]) -> None:
 @click.option("--max-tokens", default=64, show_default=True)
 @click.option("--threads", default=4, show_default=True, help="Concurrent clients.")
 @click.option("--zipf", "exponent", default=1.0, show_default=True, help="Zipf exponent of repeats.")
-def main(count: int, distinct: int, max_tokens: int, threads: int, exponent: float) -> None:
+@click.option("--conversations", default=6, show_default=True, help="Five-turn chats of `sessions`.")
+@click.option(
+    "--section", "sections", multiple=True, default=("replay", "sessions"), show_default=True,
+    type=click.Choice(["replay", "sessions"]), help="Sections to run.",
+)  # fmt: skip
+def main(
+    count: int, distinct: int, max_tokens: int, threads: int, exponent: float, conversations: int,
+    sections: tuple[str, ...],
+) -> None:  # fmt: skip
     """Run each section against one stack; print and write the figures."""
     folder = Path(tempfile.mkdtemp(prefix="gptoss-cache-bench-"))
     record: dict[str, Any] = {"benchmark": "cache", "model": MODEL,
                               "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
     with stack(folder) as base:
-        record["replay"] = replay(base, count, distinct, max_tokens, threads, exponent)
-        print_replay(record["replay"])
-        # record["sessions"] = sessions(base, ...)  (to come)
+        if "replay" in sections:
+            record["replay"] = replay(base, count, distinct, max_tokens, threads, exponent)
+            print_replay(record["replay"])
+        if "sessions" in sections:
+            record["sessions"] = sessions(base, conversations)
+            print_sessions(record["sessions"])
     out = ROOT / "bench" / "results" / "cache.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2))

@@ -134,7 +134,8 @@ class BatchSession:
                 if request.session_id
                 else None
             )
-            prefix = self._reuse(session, completion.prompt_ids)
+            with run.tracing():
+                prefix = self._reuse(session, completion.prompt_ids)
             completion.cached_tokens = prefix.length if prefix is not None else 0
         row = Row(job.id, completion, sampler_for(request, self.batch.device), prefix=prefix)
         slot = Slot(job, queue, execution, run, row, time.monotonic(), session)
