@@ -76,6 +76,10 @@ def submit(base: str, content: str, headers: dict[str, str] | None = None) -> di
     return poll_job(base, answer.json()["id"])
 
 
+FINAL_SPANS = {"POST /v1/jobs", "scheduler.schedule", "worker.job"}
+"""Spans each process ends last for a job: once all are exported, the trace is complete."""
+
+
 def spans_of(trace_dir: Path, trace_id: str, timeout: float = 10.0) -> list[dict]:
     """Every finished span of `trace_id`, from every process's span file."""
     found: list[dict] = []
@@ -89,7 +93,9 @@ def spans_of(trace_dir: Path, trace_id: str, timeout: float = 10.0) -> list[dict
             if (span := json.loads(line))["context"]["trace_id"] == f"0x{trace_id}"
         ]
         services = {s["resource"]["attributes"]["service.name"] for s in found}
-        return {"gptoss-api", "gptoss-scheduler", "gptoss-worker"} <= services
+        # Each process exports in batches: a worker's early Redis span can land before its job span.
+        names = {s["name"] for s in found}
+        return {"gptoss-api", "gptoss-scheduler", "gptoss-worker"} <= services and FINAL_SPANS <= names
 
     wait_for(collect, timeout, f"spans of trace {trace_id} from all three processes")
     return found
