@@ -39,6 +39,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.stack import settled_view, wait_ready  # noqa: E402
 from cli.up import free_port  # noqa: E402
 
 MODEL = "smollm2-135m"
@@ -61,23 +62,11 @@ def stack(folder: Path, extra: dict[str, str] | None = None) -> Iterator[str]:
     up = subprocess.Popen([sys.executable, "-m", "cli", "up"], cwd=ROOT, env=env, stdout=log, stderr=log)
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(base, up)
+        wait_ready(base, 240, up)
         yield base
     finally:
         up.send_signal(signal.SIGINT)
         up.wait(60)
-
-
-def wait_ready(base: str, up: subprocess.Popen, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and up.poll() is None:
-        try:
-            if requests.get(f"{base}/readyz", timeout=2).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"{base} not ready in {timeout} s")
 
 
 def prompt(i: int) -> str:
@@ -212,14 +201,7 @@ def one_turn(
     if session_id is not None:
         body["session_id"] = session_id
     job = session.post(f"{base}/v1/jobs", json=body, timeout=30).json()
-    with session.get(f"{base}{job['url']}/events", stream=True, timeout=300) as events:
-        for line in events.iter_lines(decode_unicode=True):
-            if line in ("event: done", "event: error"):
-                break
-    view = session.get(f"{base}{job['url']}", timeout=30).json()
-    while view["status"] not in ("finished", "failed", "rejected"):  # RQ settles just after `done`
-        time.sleep(0.01)
-        view = session.get(f"{base}{job['url']}", timeout=30).json()
+    view = settled_view(session, base, job)
     if view["status"] != "finished":
         raise RuntimeError(f"turn ended {view['status']}: {view.get('error')}")
     stamps, usage = view["timestamps"], view["result"]["usage"]

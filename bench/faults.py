@@ -31,6 +31,7 @@ from redis import Redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.stack import wait_ready  # noqa: E402
 from cli.up import free_port  # noqa: E402
 
 BODY = {
@@ -113,18 +114,6 @@ class Cluster:
                 child.wait(30)
             except subprocess.TimeoutExpired:
                 child.kill()
-
-
-def wait_ready(base: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(f"{base}/readyz", timeout=2).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.2)
-    raise SystemExit("cluster not ready")
 
 
 def wait_all(base: str, ids: list[str], timeout: float = 600) -> dict[str, str]:
@@ -234,7 +223,7 @@ def main(jobs: int, kills: int, seconds_down: float) -> None:
         cluster.start("scheduler", "scheduler")
         cluster.start("worker-single-0", "workers", GPTOSS_WORKER_QUEUE="gpu-single")
         cluster.start("worker-multi", "workers", GPTOSS_WORKER_QUEUE="gpu-multi")
-        wait_ready(cluster.base)
+        wait_ready(cluster.base, 120)
         record = {
             "benchmark": "faults",
             "worker_deaths": worker_deaths(cluster, jobs, kills),

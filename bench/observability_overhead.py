@@ -26,6 +26,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.stack import settled_view, wait_ready  # noqa: E402
 from cli.up import free_port  # noqa: E402
 
 PROMPT = [{"role": "user", "content": "Name three rivers in Europe."}]
@@ -44,33 +45,12 @@ def start_stack(name: str, folder: Path, extra: dict[str, str]) -> tuple[subproc
     return up, f"http://127.0.0.1:{port}"
 
 
-def wait_ready(base: str, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(f"{base}/readyz", timeout=2).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"{base} not ready in {timeout} s")
-
-
 def one_request(base: str, max_tokens: int) -> tuple[float, float]:
     """(client-side E2E, server-side E2E from the job's stage timestamps), seconds."""
     body = {"messages": PROMPT, "max_tokens": max_tokens, "temperature": 0}
     started = time.perf_counter()
     job = requests.post(f"{base}/v1/jobs", json=body, timeout=10).json()
-    # Follow the job's event stream, one request, as a client would; tight polling would make the
-    # API compete with the worker for the CPU and measure the polling, not the observability.
-    with requests.get(f"{base}{job['url']}/events", stream=True, timeout=60) as events:
-        for line in events.iter_lines(decode_unicode=True):
-            if line in ("event: done", "event: error"):
-                break
-    view = requests.get(f"{base}{job['url']}", timeout=10).json()
-    while view["status"] not in ("finished", "failed", "rejected"):  # RQ settles just after `done`
-        time.sleep(0.01)
-        view = requests.get(f"{base}{job['url']}", timeout=10).json()
+    view = settled_view(requests, base, job, timeout=60)
     client = time.perf_counter() - started
     if view["status"] != "finished":
         raise SystemExit(f"job ended {view['status']}: {view.get('error')}")
@@ -98,7 +78,7 @@ def main(count: int, max_tokens: int, warmup: int) -> None:
     stacks = {name: start_stack(name, folder, extra) for name, extra in configs.items()}
     try:
         for _, base in stacks.values():
-            wait_ready(base)
+            wait_ready(base, 180)
         for _ in range(warmup):
             for _, base in stacks.values():
                 one_request(base, max_tokens)

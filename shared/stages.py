@@ -22,7 +22,6 @@ META_RETENTION = "retention"
 META_CANCELLED = "cancelled"
 META_EXPIRED = "expired"
 META_CACHE_KEY = "cache_key"
-META_SESSION_WORKER = "session_worker"
 
 STAGE_RECEIVED = "received"
 STAGE_SCHEDULED = "scheduled"

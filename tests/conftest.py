@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -78,6 +79,21 @@ def prepared_models() -> Settings:
     for name in ("smollm2-135m", "tiny-gpt-oss"):
         prepare(model_spec(name), base.cache_dir)
     return base
+
+
+@pytest.fixture(scope="module")
+def fp32_runtime(prepared_models: Settings) -> Any:
+    """SmolLM2 in fp32 on the CPU, without a worker: batched greedy output must match a single run."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from shared.registry import model_spec
+    from workers.runtime import ModelRuntime
+
+    spec = model_spec("smollm2-135m")
+    folder = spec.directory(prepared_models.cache_dir)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    return ModelRuntime(spec, model, AutoTokenizer.from_pretrained(str(folder)), "cpu")
 
 
 def process_env(**values: object) -> dict[str, str]:

@@ -3,9 +3,7 @@ single-request generation (fp32, so batched greedy output must match the single 
 
 from __future__ import annotations
 
-import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from shared.contract import JobRequest
 from shared.registry import model_spec
@@ -42,14 +40,6 @@ def test_samplers_are_per_row_and_seeded() -> None:
     assert int(choose(logits, [greedy, seeded[0]])[0]) == 1
     narrow = Sampler(1.0, 0.5, torch.Generator().manual_seed(1))  # top_p keeps only the top token
     assert {int(choose(logits, [narrow, greedy])[0]) for _ in range(20)} == {1}
-
-
-@pytest.fixture(scope="module")
-def fp32_runtime(prepared_models) -> ModelRuntime:  # type: ignore[no-untyped-def]
-    spec = model_spec("smollm2-135m")
-    folder = spec.directory(prepared_models.cache_dir)
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
-    return ModelRuntime(spec, model, AutoTokenizer.from_pretrained(str(folder)), "cpu")
 
 
 def request(topic: str, max_tokens: int = 8, **extra: object) -> JobRequest:

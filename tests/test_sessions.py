@@ -11,7 +11,6 @@ import pytest
 import requests
 import torch
 from redis import Redis
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cli.up import free_port
 from shared import keys
@@ -74,14 +73,6 @@ def test_session_keys_and_budget() -> None:
     assert session_budget(None, 1000) == 100 and session_budget(0, 1000) == 0
 
 
-@pytest.fixture(scope="module")
-def fp32_smollm(prepared_models) -> ModelRuntime:  # type: ignore[no-untyped-def]
-    spec = model_spec("smollm2-135m")
-    folder = spec.directory(prepared_models.cache_dir)
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
-    return ModelRuntime(spec, model, AutoTokenizer.from_pretrained(str(folder)), "cpu")
-
-
 def decode(runtime: ModelRuntime, rows: list[Row], store: SessionStore | None = None) -> None:
     """Decode `rows` in one batch to their ends; a row keyed like a session leaves its state in `store`."""
     batch = runtime.new_batch()
@@ -129,13 +120,13 @@ def second_turn_reuses_its_prefix(runtime: ModelRuntime, first: list[dict[str, s
 
 
 def test_second_turn_reuses_the_first_turns_cache_and_decodes_like_a_cold_run(
-    fp32_smollm: ModelRuntime,
+    fp32_runtime: ModelRuntime,
 ) -> None:
     first = [
         {"role": "system", "content": "You are a concise assistant."},
         {"role": "user", "content": "Tell me one fact about the moon."},
     ]
-    second_turn_reuses_its_prefix(fp32_smollm, first, "And one about the sun?")
+    second_turn_reuses_its_prefix(fp32_runtime, first, "And one about the sun?")
 
 
 def test_harmony_second_turn_reuses_its_prefix(prepared_models) -> None:  # type: ignore[no-untyped-def]
