@@ -39,7 +39,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.stack import settled_view, wait_ready  # noqa: E402
+from bench.stack import settled_view, wait_ready, write_results  # noqa: E402
 from cli.up import free_port  # noqa: E402
 
 MODEL = "smollm2-135m"
@@ -297,10 +297,7 @@ def main(
         if "sessions" in sections:
             record["sessions"] = sessions(base, conversations)
             print_sessions(record["sessions"])
-    out = ROOT / "bench" / "results" / "cache.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2))
-    print(f"wrote {out}")
+    write_results("cache", record)
 
 
 if __name__ == "__main__":

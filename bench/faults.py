@@ -31,7 +31,7 @@ from redis import Redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.stack import wait_ready  # noqa: E402
+from bench.stack import wait_ready, write_results  # noqa: E402
 from cli.up import free_port  # noqa: E402
 
 BODY = {
@@ -233,10 +233,7 @@ def main(jobs: int, kills: int, seconds_down: float) -> None:
     finally:
         cluster.stop()
     print(json.dumps(record, indent=2))
-    out = ROOT / "bench" / "results" / "faults.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2))
-    print(f"wrote {out}")
+    write_results("faults", record)
     deaths, restart = record["worker_deaths"], record["redis_restart"]
     ok = (
         deaths["not_ended"] == 0

@@ -25,6 +25,7 @@ from hypothesis.errors import Unsatisfiable
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.stack import write_results  # noqa: E402
 from cli.up import free_port  # noqa: E402
 
 ADMIN_KEY = "fuzz-admin"
@@ -169,10 +170,7 @@ def main(cases: int) -> None:
         "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     print(json.dumps(record, indent=2))
-    out = ROOT / "bench" / "results" / "fuzz.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2))
-    print(f"wrote {out}")
+    write_results("fuzz", record)
     raise SystemExit(0 if ran >= cases and not failures else 1)
 
 

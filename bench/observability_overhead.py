@@ -3,15 +3,17 @@
 Both stacks (`gptoss up`, each with its own Redis) run at once on the embedded model; requests go
 to them alternately, one at a time, so both see the same machine. "On" is metrics, 100% tracing
 (spans written to a file) and info logs; "off" is GPTOSS_OBSERVABILITY=false with warning logs.
-Prints E2E p50/p95 per stack and the on/off ratios, and writes JSON to bench/results/.
+Prints E2E p50/p95 per stack and the on/off ratios, each with a bootstrap 95% interval (the run's
+requests resampled: on this 2-core machine single runs vary by about ±2%), and writes JSON with
+every sample to bench/results/.
 
-    .venv/bin/python bench/observability_overhead.py [--requests 40] [--max-tokens 16]
+    .venv/bin/python bench/observability_overhead.py [--requests 200] [--max-tokens 16]
 """
 
 from __future__ import annotations
 
-import json
 import os
+import random
 import signal
 import statistics
 import subprocess
@@ -26,7 +28,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.stack import settled_view, wait_ready  # noqa: E402
+from bench.stack import settled_view, wait_ready, write_results  # noqa: E402
 from cli.up import free_port  # noqa: E402
 
 PROMPT = [{"role": "user", "content": "Name three rivers in Europe."}]
@@ -58,13 +60,26 @@ def one_request(base: str, max_tokens: int) -> tuple[float, float]:
     return client, stamps["finished"] - stamps["received"]
 
 
+BOOTSTRAP_ROUNDS = 2000
+
+
 def quantiles(values: list[float]) -> dict[str, float]:
     cuts = statistics.quantiles(values, n=20, method="inclusive")
     return {"p50": statistics.median(values), "p95": cuts[18], "mean": statistics.fmean(values)}
 
 
+def ratio_interval(on: list[float], off: list[float], quantile: str) -> tuple[float, float]:
+    """95% bootstrap interval of quantile(on) / quantile(off), each sample resampled on its own."""
+    rng = random.Random(0)
+    ratios = sorted(
+        quantiles(rng.choices(on, k=len(on)))[quantile] / quantiles(rng.choices(off, k=len(off)))[quantile]
+        for _ in range(BOOTSTRAP_ROUNDS)
+    )
+    return ratios[int(0.025 * BOOTSTRAP_ROUNDS)], ratios[int(0.975 * BOOTSTRAP_ROUNDS) - 1]
+
+
 @click.command()
-@click.option("--requests", "count", default=40, show_default=True, help="Requests per stack.")
+@click.option("--requests", "count", default=200, show_default=True, help="Requests per stack.")
 @click.option("--max-tokens", default=16, show_default=True)
 @click.option("--warmup", default=3, show_default=True, help="Unmeasured requests per stack first.")
 def main(count: int, max_tokens: int, warmup: int) -> None:
@@ -100,19 +115,24 @@ def main(count: int, max_tokens: int, warmup: int) -> None:
         kind: {q: figures["on"][kind][q] / figures["off"][kind][q] for q in ("p50", "p95")}
         for kind in ("client", "server")
     }
+    intervals = {
+        kind: {q: ratio_interval(samples["on"][kind], samples["off"][kind], q) for q in ("p50", "p95")}
+        for kind in ("client", "server")
+    }
     record = {"benchmark": "observability_overhead", "requests_per_stack": count, "max_tokens": max_tokens,
-              "model": "smollm2-135m", "seconds": figures, "ratio_on_over_off": ratios, "target": 1.01,
+              "model": "smollm2-135m", "seconds": figures, "ratio_on_over_off": ratios,
+              "ratio_95_interval": intervals, "target": 1.01, "samples_s": samples,
               "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
     for kind in ("client", "server"):
         on, off = figures["on"][kind], figures["off"][kind]
         print(f"{kind:6s} E2E  on  p50 {on['p50'] * 1000:7.1f} ms  p95 {on['p95'] * 1000:7.1f} ms")
         print(f"{kind:6s} E2E  off p50 {off['p50'] * 1000:7.1f} ms  p95 {off['p95'] * 1000:7.1f} ms")
-        ratio = ratios[kind]
-        print(f"{kind:6s} ratio on/off  p50 {ratio['p50']:.3f}  p95 {ratio['p95']:.3f}  (target ≤ 1.01)")
-    out = ROOT / "bench" / "results" / "observability_overhead.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2))
-    print(f"wrote {out}")
+        ratio, (p50_low, p50_high), (p95_low, p95_high) = ratios[kind], *intervals[kind].values()
+        print(
+            f"{kind:6s} ratio on/off  p50 {ratio['p50']:.3f} [{p50_low:.3f}, {p50_high:.3f}]"
+            f"  p95 {ratio['p95']:.3f} [{p95_low:.3f}, {p95_high:.3f}]  (target ≤ 1.01)"
+        )
+    write_results("observability_overhead", record)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.stack import write_results  # noqa: E402
 from cli.up import free_port  # noqa: E402
 
 ADMIN_KEY = "overload-bench"
@@ -143,10 +144,7 @@ def main(budget: int, factor: int, threads: int, seconds: float) -> None:
         "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }  # fmt: skip
     print(json.dumps(record, indent=2))
-    out = ROOT / "bench" / "results" / "overload.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2))
-    print(f"wrote {out}")
+    write_results("overload", record)
     ok = record["unexpected_answers"] == 0 and record["not_ended"] == 0 and record["backlog_within_budget"]
     raise SystemExit(0 if ok and missing_retry_after == 0 else 1)
 

@@ -14,7 +14,6 @@ number of tokens for the same prompt unless it stops at an end token (counted as
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -31,6 +30,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.stack import settled_view, wait_ready, write_results  # noqa: E402
 from cli.up import free_port  # noqa: E402
 
 MODEL = "smollm2-135m"
@@ -83,32 +83,19 @@ def start_stack(folder: Path, concurrent: int) -> tuple[subprocess.Popen, str]:
     log = open(folder / "up.log", "wb")  # noqa: SIM115
     up = subprocess.Popen([sys.executable, "-m", "cli", "up"], cwd=ROOT, env=env, stdout=log, stderr=log)
     base = f"http://127.0.0.1:{port}"
-    wait_ready(f"{base}/readyz", 240)
+    wait_ready(base, 240, up)
     return up, base
 
 
-def wait_ready(url: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(url, timeout=2).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"{url} not ready")
-
-
 def run_job(base: str, i: int, tokens: int) -> dict[str, Any]:
+    """Submit request `i` and follow it to its settled view (its event stream, as a client would:
+    tight polling by 16 clients would take CPU from the worker)."""
     body = {"messages": messages(i), "max_tokens": tokens, "temperature": 0}
-    job_id = requests.post(f"{base}/v1/jobs", json=body, timeout=10).json()["id"]
-    while True:
-        view = requests.get(f"{base}/v1/jobs/{job_id}", timeout=10).json()
-        if view["status"] in ("finished", "failed", "rejected", "cancelled", "expired"):
-            if view["status"] != "finished":
-                raise SystemExit(f"job {job_id} ended {view['status']}: {view.get('error')}")
-            return view
-        time.sleep(0.5)
+    job = requests.post(f"{base}/v1/jobs", json=body, timeout=10).json()
+    view = settled_view(requests, base, job)
+    if view["status"] != "finished":
+        raise SystemExit(f"job {job['id']} ended {view['status']}: {view.get('error')}")
+    return view
 
 
 def stages(views: list[dict[str, Any]]) -> dict[str, float]:
@@ -164,7 +151,7 @@ def transformers_serve(folder: Path, tokens: int, concurrent: int, work: Path) -
     base = f"http://localhost:{port}"
     try:
         try:
-            wait_ready(f"{base}/health", 180)
+            wait_ready(base, 180, serve, path="/health")
         except SystemExit:
             return {"error": "transformers serve did not start; see " + str(work / "serve.log")}
 
@@ -186,8 +173,9 @@ def transformers_serve(folder: Path, tokens: int, concurrent: int, work: Path) -
     except requests.RequestException as exc:
         return {"error": f"transformers serve failed: {exc}"}
     finally:
-        os.killpg(serve.pid, signal.SIGTERM)
-        serve.wait(30)
+        if serve.poll() is None:
+            os.killpg(serve.pid, signal.SIGTERM)
+            serve.wait(30)
 
 
 @click.command()
@@ -237,9 +225,7 @@ def main(tokens: int, concurrent: int, single_runs: int, skip_serve: bool) -> No
         "load_average": os.getloadavg(), "raw_generate": raw, "pipeline": piped,
         "transformers_serve": serve, "ratios": ratios, "at": time.time(),
     }  # fmt: skip
-    out = ROOT / "bench" / "results" / "throughput.json"
-    out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_results("throughput", record)
 
 
 if __name__ == "__main__":
