@@ -6,16 +6,19 @@ writes JSON to bench/results/throughput.json.
 
     .venv/bin/python bench/throughput.py [--tokens 64] [--concurrent 16] [--single-runs 3]
 
-Pipeline tokens/s use the job's own stage stamps (received -> finished), so client polling does
-not count; raw generate is timed around the call. Each figure is the best of several runs (the CPU
-may be shared; the best run is the least disturbed). Greedy decoding, so every system makes the same
-number of tokens for the same prompt unless it stops at an end token (counted as made).
+Pipeline tokens/s use the job's own stage stamps (received -> finished), so how the client waits
+does not count; raw generate is timed around the call. Single streams run in turns, raw then
+pipeline, the same number of times each; each figure is the best of its runs (the CPU may be shared;
+the best run is the least disturbed), and the median of the paired ratios is printed too. Greedy
+decoding, so every system makes the same number of tokens for the same prompt unless it stops at an
+end token (counted as made).
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -52,25 +55,26 @@ def model_folder() -> Path:
     return prepare(model_spec(MODEL), Settings().cache_dir)
 
 
-def raw_generate(folder: Path, tokens: int, runs: int) -> dict[str, Any]:
-    """One stream at a time through `model.generate`, as the worker loads the model (bf16)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+class RawGenerate:
+    """The model loaded as the worker loads it (bf16), one stream at a time through `model.generate`."""
 
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.bfloat16).eval()
-    rates = []
-    for i in range(runs + 1):  # the first run warms up
-        ids = tokenizer.apply_chat_template(messages(i), add_generation_prompt=True, return_tensors="pt")
+    def __init__(self, folder: Path):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.torch = torch
+        self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        self.model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.bfloat16).eval()
+
+    def rate(self, i: int, tokens: int) -> float:
+        """Tokens/s of one greedy generation for request `i`, prefill included."""
+        ids = self.tokenizer.apply_chat_template(messages(i), add_generation_prompt=True, return_tensors="pt")
         ids = ids["input_ids"] if hasattr(ids, "keys") else ids
         started = time.perf_counter()
-        with torch.inference_mode():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
-                                 do_sample=False, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
-        if i:
-            rates.append((out.shape[1] - ids.shape[1]) / (time.perf_counter() - started))
-    del model
-    return {"runs_tokens_per_second": rates, "tokens_per_second": max(rates)}
+        with self.torch.inference_mode():
+            out = self.model.generate(ids, attention_mask=self.torch.ones_like(ids), max_new_tokens=tokens,
+                                      do_sample=False, pad_token_id=self.tokenizer.pad_token_id)  # fmt: skip
+        return float((out.shape[1] - ids.shape[1]) / (time.perf_counter() - started))
 
 
 def start_stack(folder: Path, concurrent: int) -> tuple[subprocess.Popen, str]:
@@ -113,15 +117,30 @@ def spread(views: list[dict[str, Any]], stage: str) -> float:
     return max(at) - min(at)
 
 
-def pipeline(base: str, tokens: int, runs: int, concurrent: int) -> dict[str, Any]:
-    run_job(base, 0, tokens)  # warm up
-    views = [run_job(base, i, tokens) for i in range(runs)]
+def single_streams(raw: RawGenerate, base: str, tokens: int, runs: int) -> dict[str, Any]:
+    """Raw generate and the pipeline, one request at a time, in turns (a run of each, then again):
+    both see the machine as it is at that moment, the stack idle while raw generate runs."""
+    raw.rate(0, tokens)  # warm up both
+    run_job(base, 0, tokens)
+    raw_rates, views = [], []
+    for i in range(runs):
+        raw_rates.append(raw.rate(i, tokens))
+        views.append(run_job(base, i, tokens))
     rates = [
         v["result"]["usage"]["completion_tokens"]
         / (v["timestamps"]["finished"] - v["timestamps"]["received"])
         for v in views
     ]
-    single = {"runs_tokens_per_second": rates, "tokens_per_second": max(rates), "stages_s": stages(views)}
+    return {
+        "raw": {"runs_tokens_per_second": raw_rates, "tokens_per_second": max(raw_rates)},
+        "pipeline": {"runs_tokens_per_second": rates, "tokens_per_second": max(rates),
+                     "stages_s": stages(views)},
+        "paired_ratio_median": statistics.median(p / r for p, r in zip(rates, raw_rates, strict=True)),
+    }  # fmt: skip
+
+
+def concurrent_rounds(base: str, tokens: int, concurrent: int) -> dict[str, Any]:
+    """`concurrent` requests at once, ROUNDS times; the best round, with every round kept."""
     rounds = []
     for _ in range(ROUNDS):
         with ThreadPoolExecutor(concurrent) as pool:
@@ -134,7 +153,7 @@ def pipeline(base: str, tokens: int, runs: int, concurrent: int) -> dict[str, An
                        "stages_s": stages(views), "start_spread_s": spread(views, "started"),
                        "finish_spread_s": spread(views, "finished")})  # fmt: skip
     best = max(rounds, key=lambda r: r["tokens_per_second"])
-    return {"single": single, "concurrent": {**best, "requests": concurrent, "rounds": rounds}}
+    return {**best, "requests": concurrent, "rounds": rounds}
 
 
 def transformers_serve(folder: Path, tokens: int, concurrent: int, work: Path) -> dict[str, Any]:
@@ -181,29 +200,29 @@ def transformers_serve(folder: Path, tokens: int, concurrent: int, work: Path) -
 @click.command()
 @click.option("--tokens", default=64, help="max_tokens of every request")
 @click.option("--concurrent", default=16, help="Requests at once (and the worker's batch size)")
-@click.option("--single-runs", default=3, help="Requests timed one at a time")
+@click.option(
+    "--single-runs", default=6, help="Single requests timed, for raw generate and the pipeline each"
+)
 @click.option("--skip-serve", is_flag=True, help="Do not try transformers serve")
 def main(tokens: int, concurrent: int, single_runs: int, skip_serve: bool) -> None:
     folder = model_folder()
-    # Best of several runs for every system, raw generate before and after the pipeline: the CPU
-    # may be shared, and the best run is the one least disturbed by others.
-    raw = raw_generate(folder, tokens, single_runs)
-    print(f"raw generate, 1 stream:        {raw['tokens_per_second']:7.1f} tokens/s", flush=True)
+    raw_model = RawGenerate(folder)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         up, base = start_stack(work, concurrent)
         try:
-            piped = pipeline(base, tokens, single_runs, concurrent)
+            single = single_streams(raw_model, base, tokens, single_runs)
+            together = concurrent_rounds(base, tokens, concurrent)
         finally:
             up.send_signal(signal.SIGINT)
             up.wait(60)
-        again = raw_generate(folder, tokens, single_runs)
-        raw = {"runs_tokens_per_second": raw["runs_tokens_per_second"] + again["runs_tokens_per_second"],
-               "tokens_per_second": max(raw["tokens_per_second"], again["tokens_per_second"])}  # fmt: skip
-        print(f"raw generate, best of both:    {raw['tokens_per_second']:7.1f} tokens/s")
+        del raw_model
+        raw, piped = single["raw"], {"single": single["pipeline"], "concurrent": together}
+        print(
+            f"raw generate, 1 stream:        {raw['tokens_per_second']:7.1f} tokens/s (best of {single_runs})"
+        )
         print(f"pipeline, 1 request:           {piped['single']['tokens_per_second']:7.1f} tokens/s")
-        rate = piped["concurrent"]["tokens_per_second"]
-        print(f"pipeline, {concurrent} concurrent:       {rate:7.1f} tokens/s")
+        print(f"pipeline, {concurrent} concurrent:       {together['tokens_per_second']:7.1f} tokens/s")
         serve = {"skipped": True} if skip_serve else transformers_serve(folder, tokens, concurrent, work)
     if "tokens_per_second" in serve:
         print(f"transformers serve (CB), {concurrent}:  {serve['tokens_per_second']:7.1f} tokens/s")
@@ -212,11 +231,12 @@ def main(tokens: int, concurrent: int, single_runs: int, skip_serve: bool) -> No
     base_rate = raw["tokens_per_second"]
     ratios = {
         "pipeline_single_vs_raw": piped["single"]["tokens_per_second"] / base_rate,
-        "pipeline_concurrent_vs_raw_single": piped["concurrent"]["tokens_per_second"] / base_rate,
+        "pipeline_single_vs_raw_paired_median": single["paired_ratio_median"],
+        "pipeline_concurrent_vs_raw_single": together["tokens_per_second"] / base_rate,
     }
     if "tokens_per_second" in serve:
         ratios["pipeline_concurrent_vs_transformers_serve"] = (
-            piped["concurrent"]["tokens_per_second"] / serve["tokens_per_second"]
+            together["tokens_per_second"] / serve["tokens_per_second"]
         )
     for name, value in ratios.items():
         print(f"{name}: {value:.2f}x")
