@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from flask import Flask
@@ -31,7 +32,7 @@ class ApiServer(BaseApplication):  # type: ignore[misc]
     """gunicorn serving one already-built Flask app."""
 
     def __init__(self, app: Flask, settings: Settings):
-        self._app = app
+        self._app, self._model = app, settings.model
         self._options: dict[str, Any] = {
             "bind": f"{settings.api_host}:{settings.api_port}",
             "workers": 1,
@@ -40,6 +41,8 @@ class ApiServer(BaseApplication):  # type: ignore[misc]
             "timeout": 0,  # long polls and streams are normal here
             "graceful_timeout": 10,
             "logger_class": JsonLogger,
+            "post_worker_init": self._warm,
+            "control_socket_disable": True,  # unused, and one path per host would be shared by every API
         }
         super().__init__()
 
@@ -49,3 +52,12 @@ class ApiServer(BaseApplication):  # type: ignore[misc]
 
     def load(self) -> Flask:
         return self._app
+
+    def _warm(self, _worker: Any) -> None:
+        """In the serving process, as it starts: load the default model's tokenizer in the
+        background, so the first request does not wait for it."""
+        from api.submission import warm_prompt_tokenizer
+
+        threading.Thread(
+            target=warm_prompt_tokenizer, args=(self._app, self._model), name="gptoss-warm", daemon=True
+        ).start()

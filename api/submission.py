@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import structlog
-from flask import current_app, g, request
+from flask import Flask, current_app, g, request
 from redis import Redis
 
 from api.admission import admitted
@@ -242,7 +242,14 @@ def check_fits(spec: ModelSpec, request: JobRequest, max_tokens: int, explicit: 
 
 
 def _count_prompt(spec: ModelSpec, request: JobRequest) -> int | None:
-    """The prompt's tokens, with the tokenizer cached on the app; None while it is not prepared."""
+    """The prompt's tokens; None while the model's tokenizer is not prepared."""
+    tokenizer = prompt_tokenizer(spec, on="request")
+    return len(prompt_token_ids(tokenizer, request)) if tokenizer is not None else None
+
+
+def prompt_tokenizer(spec: ModelSpec, on: str) -> Any | None:
+    """`spec`'s tokenizer, loaded once and cached on the app (`on` says what asked first: "start"
+    when the server warms it, "request" when a request comes first); None while not prepared."""
     tokenizers: dict[str, Any] = current_app.extensions.setdefault("gptoss_tokenizers", {})
     if spec.name not in tokenizers:
         # One loader at a time: concurrent first requests importing transformers at once fail
@@ -250,6 +257,7 @@ def _count_prompt(spec: ModelSpec, request: JobRequest) -> int | None:
         with current_app.extensions.setdefault("gptoss_tokenizers_lock", threading.Lock()):
             if spec.name not in tokenizers:
                 settings = services().settings
+                started = time.perf_counter()
                 try:
                     tokenizers[spec.name] = load_prompt_tokenizer(
                         spec, settings.cache_dir, settings.vocab_dir()
@@ -257,4 +265,17 @@ def _count_prompt(spec: ModelSpec, request: JobRequest) -> int | None:
                 except ModelNotPrepared:
                     log.warning("prompt_not_counted", model=spec.name, reason="tokenizer not prepared")
                     return None
-    return len(prompt_token_ids(tokenizers[spec.name], request))
+                seconds = round(time.perf_counter() - started, 3)
+                log.info("prompt_tokenizer_loaded", model=spec.name, on=on, seconds=seconds)
+    return tokenizers[spec.name]
+
+
+def warm_prompt_tokenizer(app: Flask, model: str) -> None:
+    """Load the default model's tokenizer before the first request needs it (a background thread
+    of the serving process calls this: loading takes about a second, which the first request to
+    count its prompt would otherwise wait for)."""
+    with app.app_context():
+        try:
+            prompt_tokenizer(model_spec(model), on="start")
+        except Exception as exc:  # a request loads it again, and answers any error itself
+            log.warning("prompt_tokenizer_not_warmed", model=model, error=str(exc))
