@@ -17,12 +17,13 @@ from prometheus_client import generate_latest
 from redis import Redis
 from rq import Worker
 from rq.registry import CanceledJobRegistry, FailedJobRegistry
+from rq.results import Result
 
-from api.metrics import QUEUES, REGISTRIES
+from api.metrics import REGISTRIES
 from shared import decisions, keys
 from shared.heartbeat import SchedulerBeat, WorkerBeat, read_live
 from shared.metrics import ApiMetrics
-from shared.queues import fetch_job, open_queue
+from shared.queues import fetch_job, open_queue, waiting_queues
 from shared.settings import Settings
 
 FAILURES_PER_QUEUE = 20
@@ -97,9 +98,9 @@ def versions(redis: Redis) -> dict[str, Any]:
 
 
 def queue_sizes(redis: Redis) -> dict[str, Any]:
-    """Depth and registry sizes of every queue."""
+    """Depth and registry sizes of every queue, the workers' own queues included."""
     sizes: dict[str, Any] = {}
-    for name in QUEUES:
+    for name in waiting_queues(redis):
         queue = open_queue(name, redis)
         sizes[name] = {"waiting": queue.count, **{k: cls(queue=queue).count for k, cls in REGISTRIES.items()}}
     sizes["scheduler_inflight"] = redis.llen(keys.SCHEDULER_INFLIGHT)
@@ -132,7 +133,7 @@ def workers(redis: Redis) -> dict[str, Any]:
 def failures(redis: Redis) -> list[dict[str, Any]]:
     """The latest failed and rejected jobs of every queue, with their tracebacks and meta."""
     found: list[dict[str, Any]] = []
-    for name in QUEUES:
+    for name in waiting_queues(redis):
         queue = open_queue(name, redis)
         for registry in (FailedJobRegistry(queue=queue), CanceledJobRegistry(queue=queue)):
             for job_id in registry.get_job_ids(0, FAILURES_PER_QUEUE - 1):
@@ -140,6 +141,8 @@ def failures(redis: Redis) -> list[dict[str, Any]]:
                     job = fetch_job(job_id, redis)
                 except Exception:
                     continue
+                result = job.latest_result()
+                failed = result is not None and result.type == Result.Type.FAILED
                 found.append(
                     {
                         "id": job.id,
@@ -147,7 +150,7 @@ def failures(redis: Redis) -> list[dict[str, Any]]:
                         "status": job.get_status(refresh=False),
                         "ended_at": job.ended_at,
                         "meta": job.meta,
-                        "traceback": job.exc_info,
+                        "traceback": result.exc_string if failed and result is not None else None,
                     }
                 )
     return found

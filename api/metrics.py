@@ -24,13 +24,14 @@ from api.services import services
 from shared import keys
 from shared.heartbeat import SchedulerBeat, WorkerBeat, read_live
 from shared.metrics import ApiMetrics
-from shared.queues import open_queue
+from shared.queues import open_queue, own_queue_names
 from shared.response_cache import read_stats
 
 bp = Blueprint("metrics", __name__)
 
 QUEUES = keys.ALL_QUEUES
-"""Queues whose depth and registries the API reports."""
+"""Queues whose depth and registries the API reports, each under its name (the workers' own queues
+are summed under keys.OWN_QUEUES_LABEL)."""
 
 REGISTRIES = {
     "started": StartedJobRegistry,
@@ -65,6 +66,11 @@ class RedisStateCollector(Collector):
                 waiting.add_metric([name], queue.count)
                 for kind, cls in REGISTRIES.items():
                     registry.add_metric([name, kind], cls(queue=queue).count)
+            own = [open_queue(name, self._redis) for name in own_queue_names(self._redis)]
+            waiting.add_metric([keys.OWN_QUEUES_LABEL], sum(queue.count for queue in own))
+            for kind, cls in REGISTRIES.items():
+                held = sum(cls(queue=queue).count for queue in own)
+                registry.add_metric([keys.OWN_QUEUES_LABEL, kind], held)
             workers = read_live(self._redis, keys.WORKER_HEARTBEAT_PATTERN, WorkerBeat)
             for name in keys.WORKER_QUEUES:
                 live.add_metric([name], sum(1 for w in workers if w.queue == name and w.state != "loading"))

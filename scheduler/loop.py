@@ -243,8 +243,7 @@ class Scheduler:
             self._intake.hand_over(job, open_queue(target, self._redis))
         self.routed += 1
         if self._metrics is not None:
-            # Never a worker's own queue name as a label: one series per worker process would pile up.
-            label = "own" if decision.reason == REASON_SESSION_AFFINITY else queue
+            label = keys.OWN_QUEUES_LABEL if decision.reason == REASON_SESSION_AFFINITY else queue
             self._metrics.routing_decisions.labels(label, decision.reason).inc()
         self._remember(job, "route", queue, decision.reason, prompt_tokens)
         log.info(

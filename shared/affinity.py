@@ -8,7 +8,7 @@ from redis import Redis
 from rq.exceptions import NoSuchJobError
 
 from shared import keys
-from shared.queues import fetch_job, open_queue
+from shared.queues import fetch_job, open_queue, own_queue_names
 from shared.stages import META_PRIORITY
 
 log = structlog.get_logger()
@@ -27,9 +27,7 @@ def worker_of(redis: Redis, tenant: str, session_id: str) -> str | None:
 
 def own_queue_owners(redis: Redis) -> set[str]:
     """Workers that have an own queue registered in RQ."""
-    prefix = "rq:queue:" + keys.OWN_QUEUE_PREFIX
-    names = (m.decode() if isinstance(m, bytes) else m for m in redis.smembers("rq:queues"))
-    return {name[len(prefix) :] for name in names if name.startswith(prefix)}
+    return {name[len(keys.OWN_QUEUE_PREFIX) :] for name in own_queue_names(redis)}
 
 
 def release_own_queue(redis: Redis, worker: str) -> list[str]:

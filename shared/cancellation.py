@@ -9,7 +9,7 @@ from redis import Redis
 from redis.exceptions import RedisError
 
 from shared import keys
-from shared.queues import open_queue
+from shared.queues import open_queue, waiting_queues
 
 CANCEL_POLL = 0.05
 """Seconds between two reads of the flag during generation (a decode step on a GPU is ~10-20 ms)."""
@@ -30,7 +30,7 @@ def take_waiting(redis: Redis, job_id: str) -> bool:
     so the caller now owns it. False: it is in a scheduler's or a worker's hands (or gone), where
     the cancel flag stops it."""
     pipe = redis.pipeline()
-    for name in keys.ALL_QUEUES:
+    for name in waiting_queues(redis):
         pipe.lrem(open_queue(name, redis).key, 0, job_id)
     pipe.zrem(keys.SCHEDULER_HELD, job_id)
     return any(int(n) for n in pipe.execute())

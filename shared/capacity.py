@@ -10,11 +10,9 @@ from redis import Redis
 from shared import keys
 from shared.drain import backlog, drain_rate
 from shared.heartbeat import WorkerBeat, read_live
-from shared.queues import fetch_job, open_queue
+from shared.queues import fetch_job, open_queue, waiting_queues
 from shared.settings import Settings
 from shared.stages import META_HELD
-
-QUEUES = keys.ALL_QUEUES
 
 
 def level(pressure: float, settings: Settings) -> str:
@@ -43,7 +41,7 @@ def capacity_view(redis: Redis, settings: Settings) -> dict[str, Any]:
                        "multi_gpu_threshold": settings.multi_gpu_threshold,
                        "hold_timeout": settings.hold_timeout},
         "workers": sorted(workers, key=lambda w: (w["queue"], w["name"])),
-        "queues": {name: open_queue(name, redis).count for name in QUEUES},
+        "queues": {name: open_queue(name, redis).count for name in waiting_queues(redis)},
         "held": held,
         "backlog": backlog(redis),
         "backlog_budget": settings.backlog_budget,

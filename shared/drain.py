@@ -9,7 +9,7 @@ import time
 from redis import Redis
 
 from shared import keys
-from shared.queues import open_queue
+from shared.queues import open_queue, waiting_queues
 
 DRAIN_WINDOW = 60.0
 """Seconds of history the drain rate is measured over."""
@@ -47,7 +47,7 @@ def retry_after(excess: int, rate: float) -> int:
 def backlog(redis: Redis) -> int:
     """Jobs accepted but not yet started: in every queue, held, or in the scheduler's hands."""
     pipe = redis.pipeline(transaction=False)
-    for name in keys.ALL_QUEUES:
+    for name in waiting_queues(redis):
         pipe.llen(open_queue(name, redis).key)
     pipe.llen(keys.SCHEDULER_INFLIGHT)
     pipe.zcard(keys.SCHEDULER_HELD)

@@ -168,6 +168,10 @@ def session_affinity(tenant: str, session_id: str) -> str:
 OWN_QUEUE_PREFIX = "worker:"
 """Names of workers' own queues start with this."""
 
+OWN_QUEUES_LABEL = "own"
+"""The metric label the workers' own queues go by, all together: one series per worker process
+would pile up as workers come and go."""
+
 
 def own_queue(worker_name: str) -> str:
     """The RQ queue of one worker alone: where the scheduler routes the turns of its sessions."""

@@ -250,3 +250,39 @@ def test_session_caches_go_first_under_memory_pressure(redis: Redis, settings, t
     assert worker.may_take()  # still takes work...
     assert len(store) == 0 and store.nbytes == 0  # ...but the session caches are gone
     assert build_worker(settings(session_cache_bytes=0), redis, "cpu")[0].session_store() is None
+
+
+def test_jobs_in_workers_own_queues_are_counted_cancellable_and_reported(redis: Redis, settings) -> None:  # type: ignore[no-untyped-def]
+    from prometheus_client import CollectorRegistry, generate_latest
+    from rq.registry import FailedJobRegistry
+    from rq.results import Result
+
+    from api.bundle import failures, queue_sizes
+    from api.metrics import RedisStateCollector
+    from shared.cancellation import take_waiting
+    from shared.capacity import capacity_view
+    from shared.drain import backlog
+    from shared.queues import open_queue
+
+    name = keys.own_queue("w1")
+    own = open_queue(name, redis)
+    waiting = own.enqueue(keys.GENERATE_FUNC, {"prompt": "hi", "session_id": "s"})
+    failed = own.enqueue(keys.GENERATE_FUNC, {"prompt": "bye", "session_id": "s"})
+    own.remove(failed)  # failed as RQ records it: a failure result, and the failed registry
+    Result.create_failure(failed, ttl=600, exc_string="Traceback: boom")
+    FailedJobRegistry(queue=own).add(failed, ttl=600, exc_string="Traceback: boom")
+
+    assert backlog(redis) == 1  # admission sees the waiting turn
+    assert capacity_view(redis, settings())["queues"][name] == 1
+    assert queue_sizes(redis)[name]["waiting"] == 1 and queue_sizes(redis)[name]["failed"] == 1
+    found = [f for f in failures(redis) if f["queue"] == name]
+    assert [(f["id"], f["traceback"]) for f in found] == [(failed.id, "Traceback: boom")]
+    registry = CollectorRegistry()
+    registry.register(RedisStateCollector(redis))
+    text = generate_latest(registry).decode()
+    assert 'gptoss_requests_waiting{queue="own"} 1.0' in text
+    assert 'gptoss_registry_jobs{queue="own",registry="failed"} 1.0' in text
+    assert "worker:w1" not in text  # no series per worker process
+
+    assert take_waiting(redis, waiting.id)  # a cancel takes it out of the worker's queue
+    assert own.count == 0 and backlog(redis) == 0
