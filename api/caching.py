@@ -17,6 +17,7 @@ from shared.contract import JobRequest, JobSubmission
 from shared.finished_jobs import create_finished
 from shared.harmony import FINAL_CHANNEL, REASONING_CHANNEL
 from shared.normalise import deterministic, fingerprint
+from shared.registry import model_spec, weights_version
 from shared.response_cache import ResponseCache
 from shared.settings import Settings
 from shared.stages import (
@@ -45,7 +46,8 @@ def cache_key(settings: Settings, model: str, payload: JobRequest, tenant: str) 
     from a fast answer that another sent the same prompt)."""
     if not (settings.response_cache and payload.cache and deterministic(payload)):
         return None
-    return fingerprint(model, payload, "" if settings.response_cache_shared else f"tenant:{tenant}")
+    weights = weights_version(model_spec(model), settings.weights_version)
+    return fingerprint(model, payload, "" if settings.response_cache_shared else f"tenant:{tenant}", weights)
 
 
 def open_cache(redis: Redis, settings: Settings) -> ResponseCache:

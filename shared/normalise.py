@@ -13,7 +13,7 @@ from shared.contract import JobRequest
 
 Request = TypeVar("Request", bound=JobRequest)
 
-FINGERPRINT_VERSION = 1
+FINGERPRINT_VERSION = 2
 """Part of every fingerprint: bumped when the canonical form changes, so old entries never match."""
 
 NOT_IN_FINGERPRINT = frozenset({"model", "cache", "session_id", "profile"})
@@ -60,10 +60,13 @@ def canonical_json(request: JobRequest) -> str:
     return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-def fingerprint(model: str, request: JobRequest, salt: str) -> str:
-    """SHA-256 (hex) of the model, the canonical request and `salt` (the tenant, unless the cache is
-    shared): the name of a response in the cache."""
+def fingerprint(model: str, request: JobRequest, salt: str, weights: str = "") -> str:
+    """SHA-256 (hex) of the model, its `weights` version (shared.registry.weights_version), the
+    canonical request and `salt` (the tenant, unless the cache is shared): the name of a response
+    in the cache."""
     named = json.dumps(
-        [FINGERPRINT_VERSION, model, salt, canonical_json(request)], separators=(",", ":"), ensure_ascii=False
+        [FINGERPRINT_VERSION, model, weights, salt, canonical_json(request)],
+        separators=(",", ":"),
+        ensure_ascii=False,
     )
     return hashlib.sha256(named.encode()).hexdigest()

