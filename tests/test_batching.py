@@ -175,3 +175,36 @@ def test_heartbeat_reports_the_batch(settings, redis: Redis, runtime, monkeypatc
     assert 0 < busiest.kv_cache_bytes <= (busiest.kv_cache_budget_bytes or 0)
     after = worker.beat()
     assert after.running == 0 and after.free_slots == 16 and after.state == "idle"
+
+
+def test_requests_queued_behind_an_identical_one_are_answered_from_the_cache(
+    settings, redis: Redis, runtime
+) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from shared.response_cache import store_target
+    from shared.stages import META_CACHE_KEY
+
+    body, target = payload("a cat"), store_target("f" * 64, 600, 1 << 20)
+
+    def enqueue_cacheable() -> str:
+        queue = open_queue(keys.SINGLE_QUEUE, redis)
+        meta = {META_CACHE_KEY: target}  # as the API marks a cacheable miss
+        return queue.enqueue(keys.GENERATE_FUNC, body, result_ttl=600, failure_ttl=600, meta=meta).id
+
+    first, second = enqueue_cacheable(), enqueue_cacheable()
+    worker = work(settings, redis, runtime, max_batch_size=1)  # one at a time: the second waited
+    assert_clean(redis, worker)
+    third = enqueue_cacheable()
+    worker = work(settings, redis, runtime)  # the batch path
+    assert_clean(redis, worker)
+    results = [fetch_job(i, redis).return_value() for i in (first, second, third)]
+    assert results[0]["cache"] == "miss" and results[0]["text"]
+    assert results[1] == results[2] == {**results[0], "cache": "hit"}
+    for job_id in (second, third):
+        events = [
+            (e[b"event"].decode(), json.loads(e[b"data"])) for _, e in redis.xrange(keys.job_stream(job_id))
+        ]
+        assert events[0][0] == "start" and events[-1][0] == "done"
+        assert "".join(data["text"] for kind, data in events if kind == "token") == results[0]["text"]
+        assert {"started", "first_token", "finished"} <= set(stamps(redis, job_id))

@@ -122,6 +122,12 @@ class BatchSession:
             except Exception:  # cancelled, expired or invalid: begin recorded why
                 self._fail(job, queue, execution, run, sys.exc_info(), recorded=True)
                 return []
+            if (cached := run.cached()) is not None:  # an identical request finished meanwhile
+                result = run.finish_cached(cached)
+                with run.tracing():
+                    rq_lifecycle.finish_job(self.worker, job, queue, execution, result)
+                self.worker.job_ended(job, 0.0)
+                return []
             try:
                 completion = self.bound.runtime.completion(request, run.first_token, run.stream.text)
             except RedisError:

@@ -18,7 +18,8 @@ from shared.contract import JobRequest, JobResult, PromptTokensDetails, Usage
 from shared.deadlines import expiry_message, past_deadline
 from shared.endings import retention_of
 from shared.errors import DeadlineExceeded, GptossError, JobCancelled
-from shared.response_cache import store_finished
+from shared.harmony import FINAL_CHANNEL, REASONING_CHANNEL
+from shared.response_cache import ResponseCache, store_finished
 from shared.stages import (
     META_CACHE_KEY,
     META_CANCELLED,
@@ -51,6 +52,8 @@ def generate(payload: dict[str, Any]) -> dict[str, Any]:
     run = JobRun(job, context.current())
     with run.logging():
         request = run.begin(payload)
+        if (cached := run.cached()) is not None:
+            return run.finish_cached(cached)
         try:
             with run.generating():
                 generation = run.bound.runtime.generate(request, run.first_token, run.stream.text, run.cancel)
@@ -204,6 +207,44 @@ class JobRun:
             )
         self._end_span()
         return result.model_dump(mode="json")
+
+    def cached(self) -> dict[str, Any] | None:
+        """The cached result of an identical request that finished while this one waited (the API
+        looked when it arrived; this catches a burst of identical requests queued behind the first),
+        or None: generate."""
+        target = self.job.meta.get(META_CACHE_KEY)
+        if not isinstance(target, dict):
+            return None
+        with self.tracing():
+            try:
+                cache = ResponseCache(self.job.connection, int(target["ttl"]), int(target["max_bytes"]))
+                return cache.lookup(str(target["fingerprint"]))
+            except Exception as exc:  # a cache that cannot be read only means generating
+                log.warning("cache_lookup_failed", error=f"{type(exc).__name__}: {exc}")
+                return None
+
+    def finish_cached(self, cached: dict[str, Any]) -> dict[str, Any]:
+        """The job's result taken from the cache instead of generated: stamps, stream and webhook as
+        for a generated one, marked `cache: "hit"`."""
+        job = self.job
+        self._end_chat(None)
+        now = time.time()
+        stamp(job.meta, STAGE_FIRST_TOKEN, now)
+        stamp(job.meta, STAGE_FINISHED, now)
+        result = {**cached, "cache": "hit"}
+        with self.tracing():
+            job.save_meta()
+            for channel, text in (
+                (REASONING_CHANNEL, result.get("reasoning")),
+                (FINAL_CHANNEL, result.get("text")),
+            ):
+                if text:
+                    self.stream.text(channel, text)
+            self.stream.done(result, job.meta.get(META_TIMESTAMPS, {}))
+            notify(self.bound.webhooks, build_view(job.id, job.meta, "finished", result), job.meta)
+            log.info("cache_hit", at="worker", finish_reason=result.get("finish_reason"))
+        self._end_span()
+        return result
 
     def fail(self, exc: BaseException) -> None:
         """Record why the job failed (a GptossError's code, else `generation_failed`); the caller
