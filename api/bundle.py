@@ -142,7 +142,6 @@ def failures(redis: Redis) -> list[dict[str, Any]]:
                 except Exception:
                     continue
                 result = job.latest_result()
-                failed = result is not None and result.type == Result.Type.FAILED
                 found.append(
                     {
                         "id": job.id,
@@ -150,7 +149,9 @@ def failures(redis: Redis) -> list[dict[str, Any]]:
                         "status": job.get_status(refresh=False),
                         "ended_at": job.ended_at,
                         "meta": job.meta,
-                        "traceback": result.exc_string if failed and result is not None else None,
+                        "traceback": result.exc_string
+                        if result is not None and result.type == Result.Type.FAILED
+                        else None,
                     }
                 )
     return found

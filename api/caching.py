@@ -15,10 +15,9 @@ from redis import Redis
 from shared import keys
 from shared.contract import JobRequest, JobSubmission
 from shared.finished_jobs import create_finished
-from shared.harmony import FINAL_CHANNEL, REASONING_CHANNEL
 from shared.normalise import deterministic, fingerprint
 from shared.registry import model_spec, weights_version
-from shared.response_cache import ResponseCache
+from shared.response_cache import ResponseCache, channel_texts
 from shared.settings import Settings
 from shared.stages import (
     META_MODEL,
@@ -99,11 +98,8 @@ def write_stream(redis: Redis, job_id: str, result: dict[str, Any], meta: dict[s
     events: list[tuple[str, dict[str, Any]]] = [
         ("start", {"model": result.get("model"), "queue": result.get("queue"), "cache": "hit"})
     ]
-    index = 0
-    for channel, text in ((REASONING_CHANNEL, result.get("reasoning")), (FINAL_CHANNEL, result.get("text"))):
-        if text:
-            events.append(("token", {"channel": channel, "text": text, "index": index}))
-            index += 1
+    for index, (channel, text) in enumerate(channel_texts(result)):
+        events.append(("token", {"channel": channel, "text": text, "index": index}))
     events.append(("done", {**result, "timings": meta.get(META_TIMESTAMPS, {})}))
     key = keys.job_stream(job_id)
     pipe = redis.pipeline(transaction=False)

@@ -4,7 +4,7 @@ once, and `transformers serve --continuous-batching` on the same model and promp
 installs and starts: `pip install "transformers[serving]"`). Prints tokens/s and the ratios, and
 writes JSON to bench/results/throughput.json.
 
-    .venv/bin/python bench/throughput.py [--tokens 64] [--concurrent 16] [--single-runs 3]
+    .venv/bin/python bench/throughput.py [--tokens 64] [--concurrent 16] [--single-runs 6]
 
 Pipeline tokens/s use the job's own stage stamps (received -> finished), so how the client waits
 does not count; raw generate is timed around the call. Single streams run in turns, raw then

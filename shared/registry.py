@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import tomllib
 from importlib import resources
@@ -16,8 +17,11 @@ RECIPES = {"gguf-wheel": 1, "tiny-gpt-oss": 2, "mxfp4-of": 1}
 """Version of the way each source is built: a cache built by an older recipe is rebuilt, and the
 response cache's keys change with it."""
 
-WEIGHTS_FIELDS = ("source", "dtype", "package", "file", "hub_id", "derived_from")
-"""Registry fields that name a model's weights (a new SLA or alias does not change them)."""
+BUILD_FIELDS = ("source", "dtype", "package", "file", "derived_from")
+"""Registry fields that change the weights a prepared folder holds (a new SLA or alias does not)."""
+
+WEIGHTS_FIELDS = (*BUILD_FIELDS, "hub_id")
+"""Registry fields that name a model's weights: what is built, or which hub repository."""
 
 
 class ModelSpec(BaseModel, frozen=True):
@@ -46,9 +50,15 @@ class ModelSpec(BaseModel, frozen=True):
 def load_registry(text: str | None = None) -> dict[str, ModelSpec]:
     """All entries of the registry file (or of `text`), by name."""
     if text is None:
-        text = resources.files("shared").joinpath("models.toml").read_text()
+        return dict(_packaged_registry())
     data = tomllib.loads(text)
     return {name: ModelSpec(name=name, **entry) for name, entry in data["models"].items()}
+
+
+@functools.cache
+def _packaged_registry() -> dict[str, ModelSpec]:
+    """The installed registry file, read once per process (each submission resolves names in it)."""
+    return load_registry(resources.files("shared").joinpath("models.toml").read_text())
 
 
 def model_spec(name: str, registry: dict[str, ModelSpec] | None = None) -> ModelSpec:

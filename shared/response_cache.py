@@ -14,6 +14,7 @@ import structlog
 from redis import Redis
 
 from shared import keys
+from shared.harmony import FINAL_CHANNEL, REASONING_CHANNEL
 
 log = structlog.get_logger()
 
@@ -147,3 +148,10 @@ def store_finished(redis: Redis, target: Any, result: dict[str, Any]) -> None:
         return
     log.info("cache_stored", fingerprint=str(target["fingerprint"])[:16], stored=evicted >= 0,
              evicted=max(evicted, 0))  # fmt: skip
+
+
+def channel_texts(result: dict[str, Any]) -> list[tuple[str, str]]:
+    """A finished result's non-empty texts by channel, in stream order (reasoning, then answer): the
+    token events that stand for it when it is served from the cache."""
+    pairs = ((REASONING_CHANNEL, result.get("reasoning")), (FINAL_CHANNEL, result.get("text")))
+    return [(channel, text) for channel, text in pairs if text]

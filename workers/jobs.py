@@ -18,8 +18,7 @@ from shared.contract import JobRequest, JobResult, PromptTokensDetails, Usage
 from shared.deadlines import expiry_message, past_deadline
 from shared.endings import retention_of
 from shared.errors import DeadlineExceeded, GptossError, JobCancelled
-from shared.harmony import FINAL_CHANNEL, REASONING_CHANNEL
-from shared.response_cache import ResponseCache, store_finished
+from shared.response_cache import ResponseCache, channel_texts, store_finished
 from shared.stages import (
     META_CACHE_KEY,
     META_CANCELLED,
@@ -234,12 +233,8 @@ class JobRun:
         result = {**cached, "cache": "hit"}
         with self.tracing():
             job.save_meta()
-            for channel, text in (
-                (REASONING_CHANNEL, result.get("reasoning")),
-                (FINAL_CHANNEL, result.get("text")),
-            ):
-                if text:
-                    self.stream.text(channel, text)
+            for channel, text in channel_texts(result):
+                self.stream.text(channel, text)
             self.stream.done(result, job.meta.get(META_TIMESTAMPS, {}))
             notify(self.bound.webhooks, build_view(job.id, job.meta, "finished", result), job.meta)
             log.info("cache_hit", at="worker", finish_reason=result.get("finish_reason"))

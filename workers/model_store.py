@@ -12,16 +12,12 @@ from filelock import FileLock
 from tqdm import tqdm
 
 from shared.errors import GptossError
-from shared.registry import RECIPES, ModelSpec, load_registry, model_spec
+from shared.registry import BUILD_FIELDS, RECIPES, ModelSpec, load_registry, model_spec
 
 log = structlog.get_logger()
 
 COMPLETE_MARKER = ".complete"
 """File written last into a prepared folder: without it the folder is incomplete."""
-
-
-BUILD_FIELDS = ("source", "dtype", "package", "file", "derived_from")
-"""Registry fields that change the weights (a new SLA or alias does not)."""
 
 
 class ModelUnavailable(GptossError):
