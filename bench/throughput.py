@@ -55,21 +55,42 @@ def model_folder() -> Path:
     return prepare(model_spec(MODEL), Settings().cache_dir)
 
 
-class RawGenerate:
-    """The model loaded as the worker loads it (bf16), one stream at a time through `model.generate`."""
+def worker_dtypes(folder: Path, concurrent: int) -> tuple[str, Any, bool, Any]:
+    """The device a worker of batch size `concurrent` runs on, the dtype it computes in, whether
+    its small steps multiply in bf16 (workers/cpu_precision.py), and the dtype the weights are
+    stored in (they differ on a CPU without native bf16)."""
+    import torch
 
-    def __init__(self, folder: Path):
+    from shared.registry import model_spec
+    from shared.settings import Settings
+    from workers.runtime import load_dtype, pick_device
+
+    spec, device = model_spec(MODEL), pick_device(None)
+    computed, bf16_path = load_dtype(spec, Settings(max_batch_size=concurrent), device, folder)
+    return device, computed, bf16_path, getattr(torch, spec.dtype)
+
+
+class RawGenerate:
+    """The model loaded as `dtype` on `device` (with bf16 small steps when `bf16_path`, as a worker
+    does), one stream at a time through `model.generate`."""
+
+    def __init__(self, folder: Path, dtype: Any, device: str, bf16_path: bool = False):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self.torch = torch
+        from workers.cpu_precision import add_bf16_path
+
+        self.torch, self.device = torch, device
+        self.dtype = f"{dtype} with bf16 small steps" if bf16_path else str(dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        self.model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.bfloat16).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).to(device).eval()
+        if bf16_path:
+            add_bf16_path(self.model)
 
     def rate(self, i: int, tokens: int) -> float:
         """Tokens/s of one greedy generation for request `i`, prefill included."""
         ids = self.tokenizer.apply_chat_template(messages(i), add_generation_prompt=True, return_tensors="pt")
-        ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+        ids = (ids["input_ids"] if hasattr(ids, "keys") else ids).to(self.device)
         started = time.perf_counter()
         with self.torch.inference_mode():
             out = self.model.generate(ids, attention_mask=self.torch.ones_like(ids), max_new_tokens=tokens,
@@ -117,14 +138,21 @@ def spread(views: list[dict[str, Any]], stage: str) -> float:
     return max(at) - min(at)
 
 
-def single_streams(raw: RawGenerate, base: str, tokens: int, runs: int) -> dict[str, Any]:
-    """Raw generate and the pipeline, one request at a time, in turns (a run of each, then again):
-    both see the machine as it is at that moment, the stack idle while raw generate runs."""
-    raw.rate(0, tokens)  # warm up both
+def single_streams(
+    raw: RawGenerate, stored: RawGenerate | None, base: str, tokens: int, runs: int
+) -> dict[str, Any]:
+    """Raw generate (in the worker's dtype, and in the stored dtype when that differs) and the
+    pipeline, one request at a time, in turns (a run of each, then again): all see the machine as
+    it is at that moment, the stack idle while raw generate runs."""
+    raw.rate(0, tokens)  # warm up all
+    if stored is not None:
+        stored.rate(0, tokens)
     run_job(base, 0, tokens)
-    raw_rates, views = [], []
+    raw_rates, stored_rates, views = [], [], []
     for i in range(runs):
         raw_rates.append(raw.rate(i, tokens))
+        if stored is not None:
+            stored_rates.append(stored.rate(i, tokens))
         views.append(run_job(base, i, tokens))
     rates = [
         v["result"]["usage"]["completion_tokens"]
@@ -132,7 +160,10 @@ def single_streams(raw: RawGenerate, base: str, tokens: int, runs: int) -> dict[
         for v in views
     ]
     return {
-        "raw": {"runs_tokens_per_second": raw_rates, "tokens_per_second": max(raw_rates)},
+        "raw": {"dtype": raw.dtype, "runs_tokens_per_second": raw_rates,
+                "tokens_per_second": max(raw_rates)},
+        "raw_stored_dtype": {"dtype": stored.dtype, "runs_tokens_per_second": stored_rates,
+                             "tokens_per_second": max(stored_rates)} if stored is not None else None,
         "pipeline": {"runs_tokens_per_second": rates, "tokens_per_second": max(rates),
                      "stages_s": stages(views)},
         "paired_ratio_median": statistics.median(p / r for p, r in zip(rates, raw_rates, strict=True)),
@@ -162,15 +193,16 @@ def concurrent_rounds(base: str, tokens: int, concurrent: int) -> dict[str, Any]
     return {**best, "requests": concurrent, "rounds": rounds}
 
 
-def transformers_serve(folder: Path, tokens: int, concurrent: int, work: Path) -> dict[str, Any]:
-    """16 concurrent chat requests against `transformers serve --continuous-batching`."""
+def transformers_serve(folder: Path, tokens: int, concurrent: int, work: Path, dtype: str) -> dict[str, Any]:
+    """16 concurrent chat requests against `transformers serve --continuous-batching`, computing in
+    the worker's dtype."""
     port = free_port()
     binary = Path(sys.executable).parent / "transformers"
     log = open(work / "serve.log", "wb")  # noqa: SIM115
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     serve = subprocess.Popen(
         [str(binary), "serve", str(folder), "--continuous-batching", "--port", str(port),
-         "--cb-max-memory-percent", "0.1"],
+         "--cb-max-memory-percent", "0.1", "--dtype", dtype],
         stdout=log, stderr=log, env=env, start_new_session=True,
     )  # fmt: skip
     base = f"http://localhost:{port}"
@@ -194,7 +226,8 @@ def transformers_serve(folder: Path, tokens: int, concurrent: int, work: Path) -
             with ThreadPoolExecutor(concurrent) as pool:
                 made = sum(pool.map(chat, range(concurrent)))
             rates.append(made / (time.perf_counter() - started))
-        return {"rounds_tokens_per_second": rates, "tokens_per_second": max(rates), "requests": concurrent}
+        return {"rounds_tokens_per_second": rates, "tokens_per_second": max(rates), "requests": concurrent,
+                "dtype": dtype}  # fmt: skip
     except requests.RequestException as exc:
         return {"error": f"transformers serve failed: {exc}"}
     finally:
@@ -212,26 +245,34 @@ def transformers_serve(folder: Path, tokens: int, concurrent: int, work: Path) -
 @click.option("--skip-serve", is_flag=True, help="Do not try transformers serve")
 def main(tokens: int, concurrent: int, single_runs: int, skip_serve: bool) -> None:
     folder = model_folder()
-    raw_model = RawGenerate(folder)
+    device, dtype, bf16_path, stored_dtype = worker_dtypes(folder, concurrent)
+    raw_model = RawGenerate(folder, dtype, device, bf16_path)
+    stored_model = RawGenerate(folder, stored_dtype, device) if stored_dtype != dtype else None
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         up, base = start_stack(work, concurrent)
         try:
-            single = single_streams(raw_model, base, tokens, single_runs)
+            single = single_streams(raw_model, stored_model, base, tokens, single_runs)
             together = concurrent_rounds(base, tokens, concurrent)
         finally:
             up.send_signal(signal.SIGINT)
             up.wait(60)
-        del raw_model
+        del raw_model, stored_model
         raw, piped = single["raw"], {"single": single["pipeline"], "concurrent": together}
-        print(
-            f"raw generate, 1 stream:        {raw['tokens_per_second']:7.1f} tokens/s (best of {single_runs})"
-        )
+        print(f"raw generate, 1 stream:        {raw['tokens_per_second']:7.1f} tokens/s"
+              f" (best of {single_runs}, {raw['dtype']}, as the worker computes)")  # fmt: skip
+        if (stored_raw := single["raw_stored_dtype"]) is not None:
+            print(f"raw generate, 1 stream:        {stored_raw['tokens_per_second']:7.1f} tokens/s"
+                  f" (best of {single_runs}, {stored_raw['dtype']}, as stored)")  # fmt: skip
         print(f"pipeline, 1 request:           {piped['single']['tokens_per_second']:7.1f} tokens/s")
         client_rate = max(r["client_tokens_per_second"] for r in together["rounds"])
         print(f"pipeline, {concurrent} concurrent:       {together['tokens_per_second']:7.1f} tokens/s"
               f" ({client_rate:.1f} timed by the client)")  # fmt: skip
-        serve = {"skipped": True} if skip_serve else transformers_serve(folder, tokens, concurrent, work)
+        serve = (
+            {"skipped": True}
+            if skip_serve
+            else transformers_serve(folder, tokens, concurrent, work, str(dtype).removeprefix("torch."))
+        )
     if "tokens_per_second" in serve:
         print(f"transformers serve (CB), {concurrent}:  {serve['tokens_per_second']:7.1f} tokens/s")
     else:
@@ -242,6 +283,13 @@ def main(tokens: int, concurrent: int, single_runs: int, skip_serve: bool) -> No
         "pipeline_single_vs_raw_paired_median": single["paired_ratio_median"],
         "pipeline_concurrent_vs_raw_single": together["tokens_per_second"] / base_rate,
     }
+    if stored_raw is not None:  # against the faster single stream of the stored dtype, too
+        ratios["pipeline_single_vs_raw_stored_dtype"] = (
+            piped["single"]["tokens_per_second"] / stored_raw["tokens_per_second"]
+        )
+        ratios["pipeline_concurrent_vs_raw_single_stored_dtype"] = (
+            together["tokens_per_second"] / stored_raw["tokens_per_second"]
+        )
     if "tokens_per_second" in serve:
         # Both timed by the client, from the first request sent to the last answer.
         best_client = max(r["client_tokens_per_second"] for r in together["rounds"])
@@ -250,7 +298,8 @@ def main(tokens: int, concurrent: int, single_runs: int, skip_serve: bool) -> No
         print(f"{name}: {value:.2f}x")
     record = {
         "model": MODEL, "tokens": tokens, "concurrent": concurrent, "cpu_count": os.cpu_count(),
-        "load_average": os.getloadavg(), "raw_generate": raw, "pipeline": piped,
+        "load_average": os.getloadavg(), "device": device, "raw_generate": raw,
+        "raw_generate_stored_dtype": stored_raw, "pipeline": piped,
         "transformers_serve": serve, "ratios": ratios, "at": time.time(),
     }  # fmt: skip
     write_results("throughput", record)

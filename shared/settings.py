@@ -75,6 +75,10 @@ class Settings(BaseSettings):
         default="gpu-single", description="Queue a worker listens on"
     )
     device: str | None = Field(default=None, description="Worker device (cuda:N, cpu); unset: cuda:0 if any")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        default="auto",
+        description="Dtype workers compute in; auto: the model's (float32 on a batching CPU without bf16)",
+    )
     torch_threads: int | None = Field(default=None, description="CPU threads per worker (torch default)")
     max_batch_size: int | None = Field(
         default=None, ge=1, description="Requests a worker decodes at once; unset: the profile's, else 8"

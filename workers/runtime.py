@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
+import psutil
 import structlog
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, StoppingCriteria
@@ -19,6 +21,7 @@ from shared.registry import ModelSpec
 from shared.settings import Settings
 from workers.batch import DecodeBatch
 from workers.completion import Completion, Generation, TokenSink
+from workers.cpu_precision import add_bf16_path, native_cpu_bf16
 from workers.kv_budget import model_kv_bytes_per_token
 from workers.model_store import prepare
 from workers.output import OutputText
@@ -26,7 +29,7 @@ from workers.placement import Placement
 
 log = structlog.get_logger()
 
-__all__ = ["Generation", "ModelRuntime", "TokenSink", "pick_device"]
+__all__ = ["Generation", "ModelRuntime", "TokenSink", "load_dtype", "pick_device"]
 
 
 def pick_device(configured: str | None) -> str:
@@ -34,6 +37,27 @@ def pick_device(configured: str | None) -> str:
     if configured:
         return configured
     return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+def load_dtype(
+    spec: ModelSpec, settings: Settings, device: str, folder: Path
+) -> tuple[torch.dtype | str, bool]:
+    """The dtype `spec` loads in on `device`, and whether its linear layers get a bf16 path for
+    small steps (workers/cpu_precision.py). `GPTOSS_DTYPE` when set; else the registry's dtype,
+    except that a batching CPU worker whose CPU lacks native bf16 loads bf16 weights as float32
+    with a bf16 copy, when the two copies fit in half the memory available (never a quantised
+    checkpoint: its file size says nothing of its dequantised size)."""
+    if settings.dtype != "auto":
+        return getattr(torch, settings.dtype), False
+    stored = getattr(torch, spec.dtype) if spec.dtype != "auto" else "auto"
+    if stored != torch.bfloat16 or not device.startswith("cpu") or settings.batch_size() == 1:
+        return stored, False
+    if native_cpu_bf16() or "quantization_config" in json.loads((folder / "config.json").read_text()):
+        return stored, False
+    weights = sum(f.stat().st_size for f in folder.glob("*.safetensors"))  # bf16: 2 bytes a weight
+    if 3 * weights > psutil.virtual_memory().available / 2:
+        return stored, False
+    return torch.float32, True
 
 
 class TokenStreamer(BaseStreamer):
@@ -100,7 +124,7 @@ class ModelRuntime:
         folder: Path = prepare(
             spec, settings.cache_dir, vocab_dir=settings.vocab_dir(), local_path=settings.model_path
         )
-        dtype = getattr(torch, spec.dtype) if spec.dtype != "auto" else "auto"
+        dtype, bf16_path = load_dtype(spec, settings, placement.device, folder)
         extra: dict[str, Any] = {}
         if spec.chat_format == "harmony":
             # gpt-oss's attention sinks rule out sdpa; flex does not run it on CPU. Eager works
@@ -121,6 +145,8 @@ class ModelRuntime:
         else:
             model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, **extra)
             model = model.to(placement.device)
+            if bf16_path:
+                add_bf16_path(model)
         model.eval()
         if spec.chat_format == "harmony":
             chat, tokenizer = HarmonyChat(settings.vocab_dir()), None
@@ -134,6 +160,7 @@ class ModelRuntime:
             world_size=placement.world_size,
             expert_parallel=ep_size,
             dtype=str(model.dtype),
+            bf16_small_steps=bf16_path,
             seconds=round(time.perf_counter() - started, 3),
         )
         return cls(spec, model, tokenizer, placement.device, chat, relay)
