@@ -143,6 +143,11 @@ class WorkerMetrics:
             "gptoss_prefix_tokens_reused", "Prompt tokens taken from a session's KV cache, not computed",
             ["model"], registry=registry,
         )  # fmt: skip
+        self.worker_cache_hits = Counter(
+            "gptoss_worker_cache_hits", "Cacheable jobs a worker answered without generating them: from "
+            "the cache as they started (source=cache), or with the result of an identical request it "
+            "was decoding (source=identical)", ["model", "source"], registry=registry,
+        )  # fmt: skip
         self.session_cache_bytes = Gauge(
             "gptoss_session_cache_bytes", "Bytes of session KV caches the worker holds",
             ["model"], registry=registry,

@@ -7,6 +7,7 @@ import threading
 
 import pytest
 import torch
+from prometheus_client import CollectorRegistry
 from redis import Redis
 from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -14,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from shared import keys
 from shared.cancellation import request_cancel
 from shared.contract import JobRequest
+from shared.metrics import WorkerMetrics
 from shared.queues import fetch_job, open_queue
 from shared.registry import model_spec
 from workers import context, rq_lifecycle
@@ -44,10 +46,10 @@ def enqueue(redis: Redis, body: dict, queue: str = keys.SINGLE_QUEUE) -> str:
     return open_queue(queue, redis).enqueue(keys.GENERATE_FUNC, body, result_ttl=600, failure_ttl=600).id
 
 
-def work(settings, redis: Redis, runtime: ModelRuntime, **overrides: object):  # type: ignore[no-untyped-def]
+def work(settings, redis: Redis, runtime: ModelRuntime, metrics=None, **overrides: object):  # type: ignore[no-untyped-def]
     config = settings(model=MODEL, observability=False, **{"max_batch_size": 16, **overrides})
     worker, _ = build_worker(config, redis, runtime.device)
-    context.bind(runtime, worker.name, keys.SINGLE_QUEUE)
+    context.bind(runtime, worker.name, keys.SINGLE_QUEUE, metrics)
     worker.activity = "idle"
     worker.work(burst=True, logging_level=None)
     return worker
@@ -177,34 +179,86 @@ def test_heartbeat_reports_the_batch(settings, redis: Redis, runtime, monkeypatc
     assert after.running == 0 and after.free_slots == 16 and after.state == "idle"
 
 
-def test_requests_queued_behind_an_identical_one_are_answered_from_the_cache(
-    settings, redis: Redis, runtime
-) -> None:  # type: ignore[no-untyped-def]
-    import json
-
+def enqueue_cacheable(redis: Redis, body: dict, fingerprint: str) -> str:
+    """A job marked as the API marks a cacheable miss."""
     from shared.response_cache import store_target
     from shared.stages import META_CACHE_KEY
 
-    body, target = payload("a cat"), store_target("f" * 64, 600, 1 << 20)
+    meta = {META_CACHE_KEY: store_target(fingerprint, 600, 1 << 20)}
+    queue = open_queue(keys.SINGLE_QUEUE, redis)
+    return queue.enqueue(keys.GENERATE_FUNC, body, result_ttl=600, failure_ttl=600, meta=meta).id
 
-    def enqueue_cacheable() -> str:
-        queue = open_queue(keys.SINGLE_QUEUE, redis)
-        meta = {META_CACHE_KEY: target}  # as the API marks a cacheable miss
-        return queue.enqueue(keys.GENERATE_FUNC, body, result_ttl=600, failure_ttl=600, meta=meta).id
 
-    first, second = enqueue_cacheable(), enqueue_cacheable()
+def stream_events(redis: Redis, job_id: str) -> list[tuple[str, dict]]:
+    import json
+
+    return [(e[b"event"].decode(), json.loads(e[b"data"])) for _, e in redis.xrange(keys.job_stream(job_id))]
+
+
+def test_requests_queued_behind_an_identical_one_are_answered_from_the_cache(
+    settings, redis: Redis, runtime
+) -> None:  # type: ignore[no-untyped-def]
+    body = payload("a cat")
+    first, second = enqueue_cacheable(redis, body, "f" * 64), enqueue_cacheable(redis, body, "f" * 64)
     worker = work(settings, redis, runtime, max_batch_size=1)  # one at a time: the second waited
     assert_clean(redis, worker)
-    third = enqueue_cacheable()
+    third = enqueue_cacheable(redis, body, "f" * 64)
     worker = work(settings, redis, runtime)  # the batch path
     assert_clean(redis, worker)
     results = [fetch_job(i, redis).return_value() for i in (first, second, third)]
     assert results[0]["cache"] == "miss" and results[0]["text"]
     assert results[1] == results[2] == {**results[0], "cache": "hit"}
     for job_id in (second, third):
-        events = [
-            (e[b"event"].decode(), json.loads(e[b"data"])) for _, e in redis.xrange(keys.job_stream(job_id))
-        ]
+        events = stream_events(redis, job_id)
         assert events[0][0] == "start" and events[-1][0] == "done"
         assert "".join(data["text"] for kind, data in events if kind == "token") == results[0]["text"]
         assert {"started", "first_token", "finished"} <= set(stamps(redis, job_id))
+
+
+def test_identical_requests_in_one_batch_decode_once(settings, redis: Redis, runtime) -> None:  # type: ignore[no-untyped-def]
+    body = payload("the sea", max_tokens=12)
+    ids = [enqueue_cacheable(redis, body, "e" * 64) for _ in range(3)]
+    other = enqueue_cacheable(redis, payload("a robot"), "d" * 64)
+    metrics = WorkerMetrics(CollectorRegistry())
+    worker = work(settings, redis, runtime, metrics)
+    assert_clean(redis, worker)
+    labels = {"model": MODEL, "source": "identical"}
+    assert metrics.registry.get_sample_value("gptoss_worker_cache_hits_total", labels) == 2
+    leader, *followers = [fetch_job(i, redis).return_value() for i in ids]
+    assert leader["cache"] == "miss" and leader["text"] == runtime.run(JobRequest.model_validate(body)).text
+    assert followers == [{**leader, "cache": "hit"}] * 2
+    assert fetch_job(other, redis).return_value()["cache"] == "miss"
+    done = stamps(redis, ids[0])["finished"]
+    for job_id in ids[1:]:
+        # Started while the first decoded (not a later cache hit), answered when it finished.
+        assert stamps(redis, job_id)["started"] < done <= stamps(redis, job_id)["finished"]
+        events = stream_events(redis, job_id)
+        assert events[0][0] == "start" and events[-1][0] == "done"
+        assert "".join(data["text"] for kind, data in events if kind == "token") == leader["text"]
+    assert FinishedJobRegistry(keys.SINGLE_QUEUE, connection=redis).count >= 4
+
+
+def test_a_follower_decodes_itself_when_its_leader_is_cancelled(settings, redis: Redis, runtime) -> None:  # type: ignore[no-untyped-def]
+    body = payload("the history of the world", max_tokens=40)
+    leader, follower, leaving = (enqueue_cacheable(redis, body, "c" * 64) for _ in range(3))
+
+    def cancel_once_streaming() -> None:
+        while not fetch_job(leader, redis).meta.get("timestamps", {}).get("first_token"):
+            threading.Event().wait(0.05)
+        request_cancel(redis, leaving, 600)  # a follower cancelled: it ends at once
+        request_cancel(redis, leader, 600)  # the leader cancelled: its follower decodes itself
+
+    canceller = threading.Thread(target=cancel_once_streaming, daemon=True)
+    canceller.start()
+    worker = work(settings, redis, runtime)
+    canceller.join(5)
+    assert_clean(redis, worker)
+    for job_id in (leader, leaving):
+        job = fetch_job(job_id, redis)
+        assert job.get_status() == "failed" and job.meta["cancelled"]["code"] == "job_cancelled"
+        assert stream_events(redis, job_id)[-1][0] == "error"
+    job = fetch_job(follower, redis)
+    assert job.get_status() == "finished"
+    result = job.return_value()
+    assert result["cache"] == "miss" and result["text"] == runtime.run(JobRequest.model_validate(body)).text
+    assert stamps(redis, follower)["started"] < stamps(redis, leader)["finished"]

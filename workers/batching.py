@@ -53,6 +53,20 @@ class Slot:
     """Its tenant's session (see workers/sessions.py), whose cache it leaves when it ends."""
 
 
+@dataclass
+class Follower:
+    """A job identical to one the batch is decoding (the same response-cache fingerprint): started,
+    it takes that job's result when it finishes instead of decoding the same tokens again; should
+    that job fail or be cancelled, it decodes itself."""
+
+    job: Job
+    queue: Queue
+    execution: Execution
+    run: JobRun
+    request: JobRequest
+    began: float
+
+
 class BatchSession:
     """Jobs decoded together until none is left (see the module docstring)."""
 
@@ -60,6 +74,8 @@ class BatchSession:
         self.worker, self.bound, self.size, self.budget = worker, bound, size, budget
         self.batch: DecodeBatch = bound.runtime.new_batch()
         self.slots: dict[str, Slot] = {}
+        self.followers: dict[str, list[Follower]] = {}  # by the fingerprint they wait on
+        self._promoted: list[Slot] = []  # followers whose leader failed: they join as rows
         self._full = False  # a job did not fit the KV budget: take none until a row leaves
         self._beat = self._cancels_read = time.monotonic()
         self.events = EventBuffer(worker.connection)  # every row's token events, one write per step
@@ -69,11 +85,19 @@ class BatchSession:
         """Bytes the batch's KV cache holds now."""
         return len(self.batch) * self.batch.length * self.budget.bytes_per_token
 
+    @property
+    def held(self) -> int:
+        """Jobs the session holds: its rows, their followers and the followers about to decode
+        themselves (each takes a place of the size)."""
+        return len(self.slots) + sum(len(f) for f in self.followers.values()) + len(self._promoted)
+
     def run(self, job: Job, queue: Queue) -> None:
         """Serve `job` and every job that arrives while the batch is not empty."""
         joining = self._admit(job, queue)
-        while joining or self.slots:
-            joining += self._take_more()
+        while joining or self.slots or self._promoted:
+            promoted, self._promoted = self._promoted, []
+            self.slots.update((s.job.id, s) for s in promoted)
+            joining += promoted + self._take_more()
             self._join(joining)
             joining = []
             self.events.flush()
@@ -87,13 +111,10 @@ class BatchSession:
     def _take_more(self) -> list[Slot]:
         """Jobs waiting in the worker's queues, while there is room and the worker may take them."""
         joining: list[Slot] = []
-        if len(self.slots) >= self.size or self._full or not rq_lifecycle.jobs_waiting(self.worker):
+        if self.held >= self.size or self._full or not rq_lifecycle.jobs_waiting(self.worker):
             return joining
         while (
-            len(self.slots) < self.size
-            and not self._full
-            and not self.worker.stopping
-            and self.worker.may_take()
+            self.held < self.size and not self._full and not self.worker.stopping and self.worker.may_take()
         ):
             taken = rq_lifecycle.take_job(self.worker)
             if taken is None:
@@ -128,13 +149,29 @@ class BatchSession:
                     rq_lifecycle.finish_job(self.worker, job, queue, execution, result)
                 self.worker.job_ended(job, 0.0)
                 return []
+            if (fingerprint := run.fingerprint) is not None and self._decoding(fingerprint):
+                follower = Follower(job, queue, execution, run, request, time.monotonic())
+                self.followers.setdefault(fingerprint, []).append(follower)
+                log.info("following_identical_request")
+                return []
+            slot = self._slot(job, queue, execution, run, request, time.monotonic())
+        if slot is None:
+            return []
+        self.slots[job.id] = slot
+        return [slot]
+
+    def _slot(
+        self, job: Job, queue: Queue, execution: Execution, run: JobRun, request: JobRequest, began: float
+    ) -> Slot | None:
+        """The row of a started job, in its slot (None when its prompt cannot be read: it failed)."""
+        with run.logging():
             try:
                 completion = self.bound.runtime.completion(request, run.first_token, run.stream.text)
             except RedisError:
                 raise
             except Exception:
                 self._fail(job, queue, execution, run, sys.exc_info(), recorded=False)
-                return []
+                return None
             session = (
                 session_key(job.meta.get(META_TENANT) or DEFAULT_TENANT, request.session_id)
                 if request.session_id
@@ -144,9 +181,11 @@ class BatchSession:
                 prefix = self._reuse(session, completion.prompt_ids)
             completion.cached_tokens = prefix.length if prefix is not None else 0
         row = Row(job.id, completion, sampler_for(request, self.batch.device), prefix=prefix)
-        slot = Slot(job, queue, execution, run, row, time.monotonic(), session)
-        self.slots[job.id] = slot
-        return [slot]
+        return Slot(job, queue, execution, run, row, began, session)
+
+    def _decoding(self, fingerprint: str) -> bool:
+        """Whether a row of the batch is decoding the request of `fingerprint`."""
+        return any(s.run.fingerprint == fingerprint for s in self.slots.values())
 
     def _reuse(self, session: str | None, prompt_ids: list[int]) -> SessionPrefix | None:
         """The cached start of a session turn's prompt on this worker, if any (counted and logged)."""
@@ -248,8 +287,22 @@ class BatchSession:
                 self._end(slot, None)
 
     def _end(self, slot: Slot, exc_info: Any) -> None:
-        """Settle one job in RQ: its result, or its failure."""
+        """Settle one job in RQ: its result, or its failure; then the jobs that followed it."""
         self.slots.pop(slot.job.id, None)
+        followers = self.followers.pop(slot.run.fingerprint or "", [])
+        result = self._settle_row(slot, exc_info)
+        if result is not None:
+            self._answer(followers, result)
+        else:
+            for f in followers:  # none to take: each decodes itself
+                with f.run.logging():
+                    log.info("leader_ended_without_result")
+                promoted = self._slot(f.job, f.queue, f.execution, f.run, f.request, f.began)
+                if promoted is not None:
+                    self._promoted.append(promoted)
+
+    def _settle_row(self, slot: Slot, exc_info: Any) -> dict[str, Any] | None:
+        """Settle `slot`'s job in RQ: its result (returned), or its failure (None)."""
         job, queue, run = slot.job, slot.queue, slot.run
         with run.logging():
             if exc_info is None:
@@ -260,12 +313,28 @@ class BatchSession:
                     raise
                 except Exception:  # cancelled (JobCancelled, recorded by finish) or a failure to record
                     self._fail(job, queue, slot.execution, run, sys.exc_info(), recorded=True)
-                    return
+                    return None
                 with run.tracing():
                     rq_lifecycle.finish_job(self.worker, job, queue, slot.execution, result)
                 self.worker.job_ended(job, time.monotonic() - slot.began)
-                return
+                return result
             self._fail(job, queue, slot.execution, run, exc_info, recorded=False)
+            return None
+
+    def _answer(self, followers: list[Follower], result: dict[str, Any]) -> None:
+        """Finish each follower with its leader's result (a cache hit, as if looked up)."""
+        for f in followers:
+            with f.run.logging():
+                try:
+                    answer = f.run.finish_cached(result, source="identical")
+                except RedisError:
+                    raise
+                except Exception:
+                    self._fail(f.job, f.queue, f.execution, f.run, sys.exc_info(), recorded=False)
+                    continue
+                with f.run.tracing():
+                    rq_lifecycle.finish_job(self.worker, f.job, f.queue, f.execution, answer)
+                self.worker.job_ended(f.job, time.monotonic() - f.began)
 
     def _fail(
         self, job: Job, queue: Queue, execution: Execution, run: JobRun, exc_info: Any, recorded: bool
@@ -279,18 +348,32 @@ class BatchSession:
     def _read_cancels(self) -> None:
         """Mark the rows a client cancelled: every row's flag in one read, at most every CANCEL_POLL s."""
         now = time.monotonic()
-        if now - self._cancels_read < CANCEL_POLL or not self.slots:
+        waiting = {f.job.id: f for group in self.followers.values() for f in group}
+        if now - self._cancels_read < CANCEL_POLL or not (self.slots or waiting):
             return
         self._cancels_read = now
         try:
-            cancelled = cancels_requested(self.worker.connection, list(self.slots))
+            cancelled = cancels_requested(self.worker.connection, [*self.slots, *waiting])
         except RedisError:  # a lost read must not fail the batch; the next one reads again
             return
         for job_id in cancelled:
-            self.slots[job_id].run.cancel.cancelled = True
+            if job_id in self.slots:
+                self.slots[job_id].run.cancel.cancelled = True
+            elif (f := waiting.get(job_id)) is not None:  # ends at once: it decodes nothing
+                for group in self.followers.values():
+                    if f in group:
+                        group.remove(f)
+                with f.run.logging():
+                    try:
+                        f.run.cancel_waiting()
+                    except RedisError:
+                        raise
+                    except Exception:
+                        self._fail(f.job, f.queue, f.execution, f.run, sys.exc_info(), recorded=True)
 
     def _keep_alive(self) -> None:
         now = time.monotonic()
         if now - self._beat >= RQ_HEARTBEAT_EVERY:
             self._beat = now
-            rq_lifecycle.keep_alive(self.worker, [s.job for s in self.slots.values()])
+            followers = [f.job for group in self.followers.values() for f in group]
+            rq_lifecycle.keep_alive(self.worker, [s.job for s in self.slots.values()] + followers)

@@ -207,6 +207,17 @@ class JobRun:
         self._end_span()
         return result.model_dump(mode="json")
 
+    @property
+    def fingerprint(self) -> str | None:
+        """The response-cache fingerprint of a cacheable job (None: not cacheable)."""
+        target = self.job.meta.get(META_CACHE_KEY)
+        return str(target["fingerprint"]) if isinstance(target, dict) else None
+
+    def cancel_waiting(self) -> NoReturn:
+        """End a started job that was waiting on an identical one's result: cancelled by its client."""
+        with self.tracing():
+            self._end_early(META_CANCELLED, JobCancelled("Cancelled by the client before its answer came."))
+
     def cached(self) -> dict[str, Any] | None:
         """The cached result of an identical request that finished while this one waited (the API
         looked when it arrived; this catches a burst of identical requests queued behind the first),
@@ -222,9 +233,10 @@ class JobRun:
                 log.warning("cache_lookup_failed", error=f"{type(exc).__name__}: {exc}")
                 return None
 
-    def finish_cached(self, cached: dict[str, Any]) -> dict[str, Any]:
-        """The job's result taken from the cache instead of generated: stamps, stream and webhook as
-        for a generated one, marked `cache: "hit"`."""
+    def finish_cached(self, cached: dict[str, Any], source: str = "cache") -> dict[str, Any]:
+        """The job's result taken from the cache (or from an identical job's result: `source`
+        "identical") instead of generated: stamps, stream and webhook as for a generated one, marked
+        `cache: "hit"`."""
         job = self.job
         self._end_chat(None)
         now = time.time()
@@ -237,7 +249,9 @@ class JobRun:
                 self.stream.text(channel, text)
             self.stream.done(result, job.meta.get(META_TIMESTAMPS, {}))
             notify(self.bound.webhooks, build_view(job.id, job.meta, "finished", result), job.meta)
-            log.info("cache_hit", at="worker", finish_reason=result.get("finish_reason"))
+            log.info("cache_hit", at="worker", source=source, finish_reason=result.get("finish_reason"))
+            if self.bound.metrics is not None:
+                self.bound.metrics.worker_cache_hits.labels(self.bound.runtime.spec.name, source).inc()
         self._end_span()
         return result
 
