@@ -81,15 +81,18 @@ def zipf_draws(count: int, distinct: int, exponent: float, seed: int) -> list[in
     return random.Random(seed).choices(range(distinct), weights=weights, k=count)
 
 
-def one_request(session: requests.Session, base: str, index: int, max_tokens: int) -> tuple[bool, float, str]:
-    """(hit?, client-side seconds from POST until the result is in hand, its text)."""
+def one_request(session: requests.Session, base: str, index: int, max_tokens: int) -> tuple[str, float, str]:
+    """(how it was answered: "hit" by the API, "worker_hit" by a worker without generating (from
+    the cache as it started, or an identical request's result), "generated"; client-side seconds
+    from POST until the result is in hand; its text)."""
     body = {"messages": [{"role": "user", "content": prompt(index)}], "max_tokens": max_tokens,
             "temperature": 0}  # fmt: skip
     started = time.perf_counter()
     answer = session.post(f"{base}/v1/jobs", json=body, timeout=30)
     if answer.status_code == 200:  # a hit: the finished job, result included
         view = answer.json()
-        return view["result"]["cache"] == "hit", time.perf_counter() - started, view["result"]["text"]
+        assert view["result"]["cache"] == "hit", view
+        return "hit", time.perf_counter() - started, view["result"]["text"]
     if answer.status_code != 202:
         raise RuntimeError(f"POST answered {answer.status_code}: {answer.text[:200]}")
     job = answer.json()
@@ -102,7 +105,8 @@ def one_request(session: requests.Session, base: str, index: int, max_tokens: in
                 data = json.loads(line[6:])
                 if kind == "error":
                     raise RuntimeError(f"job {job['id']} failed: {data}")
-                return False, time.perf_counter() - started, data["text"]
+                how = "worker_hit" if data.get("cache") == "hit" else "generated"
+                return how, time.perf_counter() - started, data["text"]
     raise RuntimeError(f"job {job['id']}: the event stream ended without `done`")
 
 
@@ -124,6 +128,7 @@ def replay(
     hits: list[float] = []
     misses: list[float] = []
     answers: list[tuple[int, bool, str]] = []  # (prompt, hit?, text)
+    worker_hits: list[float] = []  # answered by a worker without generating
     errors: list[str] = []
 
     def client() -> None:
@@ -134,13 +139,14 @@ def replay(
             if n is None:
                 return
             try:
-                hit, seconds, text = one_request(session, base, draws[n], max_tokens)
+                how, seconds, text = one_request(session, base, draws[n], max_tokens)
+                hit = how != "generated"
             except Exception as exc:  # counted and shown, never a silently dead client thread
                 with lock:
                     errors.append(f"{type(exc).__name__}: {exc}")
                 continue
             with lock:
-                (hits if hit else misses).append(seconds)
+                {"hit": hits, "worker_hit": worker_hits, "generated": misses}[how].append(seconds)
                 answers.append((draws[n], hit, text))
 
     started = time.perf_counter()
@@ -163,12 +169,14 @@ def replay(
         "requests": count, "distinct_prompts": distinct, "prompts_seen": len(set(draws)),
         "zipf_exponent": exponent, "max_tokens": max_tokens, "client_threads": threads,
         "hits": len(hits), "misses": len(misses), "hit_rate": len(hits) / count,
+        "worker_hits": len(worker_hits), "worker_hit_seconds": quantiles(worker_hits),
         "hit_seconds": hit_q, "miss_seconds": miss_q, "hit_p50_over_miss_p50": ratio,
         # Every hit must be one of the answers generated for its prompt, and all hits of a prompt alike.
         "hits_not_byte_identical": sum(1 for index, hit, text in answers
                                        if hit and text not in generated.get(index, [])),
         "prompts_with_differing_hits": sum(1 for texts in served.values() if len(texts) > 1),
-        # Concurrent identical misses each generate (no single-flight), in different batches.
+        # Identical misses decoded at once by one worker generate once (the others follow it);
+        # on different workers each generates.
         "prompts_generated_more_than_once": len(twice),
         "of_which_generated_differently": sum(1 for texts in twice if len(set(texts)) > 1),
         "errors": len(errors), "first_errors": errors[:5],
@@ -255,18 +263,18 @@ def print_replay(figures: dict[str, Any]) -> None:
     print(f"replay: {figures['requests']} requests, {figures['prompts_seen']} distinct prompts seen "
           f"(Zipf s={figures['zipf_exponent']}), {figures['client_threads']} clients, "
           f"max_tokens {figures['max_tokens']}, {figures['wall_seconds']:.0f} s")  # fmt: skip
-    print(f"  hit rate {figures['hit_rate']:.1%} ({figures['hits']} hits, {figures['misses']} misses; "
-          "target >= 70%)")  # fmt: skip
-    for kind in ("hit", "miss"):
+    print(f"  hit rate {figures['hit_rate']:.1%} ({figures['hits']} hits, {figures['misses']} generated, "
+          f"{figures['worker_hits']} answered by a worker without generating; target >= 70%)")  # fmt: skip
+    for kind in ("hit", "miss", "worker_hit"):
         q = figures[f"{kind}_seconds"]
         if q:
-            print(f"  {kind:4s} p50 {q['p50'] * 1000:8.1f} ms  p95 {q['p95'] * 1000:8.1f} ms")
+            print(f"  {kind:10s} p50 {q['p50'] * 1000:8.1f} ms  p95 {q['p95'] * 1000:8.1f} ms")
     if figures["hit_p50_over_miss_p50"] is not None:
         print(f"  hit p50 / miss p50 = {figures['hit_p50_over_miss_p50']:.4f} (target <= 0.01)")
     print(f"  hits not byte-identical to a generated answer: {figures['hits_not_byte_identical']}; "
           f"prompts whose hits differ: {figures['prompts_with_differing_hits']}; "
           f"errors: {figures['errors']} {figures['first_errors']}")  # fmt: skip
-    print(f"  prompts generated more than once (concurrent misses): "
+    print(f"  prompts generated more than once (concurrent misses on different workers or batches): "
           f"{figures['prompts_generated_more_than_once']}, "
           f"of which differently (batch numerics): {figures['of_which_generated_differently']}")  # fmt: skip
 
