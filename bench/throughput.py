@@ -63,10 +63,12 @@ def worker_dtypes(folder: Path, concurrent: int) -> tuple[str, Any, bool, Any]:
 
     from shared.registry import model_spec
     from shared.settings import Settings
+    from workers.placement import Placement
     from workers.runtime import load_dtype, pick_device
 
     spec, device = model_spec(MODEL), pick_device(None)
-    computed, bf16_path = load_dtype(spec, Settings(max_batch_size=concurrent), device, folder)
+    placement = Placement("device", device)
+    computed, bf16_path = load_dtype(spec, Settings(max_batch_size=concurrent), placement, folder)
     return device, computed, bf16_path, getattr(torch, spec.dtype)
 
 

@@ -14,7 +14,10 @@ from shared.registry import model_spec
 from shared.settings import Settings
 from workers.cpu_precision import SMALL_ROWS, DualLinear, add_bf16_path, native_cpu_bf16
 from workers.model_store import prepare
+from workers.placement import Placement
 from workers.runtime import ModelRuntime, load_dtype
+
+CPU = Placement("device", "cpu")
 
 
 def test_small_inputs_multiply_in_bf16_and_large_ones_in_float32() -> None:
@@ -61,17 +64,19 @@ def test_a_batching_cpu_worker_without_native_bf16_computes_in_float32(prepared_
     folder = spec.directory(prepared_models.cache_dir)
     batching = Settings(max_batch_size=8)
     expected = (torch.bfloat16, False) if native_cpu_bf16() else (torch.float32, True)
-    assert load_dtype(spec, batching, "cpu", folder) == expected
-    assert load_dtype(spec, batching, "cuda:0", folder) == (torch.bfloat16, False)
-    assert load_dtype(spec, Settings(max_batch_size=1), "cpu", folder) == (torch.bfloat16, False)
-    assert load_dtype(spec, Settings(max_batch_size=8, dtype="float32"), "cpu", folder) == (
+    assert load_dtype(spec, batching, CPU, folder) == expected
+    assert load_dtype(spec, batching, Placement("device", "cuda:0"), folder) == (torch.bfloat16, False)
+    assert load_dtype(spec, Settings(max_batch_size=1), CPU, folder) == (torch.bfloat16, False)
+    tensor_parallel = Placement("tensor-parallel", "cpu", world_size=2)
+    assert load_dtype(spec, batching, tensor_parallel, folder) == (torch.bfloat16, False)
+    assert load_dtype(spec, Settings(max_batch_size=8, dtype="float32"), CPU, folder) == (
         torch.float32,
         False,
     )
     quantised = model_spec("tiny-gpt-oss-mxfp4")  # dequantised to bf16: its size is not its files'
-    assert load_dtype(quantised, batching, "cpu", prepare(quantised, prepared_models.cache_dir))[1] is False
+    assert load_dtype(quantised, batching, CPU, prepare(quantised, prepared_models.cache_dir))[1] is False
     tiny = model_spec("tiny-gpt-oss")  # stored in float32: nothing to gain
-    assert load_dtype(tiny, batching, "cpu", tiny.directory(prepared_models.cache_dir)) == (
+    assert load_dtype(tiny, batching, CPU, tiny.directory(prepared_models.cache_dir)) == (
         torch.float32,
         False,
     )

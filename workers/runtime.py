@@ -40,17 +40,18 @@ def pick_device(configured: str | None) -> str:
 
 
 def load_dtype(
-    spec: ModelSpec, settings: Settings, device: str, folder: Path
+    spec: ModelSpec, settings: Settings, placement: Placement, folder: Path
 ) -> tuple[torch.dtype | str, bool]:
-    """The dtype `spec` loads in on `device`, and whether its linear layers get a bf16 path for
-    small steps (workers/cpu_precision.py). `GPTOSS_DTYPE` when set; else the registry's dtype,
-    except that a batching CPU worker whose CPU lacks native bf16 loads bf16 weights as float32
+    """The dtype `spec` loads in as `placement` says, and whether its linear layers get a bf16 path
+    for small steps (workers/cpu_precision.py). `GPTOSS_DTYPE` when set; else the registry's dtype,
+    except that a batching worker on one CPU that lacks native bf16 loads bf16 weights as float32
     with a bf16 copy, when the two copies fit in half the memory available (never a quantised
     checkpoint: its file size says nothing of its dequantised size)."""
     if settings.dtype != "auto":
         return getattr(torch, settings.dtype), False
     stored = getattr(torch, spec.dtype) if spec.dtype != "auto" else "auto"
-    if stored != torch.bfloat16 or not device.startswith("cpu") or settings.batch_size() == 1:
+    on_cpu = placement.kind == "device" and placement.device.startswith("cpu")
+    if stored != torch.bfloat16 or not on_cpu or settings.batch_size() == 1:
         return stored, False
     if native_cpu_bf16() or "quantization_config" in json.loads((folder / "config.json").read_text()):
         return stored, False
@@ -124,7 +125,7 @@ class ModelRuntime:
         folder: Path = prepare(
             spec, settings.cache_dir, vocab_dir=settings.vocab_dir(), local_path=settings.model_path
         )
-        dtype, bf16_path = load_dtype(spec, settings, placement.device, folder)
+        dtype, bf16_path = load_dtype(spec, settings, placement, folder)
         extra: dict[str, Any] = {}
         if spec.chat_format == "harmony":
             # gpt-oss's attention sinks rule out sdpa; flex does not run it on CPU. Eager works
