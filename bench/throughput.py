@@ -1,5 +1,6 @@
-"""Throughput on the embedded model, side by side in one run: raw `model.generate` (one stream),
-the full pipeline (API -> scheduler -> batching worker) with 1 request at a time and with 16 at
+"""Throughput on the embedded model, side by side in one run: raw `model.generate` (one stream,
+and 16 requests left-padded into one batch: the model's own batched rate, the ceiling of the
+pipeline's), the full pipeline (API -> scheduler -> batching worker) with 1 request at a time and with 16 at
 once, and `transformers serve --continuous-batching` on the same model and prompts (when it
 installs and starts: `pip install "transformers[serving]"`). Prints tokens/s and the ratios, and
 writes JSON to bench/results/throughput.json.
@@ -98,6 +99,26 @@ class RawGenerate:
             out = self.model.generate(ids, attention_mask=self.torch.ones_like(ids), max_new_tokens=tokens,
                                       do_sample=False, pad_token_id=self.tokenizer.pad_token_id)  # fmt: skip
         return float((out.shape[1] - ids.shape[1]) / (time.perf_counter() - started))
+
+    def batch_rate(self, rows: int, tokens: int) -> float:
+        """Tokens/s of one greedy `generate` of requests 0..rows-1 left-padded into one batch,
+        prefill included: what the model itself does with `rows` requests at once (each row's
+        tokens counted up to its end token)."""
+        texts = [self.tokenizer.apply_chat_template(messages(i), add_generation_prompt=True, tokenize=False)
+                 for i in range(rows)]  # fmt: skip
+        self.tokenizer.padding_side = "left"
+        batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(
+            self.device
+        )
+        started = time.perf_counter()
+        with self.torch.inference_mode():
+            out = self.model.generate(**batch, max_new_tokens=tokens, do_sample=False,
+                                      pad_token_id=self.tokenizer.pad_token_id)  # fmt: skip
+        seconds = time.perf_counter() - started
+        new = out[:, batch["input_ids"].shape[1] :].tolist()
+        ends = {self.tokenizer.eos_token_id, self.tokenizer.pad_token_id}
+        made = sum(next((k + 1 for k, t in enumerate(row) if t in ends), len(row)) for row in new)
+        return made / seconds
 
 
 def start_stack(folder: Path, concurrent: int) -> tuple[subprocess.Popen, str]:
@@ -255,6 +276,8 @@ def main(tokens: int, concurrent: int, single_runs: int, skip_serve: bool) -> No
         up, base = start_stack(work, concurrent)
         try:
             single = single_streams(raw_model, stored_model, base, tokens, single_runs)
+            # The model's own batched rate, the stack idle: how far batching can go on this machine.
+            raw_batch = max(raw_model.batch_rate(concurrent, tokens) for _ in range(ROUNDS))
             together = concurrent_rounds(base, tokens, concurrent)
         finally:
             up.send_signal(signal.SIGINT)
@@ -266,6 +289,8 @@ def main(tokens: int, concurrent: int, single_runs: int, skip_serve: bool) -> No
         if (stored_raw := single["raw_stored_dtype"]) is not None:
             print(f"raw generate, 1 stream:        {stored_raw['tokens_per_second']:7.1f} tokens/s"
                   f" (best of {single_runs}, {stored_raw['dtype']}, as stored)")  # fmt: skip
+        print(f"raw generate, {concurrent} rows:        {raw_batch:7.1f} tokens/s"
+              " (one left-padded batch: the model's own batched rate)")  # fmt: skip
         print(f"pipeline, 1 request:           {piped['single']['tokens_per_second']:7.1f} tokens/s")
         client_rate = max(r["client_tokens_per_second"] for r in together["rounds"])
         print(f"pipeline, {concurrent} concurrent:       {together['tokens_per_second']:7.1f} tokens/s"
@@ -284,6 +309,9 @@ def main(tokens: int, concurrent: int, single_runs: int, skip_serve: bool) -> No
         "pipeline_single_vs_raw": piped["single"]["tokens_per_second"] / base_rate,
         "pipeline_single_vs_raw_paired_median": single["paired_ratio_median"],
         "pipeline_concurrent_vs_raw_single": together["tokens_per_second"] / base_rate,
+        # The most the 16-concurrent ratio can be here, and how much of it the pipeline reaches.
+        "raw_batch_vs_raw_single": raw_batch / base_rate,
+        "pipeline_concurrent_vs_raw_batch": together["tokens_per_second"] / raw_batch,
     }
     if stored_raw is not None:  # against the faster single stream of the stored dtype, too
         ratios["pipeline_single_vs_raw_stored_dtype"] = (
@@ -301,7 +329,8 @@ def main(tokens: int, concurrent: int, single_runs: int, skip_serve: bool) -> No
     record = {
         "model": MODEL, "tokens": tokens, "concurrent": concurrent, "cpu_count": os.cpu_count(),
         "load_average": os.getloadavg(), "device": device, "raw_generate": raw,
-        "raw_generate_stored_dtype": stored_raw, "pipeline": piped,
+        "raw_generate_stored_dtype": stored_raw,
+        "raw_generate_batch": {"rows": concurrent, "tokens_per_second": raw_batch}, "pipeline": piped,
         "transformers_serve": serve, "ratios": ratios, "at": time.time(),
     }  # fmt: skip
     write_results("throughput", record)
