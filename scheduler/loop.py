@@ -18,6 +18,8 @@ from rq.job import Job
 
 from scheduler.intake import Intake
 from scheduler.routing import (
+    AFFINITY_REASONS,
+    REASON_IDENTICAL_DECODING,
     REASON_SESSION_AFFINITY,
     Admission,
     Decision,
@@ -28,7 +30,7 @@ from scheduler.routing import (
 )
 from scheduler.tokens import PromptCounter
 from shared import decisions, keys
-from shared.affinity import worker_of
+from shared.affinity import decoding_worker, worker_of
 from shared.cancellation import cancel_requested
 from shared.contract import JobRequest, RouteTaken
 from shared.deadlines import expiry_message, past_deadline
@@ -41,6 +43,7 @@ from shared.queues import open_queue
 from shared.registry import load_registry, model_spec
 from shared.settings import Settings
 from shared.stages import (
+    META_CACHE_KEY,
     META_CANCELLED,
     META_EXPIRED,
     META_HELD,
@@ -196,11 +199,11 @@ class Scheduler:
             for b in read_live(self._redis, keys.WORKER_HEARTBEAT_PATTERN, WorkerBeat)
             if b.state != "loading"
         ]
-        affinity = self._affinity(job)
-        decision = place(prompt_tokens, workers, time.time() - received, self._limits, affinity)
-        if affinity is not None and decision.reason != REASON_SESSION_AFFINITY:
-            # The worker holding the cache is gone or cannot take it: routed as usual, full prefill.
-            log.info("session_affinity_lost", worker=affinity, reason=decision.reason)
+        affinity, why = self._affinity(job)
+        decision = place(prompt_tokens, workers, time.time() - received, self._limits, affinity, why)
+        if affinity is not None and decision.reason != why:
+            # The worker is gone or cannot take it: routed as usual (a full prefill, or generating).
+            log.info(f"{why}_lost", worker=affinity, reason=decision.reason)
         if decision.action == "reject":
             self._reject(job, decision.reason, decision.message, prompt_tokens)
         elif decision.action == "hold":
@@ -208,13 +211,19 @@ class Scheduler:
         else:
             self._route(job, decision, prompt_tokens)
 
-    def _affinity(self, job: Job) -> str | None:
-        """The worker holding the cache of the job's session, if it is a session's turn."""
+    def _affinity(self, job: Job) -> tuple[str | None, str]:
+        """The worker holding the cache of the job's session, if it is a session's turn; else the
+        worker decoding an identical request, if it is cacheable (it follows that one there); and
+        why."""
         payload = job.args[0] if job.args else None
         session_id = payload.get("session_id") if isinstance(payload, dict) else None
-        if not session_id:
-            return None
-        return worker_of(self._redis, job.meta.get(META_TENANT) or keys.DEFAULT_TENANT, session_id)
+        if session_id:
+            tenant = job.meta.get(META_TENANT) or keys.DEFAULT_TENANT
+            return worker_of(self._redis, tenant, session_id), REASON_SESSION_AFFINITY
+        target = job.meta.get(META_CACHE_KEY)
+        if isinstance(target, dict):
+            return decoding_worker(self._redis, str(target["fingerprint"])), REASON_IDENTICAL_DECODING
+        return None, REASON_SESSION_AFFINITY
 
     def _route(self, job: Job, decision: Decision, prompt_tokens: int) -> None:
         queue = decision.queue or keys.SINGLE_QUEUE
@@ -238,12 +247,12 @@ class Scheduler:
             stamp(job.meta, STAGE_SCHEDULED, time.time())
             inject_into(job.meta)  # the worker's spans become children of this one
             # A worker's own queue has no priority levels (it serves it before all others).
-            own = decision.reason == REASON_SESSION_AFFINITY
+            own = decision.reason in AFFINITY_REASONS
             target = queue if own else keys.priority_queue(queue, job.meta.get(META_PRIORITY, "normal"))
             self._intake.hand_over(job, open_queue(target, self._redis))
         self.routed += 1
         if self._metrics is not None:
-            label = keys.OWN_QUEUES_LABEL if decision.reason == REASON_SESSION_AFFINITY else queue
+            label = keys.OWN_QUEUES_LABEL if decision.reason in AFFINITY_REASONS else queue
             self._metrics.routing_decisions.labels(label, decision.reason).inc()
         self._remember(job, "route", queue, decision.reason, prompt_tokens)
         log.info(

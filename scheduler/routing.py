@@ -14,6 +14,9 @@ REASON_WITHIN_THRESHOLD = "within_threshold"
 REASON_OVER_THRESHOLD = "over_threshold"
 REASON_PRESSURE_SPILL = "pressure_spill"
 REASON_SESSION_AFFINITY = "session_affinity"
+REASON_IDENTICAL_DECODING = "identical_decoding"
+AFFINITY_REASONS = (REASON_SESSION_AFFINITY, REASON_IDENTICAL_DECODING)
+"""Reasons that route a job to one worker's own queue."""
 REJECT_PROMPT_TOO_LONG = "prompt_too_long"
 REJECT_CONTEXT_EXCEEDED = "context_exceeded"
 HOLD_NO_LIVE_WORKER = "no_live_worker"
@@ -124,16 +127,22 @@ def place(
     waited: float,
     limits: Thresholds,
     affinity: str | None = None,
+    affinity_reason: str = REASON_SESSION_AFFINITY,
 ) -> Decision:
-    """Send a session's turn to the worker holding its cache (`affinity`) while that worker is live,
-    on the queue its size needs and can take it; else route by size, spill a gpu-single request to
+    """Send a job to the worker it has an affinity for (`affinity`: the one holding its session's
+    cache, or decoding an identical request: `affinity_reason`) while that worker is live, on the
+    queue its size needs and can take it; else route by size, spill a gpu-single request to
     gpu-multi under pressure, else hold; a job held longer than `limits.hold_timeout` is rejected
     with the reason it was held."""
     sized = route(prompt_tokens, limits.multi_gpu_threshold)
     holder = next((w for w in workers if affinity and w.name == affinity), None)
     if holder is not None and holder.queue == sized.queue and can_take(holder, prompt_tokens, limits):
-        message = f"Worker {holder.name} holds this session's cache."
-        return Decision("route", REASON_SESSION_AFFINITY, message, keys.own_queue(holder.name))
+        message = (
+            f"Worker {holder.name} holds this session's cache."
+            if affinity_reason == REASON_SESSION_AFFINITY
+            else f"Worker {holder.name} is decoding an identical request."
+        )
+        return Decision("route", affinity_reason, message, keys.own_queue(holder.name))
     on_target = [w for w in workers if w.queue == sized.queue]
     if any(can_take(w, prompt_tokens, limits) for w in on_target):
         return Decision("route", sized.reason, _route_message(sized, prompt_tokens, limits), sized.queue)

@@ -1,5 +1,6 @@
-"""Session affinity: which worker holds a session's KV cache (a Redis key with the session's TTL),
-and the worker's own queue, where the scheduler sends that session's turns."""
+"""Affinity: which worker holds a session's KV cache (a Redis key with the session's TTL), which
+worker is decoding a cacheable request (while it decodes), and the worker's own queue, where the
+scheduler sends that session's turns and requests identical to the one it decodes."""
 
 from __future__ import annotations
 
@@ -22,6 +23,24 @@ def remember_worker(redis: Redis, tenant: str, session_id: str, worker: str, ttl
 def worker_of(redis: Redis, tenant: str, session_id: str) -> str | None:
     """The worker holding the session's cache, as last recorded (it may have gone since)."""
     raw = redis.get(keys.session_affinity(tenant, session_id))
+    return raw.decode() if isinstance(raw, bytes) else raw
+
+
+def mark_decoding(redis: Redis, fingerprint: str, worker: str, ttl: int) -> None:
+    """`worker` decodes the request of `fingerprint` now (for at most `ttl` seconds)."""
+    redis.set(keys.decoding(fingerprint), worker, ex=max(1, ttl))
+
+
+def unmark_decoding(redis: Redis, fingerprint: str, worker: str) -> None:
+    """`worker` no longer decodes `fingerprint` (another worker's mark is left alone)."""
+    key = keys.decoding(fingerprint)
+    if redis.get(key) in (worker, worker.encode()):
+        redis.delete(key)
+
+
+def decoding_worker(redis: Redis, fingerprint: str) -> str | None:
+    """The worker decoding the request of `fingerprint`, as last marked (it may have gone since)."""
+    raw = redis.get(keys.decoding(fingerprint))
     return raw.decode() if isinstance(raw, bytes) else raw
 
 

@@ -165,6 +165,12 @@ def session_affinity(tenant: str, session_id: str) -> str:
     return f"{PREFIX}session:{tenant}:{session_id}"
 
 
+def decoding(fingerprint: str) -> str:
+    """Key naming the worker decoding a cacheable request of this response-cache fingerprint (while
+    it decodes), so the scheduler sends identical requests there to follow it."""
+    return f"{PREFIX}decoding:{fingerprint}"
+
+
 OWN_QUEUE_PREFIX = "worker:"
 """Names of workers' own queues start with this."""
 

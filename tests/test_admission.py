@@ -144,3 +144,34 @@ def test_rejected_job_leaves_its_tenant_backlog(redis: Redis, scheduler_for) -> 
     scheduler.schedule(Intake(redis).take(0.1))  # type: ignore[arg-type]  # no worker, no patience
     assert client.get(f"/v1/jobs/{job_id}").get_json()["status"] == "rejected"
     assert redis.zcard(keys.tenant_backlog(keys.DEFAULT_TENANT)) == 0
+
+
+def test_a_request_identical_to_one_being_decoded_follows_it_to_its_worker(
+    redis: Redis, scheduler_for
+) -> None:  # type: ignore[no-untyped-def]
+    from shared.affinity import decoding_worker, mark_decoding, unmark_decoding
+    from shared.queues import fetch_job
+
+    scheduler, client = scheduler_for(response_cache=True)
+    publish(redis, keys.worker_heartbeat("s"), _beat(keys.SINGLE_QUEUE, 0.1), 30)
+    publish(redis, keys.worker_heartbeat("m"), _beat(keys.MULTI_QUEUE, 0.1), 30)
+    first = client.post("/v1/jobs", json=BODY).get_json()["id"]
+    fingerprint = fetch_job(first, redis).meta["cache_key"]["fingerprint"]
+    scheduler.schedule(Intake(redis).take(0.1))  # type: ignore[arg-type]
+    assert client.get(f"/v1/jobs/{first}").get_json()["route"]["reason"] == "within_threshold"
+
+    mark_decoding(redis, fingerprint, "w-gpu-single", 60)  # as its worker does while decoding it
+    second = client.post("/v1/jobs", json=BODY).get_json()["id"]
+    scheduler.schedule(Intake(redis).take(0.1))  # type: ignore[arg-type]
+    route = client.get(f"/v1/jobs/{second}").get_json()["route"]
+    assert route["reason"] == "identical_decoding"
+    assert open_queue(keys.own_queue("w-gpu-single"), redis).job_ids == [second]
+
+    unmark_decoding(redis, fingerprint, "someone-else")  # another worker's mark stays
+    assert decoding_worker(redis, fingerprint) == "w-gpu-single"
+    unmark_decoding(redis, fingerprint, "w-gpu-single")
+    assert decoding_worker(redis, fingerprint) is None
+    other = client.post("/v1/jobs", json={**BODY, "prompt": "Something else"}).get_json()["id"]
+    mark_decoding(redis, fingerprint, "w-gpu-single", 60)  # a mark for another request only
+    scheduler.schedule(Intake(redis).take(0.1))  # type: ignore[arg-type]
+    assert client.get(f"/v1/jobs/{other}").get_json()["route"]["reason"] == "within_threshold"

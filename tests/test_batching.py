@@ -220,7 +220,20 @@ def test_identical_requests_in_one_batch_decode_once(settings, redis: Redis, run
     ids = [enqueue_cacheable(redis, body, "e" * 64) for _ in range(3)]
     other = enqueue_cacheable(redis, payload("a robot"), "d" * 64)
     metrics = WorkerMetrics(CollectorRegistry())
+    marks: set[bytes | None] = set()
+    working = threading.Event()
+
+    def watch() -> None:  # the worker marks the request as decoding by it while it decodes
+        while not working.is_set():
+            marks.add(redis.get(keys.decoding("e" * 64)))
+            threading.Event().wait(0.01)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
     worker = work(settings, redis, runtime, metrics)
+    working.set()
+    watcher.join(5)
+    assert worker.name.encode() in marks and redis.get(keys.decoding("e" * 64)) is None
     assert_clean(redis, worker)
     labels = {"model": MODEL, "source": "identical"}
     assert metrics.registry.get_sample_value("gptoss_worker_cache_hits_total", labels) == 2

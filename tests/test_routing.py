@@ -4,6 +4,7 @@ from scheduler.routing import (
     HOLD_MEMORY_CRITICAL,
     HOLD_MEMORY_WARN,
     HOLD_NO_LIVE_WORKER,
+    REASON_IDENTICAL_DECODING,
     REASON_OVER_THRESHOLD,
     REASON_PRESSURE_SPILL,
     REASON_SESSION_AFFINITY,
@@ -162,6 +163,15 @@ def test_a_session_turn_goes_to_the_worker_holding_its_cache() -> None:
         keys.own_queue("w2"),
         REASON_SESSION_AFFINITY,
     )
+
+
+def test_a_request_identical_to_one_decoding_goes_to_that_worker() -> None:
+    decoding = WorkerState(keys.SINGLE_QUEUE, 0.10, name="w2")
+    decision = place(100, [SINGLE_OK, decoding], 0, LIMITS, "w2", REASON_IDENTICAL_DECODING)
+    assert (decision.queue, decision.reason) == (keys.own_queue("w2"), REASON_IDENTICAL_DECODING)
+    assert "decoding an identical request" in decision.message
+    gone = place(100, [SINGLE_OK], 0, LIMITS, "w2", REASON_IDENTICAL_DECODING)
+    assert (gone.queue, gone.reason) == (keys.SINGLE_QUEUE, REASON_WITHIN_THRESHOLD)
 
 
 def test_lost_or_unfit_affinity_falls_back_to_normal_routing() -> None:

@@ -16,7 +16,7 @@ from rq.job import Job
 from rq.queue import Queue
 from rq.timeouts import JobTimeoutException
 
-from shared.affinity import remember_worker
+from shared.affinity import mark_decoding, remember_worker, unmark_decoding
 from shared.cancellation import CANCEL_POLL, cancels_requested
 from shared.contract import JobRequest
 from shared.keys import DEFAULT_TENANT
@@ -96,7 +96,8 @@ class BatchSession:
         joining = self._admit(job, queue)
         while joining or self.slots or self._promoted:
             promoted, self._promoted = self._promoted, []
-            self.slots.update((s.job.id, s) for s in promoted)
+            for slot in promoted:
+                self._register(slot)
             joining += promoted + self._take_more()
             self._join(joining)
             joining = []
@@ -157,7 +158,7 @@ class BatchSession:
             slot = self._slot(job, queue, execution, run, request, time.monotonic())
         if slot is None:
             return []
-        self.slots[job.id] = slot
+        self._register(slot)
         return [slot]
 
     def _slot(
@@ -182,6 +183,16 @@ class BatchSession:
             completion.cached_tokens = prefix.length if prefix is not None else 0
         row = Row(job.id, completion, sampler_for(request, self.batch.device), prefix=prefix)
         return Slot(job, queue, execution, run, row, began, session)
+
+    def _register(self, slot: Slot) -> None:
+        """`slot` decodes in the batch; a cacheable one is marked as decoding by this worker, so the
+        scheduler sends identical requests here to follow it (a lost mark only costs that)."""
+        self.slots[slot.job.id] = slot
+        if (fingerprint := slot.run.fingerprint) is not None:
+            try:
+                mark_decoding(self.worker.connection, fingerprint, self.worker.name, slot.job.timeout or 600)
+            except RedisError as exc:
+                log.warning("decoding_mark_failed", error=str(exc))
 
     def _decoding(self, fingerprint: str) -> bool:
         """Whether a row of the batch is decoding the request of `fingerprint`."""
@@ -290,6 +301,11 @@ class BatchSession:
         """Settle one job in RQ: its result, or its failure; then the jobs that followed it."""
         self.slots.pop(slot.job.id, None)
         followers = self.followers.pop(slot.run.fingerprint or "", [])
+        if slot.run.fingerprint is not None and not self._decoding(slot.run.fingerprint):
+            try:
+                unmark_decoding(self.worker.connection, slot.run.fingerprint, self.worker.name)
+            except RedisError as exc:  # the mark expires with the job's timeout
+                log.warning("decoding_mark_failed", error=str(exc))
         result = self._settle_row(slot, exc_info)
         if result is not None:
             self._answer(followers, result)
