@@ -22,8 +22,7 @@ def remember_worker(redis: Redis, tenant: str, session_id: str, worker: str, ttl
 
 def worker_of(redis: Redis, tenant: str, session_id: str) -> str | None:
     """The worker holding the session's cache, as last recorded (it may have gone since)."""
-    raw = redis.get(keys.session_affinity(tenant, session_id))
-    return raw.decode() if isinstance(raw, bytes) else raw
+    return _name(redis.get(keys.session_affinity(tenant, session_id)))
 
 
 def mark_decoding(redis: Redis, fingerprint: str, worker: str, ttl: int) -> None:
@@ -34,13 +33,16 @@ def mark_decoding(redis: Redis, fingerprint: str, worker: str, ttl: int) -> None
 def unmark_decoding(redis: Redis, fingerprint: str, worker: str) -> None:
     """`worker` no longer decodes `fingerprint` (another worker's mark is left alone)."""
     key = keys.decoding(fingerprint)
-    if redis.get(key) in (worker, worker.encode()):
+    if _name(redis.get(key)) == worker:
         redis.delete(key)
 
 
 def decoding_worker(redis: Redis, fingerprint: str) -> str | None:
     """The worker decoding the request of `fingerprint`, as last marked (it may have gone since)."""
-    raw = redis.get(keys.decoding(fingerprint))
+    return _name(redis.get(keys.decoding(fingerprint)))
+
+
+def _name(raw: bytes | str | None) -> str | None:
     return raw.decode() if isinstance(raw, bytes) else raw
 
 

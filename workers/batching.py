@@ -55,9 +55,10 @@ class Slot:
 
 @dataclass
 class Follower:
-    """A job identical to one the batch is decoding (the same response-cache fingerprint): started,
-    it takes that job's result when it finishes instead of decoding the same tokens again; should
-    that job fail or be cancelled, it decodes itself."""
+    """A started job that decodes nothing: identical to one the batch is decoding (the same
+    response-cache fingerprint), it takes that job's result when it finishes; should that job fail
+    or be cancelled, it decodes itself. (A job answered from the cache as it starts passes through
+    one too.)"""
 
     job: Job
     queue: Queue
@@ -89,7 +90,7 @@ class BatchSession:
     def held(self) -> int:
         """Jobs the session holds: its rows, their followers and the followers about to decode
         themselves (each takes a place of the size)."""
-        return len(self.slots) + sum(len(f) for f in self.followers.values()) + len(self._promoted)
+        return len(self.slots) + len(self._waiting()) + len(self._promoted)
 
     def run(self, job: Job, queue: Queue) -> None:
         """Serve `job` and every job that arrives while the batch is not empty."""
@@ -145,10 +146,7 @@ class BatchSession:
                 self._fail(job, queue, execution, run, sys.exc_info(), recorded=True)
                 return []
             if (cached := run.cached()) is not None:  # an identical request finished meanwhile
-                result = run.finish_cached(cached)
-                with run.tracing():
-                    rq_lifecycle.finish_job(self.worker, job, queue, execution, result)
-                self.worker.job_ended(job, 0.0)
+                self._answer(Follower(job, queue, execution, run, request, time.monotonic()), cached, "cache")
                 return []
             if (fingerprint := run.fingerprint) is not None and self._decoding(fingerprint):
                 follower = Follower(job, queue, execution, run, request, time.monotonic())
@@ -300,15 +298,18 @@ class BatchSession:
     def _end(self, slot: Slot, exc_info: Any) -> None:
         """Settle one job in RQ: its result, or its failure; then the jobs that followed it."""
         self.slots.pop(slot.job.id, None)
-        followers = self.followers.pop(slot.run.fingerprint or "", [])
-        if slot.run.fingerprint is not None and not self._decoding(slot.run.fingerprint):
+        fingerprint = slot.run.fingerprint
+        followers = self.followers.pop(fingerprint, []) if fingerprint is not None else []
+        if fingerprint is not None and not self._decoding(fingerprint):
             try:
-                unmark_decoding(self.worker.connection, slot.run.fingerprint, self.worker.name)
+                unmark_decoding(self.worker.connection, fingerprint, self.worker.name)
             except RedisError as exc:  # the mark expires with the job's timeout
                 log.warning("decoding_mark_failed", error=str(exc))
         result = self._settle_row(slot, exc_info)
         if result is not None:
-            self._answer(followers, result)
+            for f in followers:
+                with f.run.logging():
+                    self._answer(f, result, "identical")
         else:
             for f in followers:  # none to take: each decodes itself
                 with f.run.logging():
@@ -337,20 +338,19 @@ class BatchSession:
             self._fail(job, queue, slot.execution, run, exc_info, recorded=False)
             return None
 
-    def _answer(self, followers: list[Follower], result: dict[str, Any]) -> None:
-        """Finish each follower with its leader's result (a cache hit, as if looked up)."""
-        for f in followers:
-            with f.run.logging():
-                try:
-                    answer = f.run.finish_cached(result, source="identical")
-                except RedisError:
-                    raise
-                except Exception:
-                    self._fail(f.job, f.queue, f.execution, f.run, sys.exc_info(), recorded=False)
-                    continue
-                with f.run.tracing():
-                    rq_lifecycle.finish_job(self.worker, f.job, f.queue, f.execution, answer)
-                self.worker.job_ended(f.job, time.monotonic() - f.began)
+    def _answer(self, f: Follower, cached: dict[str, Any], source: str) -> None:
+        """Finish a started job with a result it did not generate (`source`: "cache", or
+        "identical": its leader's), as a cache hit."""
+        try:
+            answer = f.run.finish_cached(cached, source)
+        except RedisError:
+            raise
+        except Exception:
+            self._fail(f.job, f.queue, f.execution, f.run, sys.exc_info(), recorded=False)
+            return
+        with f.run.tracing():
+            rq_lifecycle.finish_job(self.worker, f.job, f.queue, f.execution, answer)
+        self.worker.job_ended(f.job, time.monotonic() - f.began)
 
     def _fail(
         self, job: Job, queue: Queue, execution: Execution, run: JobRun, exc_info: Any, recorded: bool
@@ -364,10 +364,10 @@ class BatchSession:
     def _read_cancels(self) -> None:
         """Mark the rows a client cancelled: every row's flag in one read, at most every CANCEL_POLL s."""
         now = time.monotonic()
-        waiting = {f.job.id: f for group in self.followers.values() for f in group}
-        if now - self._cancels_read < CANCEL_POLL or not (self.slots or waiting):
+        if now - self._cancels_read < CANCEL_POLL or not self.held:
             return
         self._cancels_read = now
+        waiting = {f.job.id: f for f in self._waiting()}
         try:
             cancelled = cancels_requested(self.worker.connection, [*self.slots, *waiting])
         except RedisError:  # a lost read must not fail the batch; the next one reads again
@@ -376,9 +376,7 @@ class BatchSession:
             if job_id in self.slots:
                 self.slots[job_id].run.cancel.cancelled = True
             elif (f := waiting.get(job_id)) is not None:  # ends at once: it decodes nothing
-                for group in self.followers.values():
-                    if f in group:
-                        group.remove(f)
+                self.followers[f.run.fingerprint or ""].remove(f)
                 with f.run.logging():
                     try:
                         f.run.cancel_waiting()
@@ -391,5 +389,9 @@ class BatchSession:
         now = time.monotonic()
         if now - self._beat >= RQ_HEARTBEAT_EVERY:
             self._beat = now
-            followers = [f.job for group in self.followers.values() for f in group]
-            rq_lifecycle.keep_alive(self.worker, [s.job for s in self.slots.values()] + followers)
+            jobs = [s.job for s in self.slots.values()] + [f.job for f in self._waiting()]
+            rq_lifecycle.keep_alive(self.worker, jobs)
+
+    def _waiting(self) -> list[Follower]:
+        """Every follower, whatever it waits on."""
+        return [f for group in self.followers.values() for f in group]

@@ -30,11 +30,8 @@ class DualLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear, small_rows: int = SMALL_ROWS):
         super().__init__()
-        self.in_features, self.out_features, self.small_rows = (
-            linear.in_features,
-            linear.out_features,
-            small_rows,
-        )
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.small_rows = small_rows
         self.weight, self.bias = linear.weight, linear.bias  # shared, so tied weights stay tied
         self.register_buffer("weight_bf16", linear.weight.detach().to(torch.bfloat16), persistent=False)
         bias = None if linear.bias is None else linear.bias.detach().to(torch.bfloat16)
