@@ -46,7 +46,7 @@ class EventBuffer:
                 pipe.expire(key, ttl)
             pipe.execute()
         except RedisError as exc:
-            log.warning("stream_write_failed", event=EVENT_TOKEN, error=str(exc))
+            log.warning("stream_write_failed", stream_event=EVENT_TOKEN, error=str(exc))
 
 
 class JobStream:
@@ -115,4 +115,4 @@ class JobStream:
             pipe.expire(self._key, self._ttl)
             pipe.execute()
         except RedisError as exc:
-            log.warning("stream_write_failed", event=event, error=str(exc))
+            log.warning("stream_write_failed", stream_event=event, error=str(exc))
