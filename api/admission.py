@@ -14,8 +14,9 @@ from redis import Redis
 from redis.exceptions import LockError
 
 from shared import keys
-from shared.drain import backlog, drain_rate, retry_after, tenant_waiting
+from shared.drain import drain_rate, retry_after, tenant_waiting
 from shared.errors import BacklogFull, ServiceUnavailable, TenantBacklogFull
+from shared.jobstore.lifecycle import waiting_count
 from shared.metrics import ApiMetrics
 from shared.settings import Settings
 
@@ -35,7 +36,7 @@ def check_backlog(redis: Redis, settings: Settings, metrics: ApiMetrics, tenant:
             f"retry in {wait} s.",
             headers={"Retry-After": str(wait)},
         )
-    waiting = backlog(redis)
+    waiting = waiting_count(redis)
     if waiting < settings.backlog_budget:
         return
     rate = drain_rate(redis)

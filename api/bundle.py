@@ -15,15 +15,11 @@ from urllib.parse import urlsplit, urlunsplit
 import requests
 from prometheus_client import generate_latest
 from redis import Redis
-from rq import Worker
-from rq.registry import CanceledJobRegistry, FailedJobRegistry
-from rq.results import Result
 
-from api.metrics import REGISTRIES
 from shared import decisions, keys
 from shared.heartbeat import SchedulerBeat, WorkerBeat, read_live
+from shared.jobstore import lifecycle, rqstore
 from shared.metrics import ApiMetrics
-from shared.queues import fetch_job, open_queue, waiting_queues
 from shared.settings import Settings
 
 FAILURES_PER_QUEUE = 20
@@ -100,27 +96,16 @@ def versions(redis: Redis) -> dict[str, Any]:
 def queue_sizes(redis: Redis) -> dict[str, Any]:
     """Depth and registry sizes of every queue, the workers' own queues included."""
     sizes: dict[str, Any] = {}
-    for name in waiting_queues(redis):
-        queue = open_queue(name, redis)
-        sizes[name] = {"waiting": queue.count, **{k: cls(queue=queue).count for k, cls in REGISTRIES.items()}}
+    for name in rqstore.waiting_queues(redis):
+        waiting = redis.llen(rqstore.queue_key(name))
+        sizes[name] = {"waiting": waiting, **rqstore.registry_sizes(name, redis)}
     sizes["scheduler_inflight"] = redis.llen(keys.SCHEDULER_INFLIGHT)
     return sizes
 
 
 def workers(redis: Redis) -> dict[str, Any]:
     """Live heartbeats (ours) and the workers RQ knows."""
-    rq_workers = [
-        {
-            "name": w.name,
-            "queues": w.queue_names(),
-            "state": w.get_state(),
-            "current_job": w.get_current_job_id(),
-            "last_heartbeat": w.last_heartbeat,
-            "successful": w.successful_job_count,
-            "failed": w.failed_job_count,
-        }
-        for w in Worker.all(connection=redis)
-    ]
+    rq_workers = rqstore.workers(redis)
     return {
         "heartbeats": [b.model_dump() for b in read_live(redis, keys.WORKER_HEARTBEAT_PATTERN, WorkerBeat)],
         "schedulers": [
@@ -131,29 +116,23 @@ def workers(redis: Redis) -> dict[str, Any]:
 
 
 def failures(redis: Redis) -> list[dict[str, Any]]:
-    """The latest failed and rejected jobs of every queue, with their tracebacks and meta."""
+    """The latest failed and rejected jobs of every queue, with their tracebacks and records."""
     found: list[dict[str, Any]] = []
-    for name in waiting_queues(redis):
-        queue = open_queue(name, redis)
-        for registry in (FailedJobRegistry(queue=queue), CanceledJobRegistry(queue=queue)):
-            for job_id in registry.get_job_ids(0, FAILURES_PER_QUEUE - 1):
-                try:
-                    job = fetch_job(job_id, redis)
-                except Exception:
-                    continue
-                result = job.latest_result()
-                found.append(
-                    {
-                        "id": job.id,
-                        "queue": name,
-                        "status": job.get_status(refresh=False),
-                        "ended_at": job.ended_at,
-                        "meta": job.meta,
-                        "traceback": result.exc_string
-                        if result is not None and result.type == Result.Type.FAILED
-                        else None,
-                    }
-                )
+    for name in rqstore.waiting_queues(redis):
+        for job_id in rqstore.failed_job_ids(name, redis, FAILURES_PER_QUEUE):
+            job = lifecycle.fetch(redis, job_id)
+            if job is None:
+                continue
+            found.append(
+                {
+                    "id": job.id,
+                    "queue": name,
+                    "status": job.get_status(refresh=False),
+                    "ended_at": job.ended_at,
+                    "meta": lifecycle.read(job).to_meta(),
+                    "traceback": rqstore.traceback_of(job),
+                }
+            )
     return found
 
 

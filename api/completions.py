@@ -33,7 +33,7 @@ from api.services import services
 from api.submission import submit, webhooks
 from shared.contract import JobResult
 from shared.errors import ModelNotFound
-from shared.queues import fetch_job
+from shared.jobstore import events, lifecycle
 from shared.registry import canonical_name, model_spec
 from shared.webhooks import WebhookSender
 
@@ -112,9 +112,9 @@ def _wait(redis: Redis, job_id: str, client_gone: Any) -> JobResult:
     for event in follow(redis, job_id, client_gone):
         if event is None:
             continue
-        if event.kind == "done":
+        if event.kind == events.DONE:
             return JobResult.model_validate(event.data)
-        if event.kind == "error":
+        if event.kind == events.ERROR:
             raise job_error(str(event.data.get("code")), str(event.data.get("message")))
     raise job_error("job_failed", "The job ended without a result.")
 
@@ -130,13 +130,13 @@ def _stream(
         for event in follow(redis, job_id, client_gone):
             if event is None:
                 yield ": keep-alive\n\n"
-            elif event.kind == "token":
+            elif event.kind == events.TOKEN:
                 yield from (_data(c) for c in maker.token(event.data["channel"], event.data["text"]))
-            elif event.kind == "done":
+            elif event.kind == events.DONE:
                 ended = True
                 yield from (_data(c) for c in maker.closing(JobResult.model_validate(event.data)))
                 yield "data: [DONE]\n\n"
-            elif event.kind == "error":
+            elif event.kind == events.ERROR:
                 ended = True
                 error = job_error(str(event.data.get("code")), str(event.data.get("message")))
                 yield f"data: {json.dumps(error.to_dict())}\n\n"
@@ -151,7 +151,9 @@ def _stream(
 def _cancel(redis: Redis, job_id: str, sender: WebhookSender) -> None:
     log.info("client_disconnected", job_id=job_id)
     try:
-        cancel_job(redis, fetch_job(job_id, redis), "Cancelled: the client closed the connection.", sender)
+        job = lifecycle.fetch(redis, job_id)
+        if job is not None:
+            cancel_job(redis, job, "Cancelled: the client closed the connection.", sender)
     except Exception:  # the client is gone; nothing to answer, only to log
         log.exception("cancel_failed", job_id=job_id)
 

@@ -22,7 +22,7 @@ from rq.job import Job, requeue_job
 from api.auth import check_admin
 from api.services import services
 from shared.errors import AdminDisabled, DashboardReadOnly, Unauthorized
-from shared.queues import SERIALIZER
+from shared.jobstore.rqstore import SERIALIZER
 
 PREFIX = "/admin/rq"
 """Where the dashboard is mounted."""

@@ -10,19 +10,16 @@ import structlog
 from flask import Blueprint, jsonify, request
 from pydantic import BaseModel, ValidationError
 from redis import Redis
-from rq.job import Job
 
 from api.services import services
 from api.submission import submit, webhooks
 from api.tenancy import current_tenant, owned_job
-from shared.cancellation import cancel_requested, request_cancel, take_waiting
+from shared.cancellation import cancel_requested
 from shared.contract import TERMINAL_STATUSES, JobList, JobStatus, JobSubmission, JobView
-from shared.endings import end_unstarted, retention_of
 from shared.errors import InvalidJson, JobEnded, JobNotFound, ValidationFailed
-from shared.queues import SERIALIZER
+from shared.jobstore import lifecycle, rqstore
+from shared.jobstore.views import build_view
 from shared.retention import recent_ids
-from shared.stages import META_CANCELLED
-from shared.views import build_view
 from shared.webhooks import WebhookSender, notify
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
@@ -75,7 +72,7 @@ def index():  # type: ignore[no-untyped-def]
         raise ValidationFailed("after must be a job id from an earlier page.")
     redis = services().redis
     ids, more = recent_ids(redis, current_tenant(), limit, after)
-    jobs = Job.fetch_many(ids, connection=redis, serializer=SERIALIZER) if ids else []
+    jobs = rqstore.fetch_many(ids, redis)
     views = [job_view(job) for job in jobs if job is not None]  # expired ones are gone
     page = JobList(
         data=views,
@@ -112,14 +109,12 @@ def cancel(job_id: str):  # type: ignore[no-untyped-def]
 def cancel_job(redis: Redis, job: Any, message: str, sender: WebhookSender | None) -> bool:
     """Cancel `job`: True when it was still waiting and is now ended `cancelled`; False when a
     scheduler or worker holds it and stops it on seeing the flag. Needs no request context."""
-    meta = job.get_meta(refresh=True)
-    request_cancel(redis, job.id, retention_of(meta))
-    if job.get_status(refresh=True) == "started" or not take_waiting(redis, job.id):
+    record = lifecycle.cancel(redis, job, message)
+    if record is None:
         log.info("job_cancel_requested", job_id=job.id)
         return False
-    end_unstarted(redis, job, META_CANCELLED, "job_cancelled", message)
     log.info("job_cancelled", job_id=job.id, while_="waiting")
-    notify(sender, build_view(job.id, job.meta, "canceled"), job.meta)
+    notify(sender, build_view(job.id, record, "canceled"), record)
     return True
 
 
@@ -132,10 +127,9 @@ def find_job(job_id: str) -> Any:
 
 def job_view(job: Any) -> JobView:
     """A client's view of an RQ job."""
-    meta = job.get_meta(refresh=False)
     rq_status = job.get_status(refresh=False)
     result = job.return_value() if rq_status == "finished" else None
-    view = build_view(job.id, meta, rq_status, result)
+    view = build_view(job.id, lifecycle.read(job), rq_status, result)
     if view.status not in TERMINAL_STATUSES and cancel_requested(services().redis, job.id):
         view = view.model_copy(update={"status": JobStatus.CANCELLING})
     return view

@@ -11,20 +11,12 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from redis import Redis
 from redis.exceptions import RedisError
-from rq.registry import (
-    CanceledJobRegistry,
-    DeferredJobRegistry,
-    FailedJobRegistry,
-    FinishedJobRegistry,
-    ScheduledJobRegistry,
-    StartedJobRegistry,
-)
 
 from api.services import services
 from shared import keys
 from shared.heartbeat import SchedulerBeat, WorkerBeat, read_live
+from shared.jobstore import rqstore
 from shared.metrics import ApiMetrics
-from shared.queues import open_queue, own_queue_names
 from shared.response_cache import read_stats
 
 bp = Blueprint("metrics", __name__)
@@ -32,15 +24,6 @@ bp = Blueprint("metrics", __name__)
 QUEUES = keys.ALL_QUEUES
 """Queues whose depth and registries the API reports, each under its name (the workers' own queues
 are summed under keys.OWN_QUEUES_LABEL)."""
-
-REGISTRIES = {
-    "started": StartedJobRegistry,
-    "finished": FinishedJobRegistry,
-    "failed": FailedJobRegistry,
-    "canceled": CanceledJobRegistry,
-    "deferred": DeferredJobRegistry,
-    "scheduled": ScheduledJobRegistry,
-}
 
 
 class RedisStateCollector(Collector):
@@ -62,15 +45,15 @@ class RedisStateCollector(Collector):
         cache_entries = GaugeMetricFamily("gptoss_response_cache_entries", "Responses the cache holds")
         try:
             for name in QUEUES:
-                queue = open_queue(name, self._redis)
-                waiting.add_metric([name], queue.count)
-                for kind, cls in REGISTRIES.items():
-                    registry.add_metric([name, kind], cls(queue=queue).count)
-            own = [open_queue(name, self._redis) for name in own_queue_names(self._redis)]
-            waiting.add_metric([keys.OWN_QUEUES_LABEL], sum(queue.count for queue in own))
-            for kind, cls in REGISTRIES.items():
-                held = sum(cls(queue=queue).count for queue in own)
-                registry.add_metric([keys.OWN_QUEUES_LABEL, kind], held)
+                waiting.add_metric([name], self._redis.llen(rqstore.queue_key(name)))
+                for kind, size in rqstore.registry_sizes(name, self._redis).items():
+                    registry.add_metric([name, kind], size)
+            own = rqstore.own_queue_names(self._redis)
+            own_waiting = sum(self._redis.llen(rqstore.queue_key(name)) for name in own)
+            waiting.add_metric([keys.OWN_QUEUES_LABEL], own_waiting)
+            sizes = [rqstore.registry_sizes(name, self._redis) for name in own]
+            for kind in rqstore.REGISTRIES:
+                registry.add_metric([keys.OWN_QUEUES_LABEL, kind], sum(s[kind] for s in sizes))
             workers = read_live(self._redis, keys.WORKER_HEARTBEAT_PATTERN, WorkerBeat)
             for name in keys.WORKER_QUEUES:
                 live.add_metric([name], sum(1 for w in workers if w.queue == name and w.state != "loading"))

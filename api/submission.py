@@ -16,33 +16,20 @@ from api.admission import admitted
 from api.caching import cache_key, finish_from_cache, open_cache
 from api.services import services
 from api.tenancy import current_tenant
-from shared import idempotency, keys
+from shared import idempotency
+from shared.context_fit import admit, refusal
 from shared.contract import JobRequest, JobSubmission
 from shared.deadlines import start_deadline
 from shared.drain import enter_backlog
-from shared.errors import ModelNotFound, PromptTooLong, ValidationFailed
+from shared.errors import ModelNotFound, ValidationFailed
+from shared.jobstore import lifecycle
+from shared.jobstore.record import CacheTarget, JobRecord
+from shared.jobstore.views import build_view
 from shared.normalise import canonical
 from shared.profiles import apply_profile, max_tokens_limit, profile_named
 from shared.prompts import ModelNotPrepared, load_prompt_tokenizer, prompt_token_ids
-from shared.queues import open_queue
 from shared.registry import ModelSpec, canonical_name, model_spec
-from shared.response_cache import store_target
 from shared.retention import remember
-from shared.stages import (
-    META_CACHE_KEY,
-    META_DEADLINE,
-    META_MODEL,
-    META_PRIORITY,
-    META_REQUEST_ID,
-    META_RETENTION,
-    META_TENANT,
-    META_TIMESTAMPS,
-    META_WEBHOOK,
-    STAGE_RECEIVED,
-    stamp,
-)
-from shared.tracing import inject_into
-from shared.views import build_view
 from shared.webhooks import WebhookSender, notify
 
 log = structlog.get_logger()
@@ -72,7 +59,7 @@ def submit(submission: JobSubmission, route: str, body: Any) -> Submitted:
     finished); `route` and the raw `body` identify it for Idempotency-Key."""
     svc = services()
     submission = canonical(submission)  # before anything reads it: equal requests, equal bytes
-    payload, model, max_tokens = prepare(submission.request())
+    payload, model, max_tokens, prompt_tokens = prepare(submission.request())
     if submission.webhook is not None:
         webhooks().check(submission.webhook)
     tenant = current_tenant()
@@ -86,12 +73,13 @@ def submit(submission: JobSubmission, route: str, body: Any) -> Submitted:
             return Submitted(existing, model, replayed=True)
     fingerprint = cache_key(svc.settings, model, payload, tenant)
     try:
-        svc.limits.charge(tenant, max_tokens + (_count_prompt(model_spec(model), payload) or 0))
+        svc.limits.charge(tenant, max_tokens + (prompt_tokens or 0))
         cached = open_cache(svc.redis, svc.settings).lookup(fingerprint) if fingerprint else None
+        record = _record(submission, model, tenant, prompt_tokens)
         if cached is not None:
-            job_id = _finish_cached(svc.redis, submission, payload, model, tenant, cached)
+            job_id = _finish_cached(svc.redis, submission, payload, record, cached)
         else:
-            job_id = _enqueue(svc.redis, submission, payload, model, tenant, fingerprint)
+            job_id = _enqueue(svc.redis, submission, payload, record, fingerprint)
     except BaseException:
         if key is not None:
             idempotency.release(svc.redis, tenant, key)
@@ -117,22 +105,34 @@ def submit(submission: JobSubmission, route: str, body: Any) -> Submitted:
     return Submitted(job_id, model)
 
 
+def _record(submission: JobSubmission, model: str, tenant: str, prompt_tokens: int | None) -> JobRecord:
+    """The record a new job starts with (its trace carried on, so the scheduler and the worker
+    continue it)."""
+    record = JobRecord(
+        request_id=g.request_id,
+        model=model,
+        tenant=tenant,
+        priority=submission.priority,
+        retention=services().settings.result_ttl,
+        webhook=submission.webhook,
+        prompt_tokens=prompt_tokens,
+    )
+    record.stamp("received")
+    record.deadline = start_deadline(record.timestamps.received or 0.0, submission.deadline,
+                                     submission.cancel_after)  # fmt: skip
+    record.carry_trace()
+    return record
+
+
 def _finish_cached(
-    redis: Redis,
-    submission: JobSubmission,
-    payload: JobRequest,
-    model: str,
-    tenant: str,
-    cached: dict[str, Any],
+    redis: Redis, submission: JobSubmission, payload: JobRequest, record: JobRecord, cached: dict[str, Any]
 ) -> str:
     """The job of a cache hit, created finished (never queued), in the tenant's list."""
     settings = services().settings
-    identity = {META_REQUEST_ID: g.request_id, META_MODEL: model, META_TENANT: tenant}
-    job_id, meta, result = finish_from_cache(redis, settings, submission, payload, cached, identity)
-    received = meta[META_TIMESTAMPS][STAGE_RECEIVED]
-    remember(redis, job_id, tenant, received, settings.result_ttl)
+    job_id, result = finish_from_cache(redis, payload, record, cached)
+    remember(redis, job_id, record.tenant_or_default, record.at("received") or 0.0, settings.result_ttl)
     if submission.webhook is not None:
-        notify(webhooks(), build_view(job_id, meta, "finished", result), meta)
+        notify(webhooks(), build_view(job_id, record, "finished", result), record)
     return job_id
 
 
@@ -140,52 +140,33 @@ def _enqueue(
     redis: Redis,
     submission: JobSubmission,
     payload: JobRequest,
-    model: str,
-    tenant: str,
+    record: JobRecord,
     fingerprint: str | None = None,
 ) -> str:
     settings = services().settings
+    tenant = record.tenant_or_default
     with admitted(redis, settings, services().metrics, tenant):
+        if fingerprint is not None:  # the worker stores the result there
+            record.cache_key = CacheTarget(fingerprint=fingerprint, ttl=settings.response_cache_ttl,
+                                           max_bytes=settings.response_cache_max_bytes)  # fmt: skip
         received = time.time()
-        meta: dict[str, Any] = {
-            META_REQUEST_ID: g.request_id,
-            META_MODEL: model,
-            META_TENANT: tenant,
-            META_PRIORITY: submission.priority,
-            META_RETENTION: settings.result_ttl,
-        }
-        deadline = start_deadline(received, submission.deadline, submission.cancel_after)
-        if deadline is not None:
-            meta[META_DEADLINE] = deadline
-        if submission.webhook is not None:
-            meta[META_WEBHOOK] = submission.webhook
-        if fingerprint is not None:
-            meta[META_CACHE_KEY] = store_target(  # the worker stores the result there
-                fingerprint, settings.response_cache_ttl, settings.response_cache_max_bytes
-            )
-        stamp(meta, STAGE_RECEIVED, received)
-        inject_into(meta)  # the scheduler and the worker continue this trace
-        job = open_queue(keys.priority_queue(keys.INCOMING_QUEUE, submission.priority), redis).enqueue(
-            keys.GENERATE_FUNC,
+        record.stamp("received", received)
+        job = lifecycle.enqueue(
+            redis,
             payload.model_dump(mode="json"),
-            meta=meta,
-            description=f"generate {model}",  # RQ logs descriptions; the default would hold the prompt
-            job_timeout=settings.job_timeout,
-            result_ttl=settings.result_ttl,
-            failure_ttl=settings.result_ttl,
+            record,
+            timeout=settings.job_timeout,
+            description=f"generate {record.model}",
         )
         enter_backlog(redis, tenant, job.id, received)
     remember(redis, job.id, tenant, received, settings.result_ttl)
-    pipe = redis.pipeline(transaction=False)
-    pipe.lpush(keys.SCHEDULER_WAKE, job.id)
-    pipe.ltrim(keys.SCHEDULER_WAKE, 0, 0)
-    pipe.execute()
     return str(job.id)
 
 
-def prepare(job_request: JobRequest) -> tuple[JobRequest, str, int]:
-    """The request as it will run (served model, profile defaults, max_tokens that fits), its model
-    and its max_tokens; refuses what cannot run here (404, 413, 422)."""
+def prepare(job_request: JobRequest) -> tuple[JobRequest, str, int, int | None]:
+    """The request as it will run (served model, profile defaults, max_tokens that fits), its model,
+    its max_tokens and its prompt's tokens (None while the model's tokenizer is not prepared);
+    refuses what cannot run here (404, 413, 422)."""
     settings = services().settings
     served = settings.model
     model = canonical_name(job_request.model) if job_request.model else served
@@ -205,40 +186,17 @@ def prepare(job_request: JobRequest) -> tuple[JobRequest, str, int]:
             f"max_tokens is {max_tokens}, over {whose} limit of {limit}.",
             details=[{"loc": ["max_tokens"], "msg": "over the limit"}],
         )
-    max_tokens = check_fits(
-        model_spec(model), payload, max_tokens, explicit=job_request.max_tokens is not None
-    )
-    return payload.model_copy(update={"max_tokens": max_tokens}), model, max_tokens
-
-
-def check_fits(spec: ModelSpec, request: JobRequest, max_tokens: int, explicit: bool = True) -> int:
-    """The max_tokens to run with. Refuses at once what cannot fit the model's context: a prompt over
-    it (413), or a prompt plus the client's own max_tokens over it (422); a default is shortened to
-    fit instead. The scheduler checks again; here the client hears it before queueing."""
-    context = spec.context_length
+    spec = model_spec(model)
+    prompt_tokens = _count_prompt(spec, payload)
+    explicit = job_request.max_tokens is not None
     if not explicit:
-        max_tokens = min(max_tokens, context - 1)
-    if max_tokens >= context:
-        raise ValidationFailed(
-            f"max_tokens is {max_tokens}; the context of `{spec.name}` is {context} tokens in all.",
-            details=[{"loc": ["max_tokens"], "msg": "over the model's context"}],
-        )
-    prompt_tokens = _count_prompt(spec, request)
-    if prompt_tokens is None:
-        return max_tokens
-    if prompt_tokens >= context:
-        raise PromptTooLong(
-            f"The prompt has {prompt_tokens} tokens; the context of `{spec.name}` is {context}."
-        )
-    if prompt_tokens + max_tokens > context and not explicit:
-        return context - prompt_tokens
-    if prompt_tokens + max_tokens > context:
-        raise ValidationFailed(
-            f"The prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) is over the context of "
-            f"`{spec.name}` ({context}); lower max_tokens to {context - prompt_tokens} or less.",
-            details=[{"loc": ["max_tokens"], "msg": "prompt plus max_tokens over the model's context"}],
-        )
-    return max_tokens
+        max_tokens = min(max_tokens, spec.context_length - 1)
+        if prompt_tokens is not None:  # a default is shortened to fit; the client's own is checked
+            max_tokens = max(1, min(max_tokens, spec.context_length - prompt_tokens))
+    admission = admit(prompt_tokens, max_tokens, spec.context_length, spec.name)
+    if not admission.admitted:
+        raise refusal(admission)
+    return payload.model_copy(update={"max_tokens": max_tokens}), model, max_tokens, prompt_tokens
 
 
 def _count_prompt(spec: ModelSpec, request: JobRequest) -> int | None:

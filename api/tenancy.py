@@ -6,15 +6,13 @@ from typing import Any
 
 import structlog
 from flask import g, request
-from rq.exceptions import NoSuchJobError
 
 from api.services import services
 from shared import keys
 from shared.apikeys import ApiKey, authenticate
 from shared.errors import JobExpired, JobNotFound, Unauthorized
-from shared.queues import fetch_job
+from shared.jobstore import lifecycle
 from shared.retention import tombstone
-from shared.stages import META_TENANT
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json"})
 """Paths anyone may call: probes and the API description."""
@@ -66,16 +64,15 @@ def current_tenant() -> str:
 def owned_job(job_id: str) -> Any:
     """The job `job_id` if it belongs to the caller's tenant; JobNotFound otherwise, exactly as for
     an id that does not exist, so ids of other tenants reveal nothing."""
-    try:
-        job = fetch_job(job_id, services().redis)
-    except NoSuchJobError:
+    job = lifecycle.fetch(services().redis, job_id)
+    if job is None:
         grave = tombstone(services().redis, job_id)
         if grave is not None and grave.get("tenant") == current_tenant():
             raise JobExpired(
                 f"The job `{job_id}` has expired: its record and result are kept "
                 f"{grave.get('retention')} s after it ends."
-            ) from None
-        raise JobNotFound(f"No job `{job_id}`.") from None
-    if job.meta.get(META_TENANT, keys.DEFAULT_TENANT) != current_tenant():
+            )
+        raise JobNotFound(f"No job `{job_id}`.")
+    if lifecycle.read(job).tenant_or_default != current_tenant():
         raise JobNotFound(f"No job `{job_id}`.")
     return job

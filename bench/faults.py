@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.stack import wait_ready, write_results  # noqa: E402
 from cli.up import free_port  # noqa: E402
+from shared.jobstore import lifecycle, rqstore  # noqa: E402
 
 BODY = {
     "messages": [{"role": "user", "content": "Count from one to twenty in words."}],
@@ -148,7 +149,7 @@ def worker_deaths(cluster: Cluster, jobs: int, kills: int) -> dict:
             time.sleep(0.05)
         cluster.start(f"worker-single-{round_ + 1}", "workers", GPTOSS_WORKER_QUEUE="gpu-single")
     ends = wait_all(cluster.base, ids)
-    results = {job_id: len(cluster.redis.xrange(f"rq:results:{job_id}")) for job_id in ids}
+    results = {job_id: rqstore.result_count(job_id, cluster.redis) for job_id in ids}
     return {
         "jobs": jobs,
         "kills": kills,
@@ -156,13 +157,13 @@ def worker_deaths(cluster: Cluster, jobs: int, kills: int) -> dict:
         "not_ended": jobs - len(ends),
         "delivered_twice": sum(1 for n in results.values() if n > 1),
         "detection_seconds": [round(d, 2) for d in detections],
-        "retried_jobs": sum(1 for j in ids if int(json.loads(_meta(cluster, j)).get("retries", 0)) > 0),
+        "retried_jobs": sum(1 for j in ids if _retries(cluster, j) > 0),
     }
 
 
-def _meta(cluster: Cluster, job_id: str) -> str:
-    raw = cluster.redis.hget(f"rq:job:{job_id}", "meta")
-    return raw.decode() if raw else "{}"
+def _retries(cluster: Cluster, job_id: str) -> int:
+    job = lifecycle.fetch(cluster.redis, job_id)
+    return lifecycle.read(job).retries if job is not None else 0
 
 
 def redis_restart(cluster: Cluster, seconds_down: float) -> dict:

@@ -1,5 +1,5 @@
 """The scheduler loop: the Redis I/O around `admit()` and `route()`, each decision visible as a
-log event, a metric, a span and a record in job.meta."""
+log event, a metric, a span and the job's record."""
 
 from __future__ import annotations
 
@@ -16,52 +16,30 @@ from redis import Redis
 from redis.exceptions import RedisError
 from rq.job import Job
 
-from scheduler.intake import Intake
 from scheduler.routing import (
     AFFINITY_REASONS,
     REASON_IDENTICAL_DECODING,
     REASON_SESSION_AFFINITY,
-    Admission,
     Decision,
     Thresholds,
     WorkerState,
-    admit,
     place,
 )
 from scheduler.tokens import PromptCounter
 from shared import decisions, keys
 from shared.affinity import decoding_worker, worker_of
 from shared.cancellation import cancel_requested
-from shared.contract import JobRequest, RouteTaken
-from shared.deadlines import expiry_message, past_deadline
-from shared.drain import leave_backlog
-from shared.endings import retention_of
+from shared.context_fit import Admission, admit
+from shared.contract import ErrorInfo, JobRequest, RouteTaken
 from shared.errors import GptossError
 from shared.heartbeat import WorkerBeat, read_live
+from shared.jobstore import lifecycle
+from shared.jobstore.intake import Intake
+from shared.jobstore.record import Ending, JobRecord
+from shared.jobstore.views import build_view
 from shared.metrics import SchedulerMetrics
-from shared.queues import open_queue
 from shared.registry import load_registry, model_spec
 from shared.settings import Settings
-from shared.stages import (
-    META_CACHE_KEY,
-    META_CANCELLED,
-    META_EXPIRED,
-    META_HELD,
-    META_MODEL,
-    META_PRIORITY,
-    META_PROMPT_TOKENS,
-    META_REJECTED,
-    META_REQUEST_ID,
-    META_ROUTE,
-    META_TENANT,
-    META_TIMESTAMPS,
-    STAGE_FINISHED,
-    STAGE_RECEIVED,
-    STAGE_SCHEDULED,
-    stamp,
-)
-from shared.tracing import context_from, inject_into
-from shared.views import build_view
 from shared.webhooks import WebhookSender, notify
 
 log = structlog.get_logger()
@@ -86,8 +64,10 @@ class Scheduler:
         redis: Redis,
         counter: PromptCounter,
         metrics: SchedulerMetrics | None = None,
+        clock: Callable[[], float] = time.time,
     ):
         self._settings = settings
+        self._clock = clock
         self._redis = redis
         self._counter = counter
         self._metrics = metrics
@@ -123,11 +103,12 @@ class Scheduler:
 
     def schedule(self, job: Job) -> None:
         """Admit and place one new job: route, hold or reject it with a reason; never drop it."""
+        record = lifecycle.read(job)
         structlog.contextvars.clear_contextvars()
-        structlog.contextvars.bind_contextvars(job_id=job.id, request_id=job.meta.get(META_REQUEST_ID))
+        structlog.contextvars.bind_contextvars(job_id=job.id, request_id=record.request_id)
         started = time.perf_counter()
-        received = job.meta.get(META_TIMESTAMPS, {}).get(STAGE_RECEIVED)
-        parent = context_from(job.meta)
+        received = record.at("received")
+        parent = record.trace_context()
         if received is not None:
             # The wait in `incoming`, as a span of its own, so a trace shows where time went.
             wait = tracer.start_span("queue.wait incoming", context=parent, start_time=int(received * 1e9))
@@ -139,23 +120,25 @@ class Scheduler:
             attributes={"messaging.system": "rq", "messaging.destination.name": keys.INCOMING_QUEUE,
                         "messaging.message.id": job.id},
         ):  # fmt: skip
-            if self._ends_unrouted(job):
+            if self._ends_unrouted(job, record):
                 return
             try:
                 request = JobRequest.model_validate(job.args[0])
                 spec = model_spec(request.model or self._settings.model, self._registry)
-                with tracer.start_as_current_span(
-                    "scheduler.count_tokens", attributes={"gen_ai.request.model": spec.name}
-                ):
-                    prompt_tokens = self._counter.count(spec, request)
+                prompt_tokens = record.prompt_tokens
+                if prompt_tokens is None:  # an API without the tokenizer, or a job enqueued by hand
+                    with tracer.start_as_current_span(
+                        "scheduler.count_tokens", attributes={"gen_ai.request.model": spec.name}
+                    ):
+                        prompt_tokens = self._counter.count(spec, request)
             except (GptossError, ValidationError, IndexError) as exc:
-                self._reject(job, getattr(exc, "code", "invalid_job"), str(exc), None)
+                self._reject(job, record, getattr(exc, "code", "invalid_job"), str(exc), None)
                 return
             except Exception:  # the boundary: log it, reject the job, keep scheduling
                 log.exception("scheduling_failed")
-                self._reject(job, "scheduling_failed", "The scheduler could not read this job.", None)
+                self._reject(job, record, "scheduling_failed", "The scheduler could not read this job.", None)
                 return
-            job.meta[META_PROMPT_TOKENS] = prompt_tokens
+            record.prompt_tokens = prompt_tokens
             max_tokens = request.max_tokens or self._settings.default_max_tokens
             with tracer.start_as_current_span("scheduler.admission") as span:
                 admission = admit(prompt_tokens, max_tokens, spec.context_length)
@@ -163,9 +146,11 @@ class Scheduler:
                                      "gptoss.admission.reason": admission.code or "fits_context",
                                      "gen_ai.usage.input_tokens": prompt_tokens})  # fmt: skip
             if not admission.admitted:
-                self._reject(job, admission.code or "rejected", admission.message or "", prompt_tokens)
+                self._reject(
+                    job, record, admission.code or "rejected", admission.message or "", prompt_tokens
+                )
                 return
-            self._place(job, prompt_tokens)
+            self._place(job, record, prompt_tokens)
         if self._metrics is not None:
             self._metrics.schedule_duration.observe(time.perf_counter() - started)
 
@@ -175,59 +160,60 @@ class Scheduler:
             job = self._intake.fetch_held(job_id)
             if job is None:
                 continue
+            record = lifecycle.read(job)
             structlog.contextvars.clear_contextvars()
-            structlog.contextvars.bind_contextvars(job_id=job.id, request_id=job.meta.get(META_REQUEST_ID))
-            with tracer.start_as_current_span("scheduler.review_held", context=context_from(job.meta)):
-                if not self._ends_unrouted(job):
-                    self._place(job, int(job.meta.get(META_PROMPT_TOKENS, 0)))
+            structlog.contextvars.bind_contextvars(job_id=job.id, request_id=record.request_id)
+            with tracer.start_as_current_span("scheduler.review_held", context=record.trace_context()):
+                if not self._ends_unrouted(job, record):
+                    self._place(job, record, record.prompt_tokens or 0)
 
-    def _ends_unrouted(self, job: Job) -> bool:
+    def _ends_unrouted(self, job: Job, record: JobRecord) -> bool:
         """End a job a client cancelled, or one past its start deadline, before it reaches a worker."""
-        now = time.time()
+        now = self._clock()
         if cancel_requested(self._redis, job.id):
-            self._reject(job, "job_cancelled", "Cancelled by the client.", None, META_CANCELLED)
+            self._reject(job, record, "job_cancelled", "Cancelled by the client.", None, "cancelled")
             return True
-        if past_deadline(job.meta, now):
-            self._reject(job, "deadline_exceeded", expiry_message(job.meta, now), None, META_EXPIRED)
+        if record.past_deadline(now):
+            self._reject(job, record, "deadline_exceeded", record.expiry_message(now), None, "expired")
             return True
         return False
 
-    def _place(self, job: Job, prompt_tokens: int) -> None:
-        received = job.meta.get(META_TIMESTAMPS, {}).get(STAGE_RECEIVED, time.time())
+    def _place(self, job: Job, record: JobRecord, prompt_tokens: int) -> None:
+        now = self._clock()
+        received = record.at("received") or now
         workers = [
             WorkerState(queue=b.queue, pressure=b.pressure, free_slots=b.free_slots, name=b.name)
             for b in read_live(self._redis, keys.WORKER_HEARTBEAT_PATTERN, WorkerBeat)
             if b.state != "loading"
         ]
-        affinity, why = self._affinity(job)
-        decision = place(prompt_tokens, workers, time.time() - received, self._limits, affinity, why)
+        affinity, why = self._affinity(job, record)
+        decision = place(prompt_tokens, workers, now - received, self._limits, affinity, why)
         if affinity is not None and decision.reason != why:
             # The worker is gone or cannot take it: routed as usual (a full prefill, or generating).
             log.info(f"{why}_lost", worker=affinity, reason=decision.reason)
         if decision.action == "reject":
-            self._reject(job, decision.reason, decision.message, prompt_tokens)
+            self._reject(job, record, decision.reason, decision.message, prompt_tokens)
         elif decision.action == "hold":
-            self._hold(job, decision, received, prompt_tokens)
+            self._hold(job, record, decision, received, prompt_tokens)
         else:
-            self._route(job, decision, prompt_tokens)
+            self._route(job, record, decision, prompt_tokens)
 
-    def _affinity(self, job: Job) -> tuple[str | None, str]:
+    def _affinity(self, job: Job, record: JobRecord) -> tuple[str | None, str]:
         """The worker holding the cache of the job's session, if it is a session's turn; else the
         worker decoding an identical request, if it is cacheable (it follows that one there); and
         why."""
         payload = job.args[0] if job.args else None
         session_id = payload.get("session_id") if isinstance(payload, dict) else None
         if session_id:
-            tenant = job.meta.get(META_TENANT) or keys.DEFAULT_TENANT
-            return worker_of(self._redis, tenant, session_id), REASON_SESSION_AFFINITY
-        target = job.meta.get(META_CACHE_KEY)
-        if isinstance(target, dict):
-            return decoding_worker(self._redis, str(target["fingerprint"])), REASON_IDENTICAL_DECODING
+            return worker_of(self._redis, record.tenant_or_default, session_id), REASON_SESSION_AFFINITY
+        if record.cache_key is not None:
+            return decoding_worker(self._redis, record.cache_key.fingerprint), REASON_IDENTICAL_DECODING
         return None, REASON_SESSION_AFFINITY
 
-    def _route(self, job: Job, decision: Decision, prompt_tokens: int) -> None:
+    def _route(self, job: Job, record: JobRecord, decision: Decision, prompt_tokens: int) -> None:
         queue = decision.queue or keys.SINGLE_QUEUE
-        was_held = job.meta.pop(META_HELD, None) is not None
+        was_held = record.held is not None
+        record.held = None
         if not was_held:
             self._count_admission("admitted", "fits_context")
             log.info(
@@ -237,19 +223,18 @@ class Scheduler:
             self._count_admission("released", decision.reason)
         with tracer.start_as_current_span("scheduler.route") as span:
             span.set_attributes({"gptoss.route.queue": queue, "gptoss.route.reason": decision.reason})
-            taken = RouteTaken(
+            record.route = RouteTaken(
                 queue=queue,
                 reason=decision.reason,
                 prompt_tokens=prompt_tokens,
                 threshold=self._settings.multi_gpu_threshold,
             )
-            job.meta[META_ROUTE] = taken.model_dump()
-            stamp(job.meta, STAGE_SCHEDULED, time.time())
-            inject_into(job.meta)  # the worker's spans become children of this one
+            record.stamp("scheduled", self._clock())
+            record.carry_trace()  # the worker's spans become children of this one
             # A worker's own queue has no priority levels (it serves it before all others).
             own = decision.reason in AFFINITY_REASONS
-            target = queue if own else keys.priority_queue(queue, job.meta.get(META_PRIORITY, "normal"))
-            self._intake.hand_over(job, open_queue(target, self._redis))
+            target = queue if own else keys.priority_queue(queue, record.priority)
+            self._intake.hand_over(job, record, target)
         self.routed += 1
         if self._metrics is not None:
             label = keys.OWN_QUEUES_LABEL if decision.reason in AFFINITY_REASONS else queue
@@ -259,37 +244,40 @@ class Scheduler:
             "route_decided", queue=queue, reason=decision.reason, prompt_tokens=prompt_tokens, held=was_held
         )
 
-    def _hold(self, job: Job, decision: Decision, received: float, prompt_tokens: int) -> None:
-        previous = job.meta.get(META_HELD, {}).get("code")
-        job.meta[META_HELD] = {"code": decision.reason, "message": decision.message}
+    def _hold(
+        self, job: Job, record: JobRecord, decision: Decision, received: float, prompt_tokens: int
+    ) -> None:
+        previous = record.held.code if record.held is not None else None
+        record.held = ErrorInfo(code=decision.reason, message=decision.message)
         if previous == decision.reason:
-            self._intake.hold(job, received)  # still held for the same reason: nothing new to tell
+            self._intake.hold(job, record, received)  # still held for the same reason: nothing new to tell
             return
         with tracer.start_as_current_span("scheduler.hold") as span:
             span.set_attributes(
                 {"gptoss.admission.outcome": "held", "gptoss.admission.reason": decision.reason}
             )
-            self._intake.hold(job, received)
+            self._intake.hold(job, record, received)
         self._count_admission("held", decision.reason)
         self._remember(job, "admission", "held", decision.reason, prompt_tokens)
         log.info("admission_decided", outcome="held", reason=decision.reason, prompt_tokens=prompt_tokens)
 
     def _reject(
-        self, job: Job, code: str, message: str, prompt_tokens: int | None, kind: str = META_REJECTED
+        self,
+        job: Job,
+        record: JobRecord,
+        code: str,
+        message: str,
+        prompt_tokens: int | None,
+        kind: Ending = "rejected",
     ) -> None:
         """End `job` unrouted: rejected, or (`kind`) cancelled or expired; its webhook is told."""
-        job.meta.pop(META_HELD, None)
-        job.meta[kind] = {"code": code, "message": message}
-        stamp(job.meta, STAGE_FINISHED, time.time())
-        self._intake.reject(job, retention_of(job.meta))
-        leave_backlog(self._redis, job.meta.get(META_TENANT), job.id)
-        outcome = {META_REJECTED: "rejected", META_CANCELLED: "cancelled", META_EXPIRED: "expired"}[kind]
-        self._count_admission(outcome, code)
+        self._intake.end_unrouted(job, record, kind, code, message)
+        self._count_admission(kind, code)
         if self._metrics is not None:
-            self._metrics.jobs_terminal.labels(job.meta.get(META_MODEL, ""), outcome).inc()
-        self._remember(job, "admission", outcome, code, prompt_tokens)
-        log.info("admission_decided", outcome=outcome, reason=code, prompt_tokens=prompt_tokens)
-        notify(self._webhooks, build_view(job.id, job.meta, "canceled"), job.meta)
+            self._metrics.jobs_terminal.labels(record.model, kind).inc()
+        self._remember(job, "admission", kind, code, prompt_tokens)
+        log.info("admission_decided", outcome=kind, reason=code, prompt_tokens=prompt_tokens)
+        notify(self._webhooks, build_view(job.id, record, "canceled"), record)
 
     def _count_admission(self, outcome: str, reason: str) -> None:
         if self._metrics is not None:

@@ -8,16 +8,18 @@ so a worker killed mid-job is noticed within the heartbeat TTL plus one sweep.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import structlog
 from redis import Redis
 from redis.exceptions import RedisError
 
 from shared import keys
-from shared.affinity import own_queue_owners, release_own_queue
+from shared.affinity import own_queue_owners
 from shared.heartbeat import WorkerBeat, read_live
+from shared.jobstore import lifecycle
+from shared.jobstore.ledger import running
 from shared.metrics import SchedulerMetrics
-from shared.recovery import hand_back, running
 
 log = structlog.get_logger()
 
@@ -29,9 +31,16 @@ class Reaper:
     """Compares the jobs workers say they run with the workers still alive."""
 
     def __init__(
-        self, redis: Redis, max_retries: int, settle: float, metrics: SchedulerMetrics | None = None
+        self,
+        redis: Redis,
+        max_retries: int,
+        settle: float,
+        metrics: SchedulerMetrics | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ):
         self._redis, self._max_retries, self._metrics = redis, max_retries, metrics
+        self._clock, self._wall_clock = clock, wall_clock
         self._settle = settle
         self._last_seen: dict[str, float] = {}
         self._next_sweep = 0.0
@@ -39,7 +48,7 @@ class Reaper:
 
     def sweep_if_due(self) -> None:
         """Sweep when SWEEP_INTERVAL has passed since the last sweep."""
-        now = time.monotonic()
+        now = self._clock()
         if now >= self._next_sweep:
             self._next_sweep = now + SWEEP_INTERVAL
             try:
@@ -52,7 +61,7 @@ class Reaper:
         """Whether heartbeats can be trusted: Redis has answered us, and has been up, for longer
         than a heartbeat lives. Right after an outage every heartbeat has lapsed while its worker
         is alive; handing its job back then would run it twice."""
-        now = time.monotonic()
+        now = self._clock()
         if self._healthy_since is None:
             self._healthy_since = now
         uptime = float(self._redis.info("server").get("uptime_in_seconds", 0))
@@ -72,11 +81,11 @@ class Reaper:
                 continue
             last = self._last_seen.get(entry.worker, entry.started_at)
             reason = f"worker {entry.worker} stopped heartbeating"
-            outcome = hand_back(self._redis, job_id, reason, self._max_retries)
+            outcome = lifecycle.hand_back(self._redis, job_id, reason, self._max_retries)
             outcomes[job_id] = outcome
             if outcome == "gone":
                 continue
-            detected_after = time.time() - last
+            detected_after = self._wall_clock() - last
             if self._metrics is not None:
                 self._metrics.jobs_requeued.labels(outcome).inc()
                 self._metrics.worker_loss_detection.observe(detected_after)
@@ -89,6 +98,6 @@ class Reaper:
             )
         for owner in own_queue_owners(self._redis) - live:
             # Session turns routed to a worker that died before taking them: routed afresh.
-            for job_id in release_own_queue(self._redis, owner):
+            for job_id in lifecycle.release_own_queue(self._redis, owner):
                 outcomes[job_id] = "requeued"
         return outcomes

@@ -17,8 +17,6 @@ REASON_SESSION_AFFINITY = "session_affinity"
 REASON_IDENTICAL_DECODING = "identical_decoding"
 AFFINITY_REASONS = (REASON_SESSION_AFFINITY, REASON_IDENTICAL_DECODING)
 """Reasons that route a job to one worker's own queue."""
-REJECT_PROMPT_TOO_LONG = "prompt_too_long"
-REJECT_CONTEXT_EXCEEDED = "context_exceeded"
 HOLD_NO_LIVE_WORKER = "no_live_worker"
 HOLD_MEMORY_CRITICAL = "memory_critical"
 HOLD_MEMORY_WARN = "memory_warn_long_prompt"
@@ -70,15 +68,6 @@ class RouteDecision:
 
 
 @dataclass(frozen=True)
-class Admission:
-    """Whether a job may run at all; when not, a stable code and a message the user can act on."""
-
-    admitted: bool
-    code: str | None = None
-    message: str | None = None
-
-
-@dataclass(frozen=True)
 class Decision:
     """The scheduler's answer for one job now: route it, hold it, or reject it."""
 
@@ -86,24 +75,6 @@ class Decision:
     reason: str
     message: str
     queue: str | None = None
-
-
-def admit(prompt_tokens: int, max_tokens: int, context_length: int) -> Admission:
-    """Admit a job whose prompt and requested new tokens fit the model's context."""
-    if prompt_tokens >= context_length:
-        return Admission(
-            False,
-            REJECT_PROMPT_TOO_LONG,
-            f"The prompt has {prompt_tokens} tokens; the model's context is {context_length}.",
-        )
-    if prompt_tokens + max_tokens > context_length:
-        return Admission(
-            False,
-            REJECT_CONTEXT_EXCEEDED,
-            f"The prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) is over the model's "
-            f"context of {context_length}; lower max_tokens to {context_length - prompt_tokens} or less.",
-        )
-    return Admission(True)
 
 
 def route(prompt_tokens: int, threshold: int) -> RouteDecision:

@@ -4,15 +4,10 @@ scheduler sends that session's turns and requests identical to the one it decode
 
 from __future__ import annotations
 
-import structlog
 from redis import Redis
-from rq.exceptions import NoSuchJobError
 
 from shared import keys
-from shared.queues import fetch_job, open_queue, own_queue_names
-from shared.stages import META_PRIORITY
-
-log = structlog.get_logger()
+from shared.jobstore.rqstore import own_queue_names
 
 
 def remember_worker(redis: Redis, tenant: str, session_id: str, worker: str, ttl: int) -> None:
@@ -49,26 +44,3 @@ def _name(raw: bytes | str | None) -> str | None:
 def own_queue_owners(redis: Redis) -> set[str]:
     """Workers that have an own queue registered in RQ."""
     return {name[len(keys.OWN_QUEUE_PREFIX) :] for name in own_queue_names(redis)}
-
-
-def release_own_queue(redis: Redis, worker: str) -> list[str]:
-    """Jobs waiting in `worker`'s own queue go back to `incoming` (their priority's), to be routed
-    afresh with a full prefill; the queue itself is removed. For a worker that stopped or died."""
-    queue = open_queue(keys.own_queue(worker), redis)
-    moved = []
-    for job_id in queue.get_job_ids():
-        try:
-            job = fetch_job(job_id, redis)
-        except NoSuchJobError:
-            queue.remove(job_id)
-            continue
-        target = open_queue(keys.requeue_target(queue.name, job.meta.get(META_PRIORITY, "normal")), redis)
-        pipe = redis.pipeline()
-        target.enqueue_job(job, pipeline=pipe, at_front=True)
-        pipe.lrem(queue.key, 0, job_id)
-        pipe.execute()
-        moved.append(job_id)
-        log.warning("job_requeued", job_id=job_id, reason=f"worker {worker} is gone", queue=target.name)
-    if queue.is_empty():
-        queue.delete(delete_jobs=False)
-    return moved

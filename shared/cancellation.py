@@ -1,5 +1,5 @@
-"""Cancelling a job: a flag in Redis that the scheduler and the worker (every decode step) read, and
-taking a job that still waits out of the queue it waits in."""
+"""Cancelling a job: a flag in Redis that the scheduler and the worker (every decode step) read (a
+job that still waits is taken out of its queue by shared/jobstore/lifecycle.take_waiting)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from redis import Redis
 from redis.exceptions import RedisError
 
 from shared import keys
-from shared.queues import open_queue, waiting_queues
 
 CANCEL_POLL = 0.05
 """Seconds between two reads of the flag during generation (a decode step on a GPU is ~10-20 ms)."""
@@ -23,17 +22,6 @@ def request_cancel(redis: Redis, job_id: str, ttl: int) -> None:
 def cancel_requested(redis: Redis, job_id: str) -> bool:
     """Someone asked `job_id` to stop."""
     return bool(redis.exists(keys.cancel_flag(job_id)))
-
-
-def take_waiting(redis: Redis, job_id: str) -> bool:
-    """Remove `job_id` from every queue and from the scheduler's held set; True when it was in one,
-    so the caller now owns it. False: it is in a scheduler's or a worker's hands (or gone), where
-    the cancel flag stops it."""
-    pipe = redis.pipeline()
-    for name in waiting_queues(redis):
-        pipe.lrem(open_queue(name, redis).key, 0, job_id)
-    pipe.zrem(keys.SCHEDULER_HELD, job_id)
-    return any(int(n) for n in pipe.execute())
 
 
 def cancels_requested(redis: Redis, job_ids: list[str]) -> set[str]:

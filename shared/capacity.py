@@ -8,11 +8,10 @@ from typing import Any
 from redis import Redis
 
 from shared import keys
-from shared.drain import backlog, drain_rate
+from shared.drain import drain_rate
 from shared.heartbeat import WorkerBeat, read_live
-from shared.queues import fetch_job, open_queue, waiting_queues
+from shared.jobstore import lifecycle, rqstore
 from shared.settings import Settings
-from shared.stages import META_HELD
 
 
 def level(pressure: float, settings: Settings) -> str:
@@ -31,19 +30,19 @@ def capacity_view(redis: Redis, settings: Settings) -> dict[str, Any]:
     held = []
     for raw in redis.zrange(keys.SCHEDULER_HELD, 0, 99):
         job_id = raw.decode() if isinstance(raw, bytes) else str(raw)
-        try:
-            held.append({"id": job_id, **fetch_job(job_id, redis).meta.get(META_HELD, {})})
-        except Exception:
-            continue
+        job = lifecycle.fetch(redis, job_id)
+        reason = lifecycle.read(job).held if job is not None else None
+        if job is not None:
+            held.append({"id": job_id, **(reason.model_dump() if reason is not None else {})})
     return {
         "thresholds": {"warn": settings.memory_warn, "critical": settings.memory_critical,
                        "long_prompt_tokens": settings.long_prompt_tokens,
                        "multi_gpu_threshold": settings.multi_gpu_threshold,
                        "hold_timeout": settings.hold_timeout},
         "workers": sorted(workers, key=lambda w: (w["queue"], w["name"])),
-        "queues": {name: open_queue(name, redis).count for name in waiting_queues(redis)},
+        "queues": {name: rqstore.open_queue(name, redis).count for name in rqstore.waiting_queues(redis)},
         "held": held,
-        "backlog": backlog(redis),
+        "backlog": lifecycle.waiting_count(redis),
         "backlog_budget": settings.backlog_budget,
         "drain_rate_per_second": drain_rate(redis),
     }  # fmt: skip

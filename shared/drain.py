@@ -9,7 +9,6 @@ import time
 from redis import Redis
 
 from shared import keys
-from shared.queues import open_queue, waiting_queues
 
 DRAIN_WINDOW = 60.0
 """Seconds of history the drain rate is measured over."""
@@ -42,16 +41,6 @@ def retry_after(excess: int, rate: float) -> int:
     if rate <= 0:
         return RETRY_AFTER_UNKNOWN
     return max(RETRY_AFTER_MIN, min(RETRY_AFTER_MAX, math.ceil(excess / rate)))
-
-
-def backlog(redis: Redis) -> int:
-    """Jobs accepted but not yet started: in every queue, held, or in the scheduler's hands."""
-    pipe = redis.pipeline(transaction=False)
-    for name in waiting_queues(redis):
-        pipe.llen(open_queue(name, redis).key)
-    pipe.llen(keys.SCHEDULER_INFLIGHT)
-    pipe.zcard(keys.SCHEDULER_HELD)
-    return sum(int(n) for n in pipe.execute())
 
 
 TENANT_BACKLOG_HORIZON = 24 * 3600

@@ -16,9 +16,19 @@ class ModelNotPrepared(GptossError):
     code, status, kind = "model_not_prepared", 503, "server_error"
 
 
+_renders = [0]
+
+
+def renders() -> int:
+    """Prompts this process has rendered into token ids (each request should cost at most two: the
+    API's count, which travels in the job's record, and the worker's ids)."""
+    return _renders[0]
+
+
 def prompt_token_ids(tokenizer: Any, request: JobRequest) -> list[int]:
     """Token ids of `request`'s prompt: harmony for gpt-oss, else the chat template for messages and
     plain encoding for a prompt."""
+    _renders[0] += 1
     if isinstance(tokenizer, HarmonyChat):
         return tokenizer.render(request)
     if request.messages is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextvars
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -31,9 +31,6 @@ FORCE_TRACE_HEADER = "X-Force-Trace"
 
 FILE_EXPORT_DELAY_MS = 200
 """Milliseconds between writes of finished spans to the trace file."""
-
-META_TRACEPARENT = "traceparent"
-META_TRACESTATE = "tracestate"
 
 _force = contextvars.ContextVar("gptoss_force_trace", default=False)
 _propagator = TraceContextTextMapPropagator()
@@ -113,25 +110,23 @@ def forced(on: bool) -> Iterator[None]:
         _force.reset(token)
 
 
-def inject_into(meta: dict[str, Any]) -> None:
-    """Write the current trace context into job.meta (traceparent/tracestate)."""
+def current_carrier() -> dict[str, str]:
+    """The current trace context as W3C fields (`traceparent`, and `tracestate` when there is one)."""
     carrier: dict[str, str] = {}
     _propagator.inject(carrier)
-    meta.pop(META_TRACESTATE, None)
-    meta.update(carrier)
+    return carrier
 
 
-def context_from(meta: Mapping[str, Any]) -> otel_context.Context:
-    """The trace context a previous process left in job.meta (empty when none)."""
-    carrier = {k: meta[k] for k in (META_TRACEPARENT, META_TRACESTATE) if isinstance(meta.get(k), str)}
+def context_from(traceparent: str | None, tracestate: str | None = None) -> otel_context.Context:
+    """The trace context a previous process recorded (empty when none)."""
+    carrier = {k: v for k, v in (("traceparent", traceparent), ("tracestate", tracestate)) if v}
     return _propagator.extract(carrier)
 
 
-def trace_id_of(meta: Mapping[str, Any]) -> str | None:
-    """The trace id (32 hex digits) recorded in job.meta, if any."""
-    parent = meta.get(META_TRACEPARENT)
-    if isinstance(parent, str) and parent.count("-") == 3:
-        return parent.split("-")[1]
+def trace_id_of(traceparent: str | None) -> str | None:
+    """The trace id (32 hex digits) of a W3C traceparent, if it is one."""
+    if isinstance(traceparent, str) and traceparent.count("-") == 3:
+        return traceparent.split("-")[1]
     return None
 
 

@@ -21,8 +21,8 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait
 
 from shared.contract import JobView
 from shared.errors import GptossError, ValidationFailed
+from shared.jobstore.record import JobRecord
 from shared.settings import Settings
-from shared.stages import META_WEBHOOK
 
 log = structlog.get_logger()
 
@@ -161,8 +161,7 @@ class WebhookSender:
             self._pool.shutdown(wait=wait)
 
 
-def notify(sender: WebhookSender | None, view: JobView, meta: dict[str, object]) -> None:
+def notify(sender: WebhookSender | None, view: JobView, record: JobRecord) -> None:
     """Send the job's final `view` to its webhook, if the client gave one."""
-    url = meta.get(META_WEBHOOK)
-    if sender is not None and isinstance(url, str):
-        sender.send(url, view)
+    if sender is not None and record.webhook is not None:
+        sender.send(record.webhook, view)

@@ -96,6 +96,26 @@ def fp32_runtime(prepared_models: Settings) -> Any:
     return ModelRuntime(spec, model, AutoTokenizer.from_pretrained(str(folder)), "cpu")
 
 
+class FakeClock:
+    """A clock a test moves by hand (unix seconds, starting now), for collaborators that take one."""
+
+    def __init__(self, start: float | None = None):
+        self.now = time.time() if start is None else start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        """Move the clock `seconds` forward."""
+        self.now += seconds
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    """A clock that moves only when the test moves it."""
+    return FakeClock()
+
+
 def process_env(**values: object) -> dict[str, str]:
     """The environment for a child process: ours without GPTOSS_* and with `values`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("GPTOSS_")}

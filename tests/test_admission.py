@@ -8,7 +8,6 @@ import pytest
 from redis import Redis
 
 from api import create_app
-from scheduler.intake import Intake
 from scheduler.loop import Scheduler
 from scheduler.tokens import PromptCounter
 from shared import keys
@@ -21,8 +20,10 @@ from shared.drain import (
     retry_after,
 )
 from shared.heartbeat import WorkerBeat, publish
-from shared.queues import open_queue
+from shared.jobstore.intake import Intake
+from shared.jobstore.rqstore import open_queue
 from shared.registry import model_spec
+from tests.conftest import FakeClock
 
 BODY = {"prompt": "Hello there", "max_tokens": 4, "temperature": 0}
 
@@ -68,12 +69,14 @@ def test_held_jobs_count_towards_the_backlog(redis: Redis, settings) -> None:  #
 
 
 @pytest.fixture
-def scheduler_for(redis: Redis, settings, prepared_models):  # type: ignore[no-untyped-def]
+def scheduler_for(redis: Redis, settings, prepared_models, clock: FakeClock):  # type: ignore[no-untyped-def]
+    """A scheduler on the test's clock and an API client, with settings overridden."""
+
     def make(**overrides: object) -> tuple[Scheduler, object]:
         config = settings(cache_dir=prepared_models.cache_dir, **overrides)
         counter = PromptCounter(config.cache_dir, config.vocab_dir())
-        counter.tokenizer(model_spec(config.model))  # loaded now, so hold deadlines time only the hold
-        return Scheduler(config, redis, counter), create_app(config, redis).test_client()
+        counter.tokenizer(model_spec(config.model))
+        return Scheduler(config, redis, counter, clock=clock), create_app(config, redis).test_client()
 
     return make
 
@@ -83,9 +86,10 @@ def _beat(queue: str, pressure: float) -> WorkerBeat:
                       pid=1, host="h", at=time.time(), pressure=pressure)  # fmt: skip
 
 
-def test_no_live_worker_holds_then_rejects_after_the_deadline(redis: Redis, scheduler_for) -> None:  # type: ignore[no-untyped-def]
+def test_no_live_worker_holds_then_rejects_after_the_deadline(redis: Redis, scheduler_for, clock) -> None:  # type: ignore[no-untyped-def]
     scheduler, client = scheduler_for(hold_timeout=0.5)
     job_id = client.post("/v1/jobs", json=BODY).get_json()["id"]
+    clock.now = time.time()  # the job was received just before
     scheduler.schedule(Intake(redis).take(0.1))  # type: ignore[arg-type]
     view = client.get(f"/v1/jobs/{job_id}").get_json()
     assert view["status"] == "held"
@@ -93,7 +97,7 @@ def test_no_live_worker_holds_then_rejects_after_the_deadline(redis: Redis, sche
     assert redis.zrange(keys.SCHEDULER_HELD, 0, -1) == [job_id.encode()]
     scheduler.review_held()
     assert client.get(f"/v1/jobs/{job_id}").get_json()["status"] == "held"  # still inside the deadline
-    time.sleep(0.6)
+    clock.advance(0.6)
     scheduler.review_held()
     view = client.get(f"/v1/jobs/{job_id}").get_json()
     assert view["status"] == "rejected" and view["error"]["code"] == "hold_expired"
@@ -136,11 +140,11 @@ def test_a_tenant_over_its_own_budget_is_429(redis: Redis, settings) -> None:  #
     assert client.post("/v1/jobs", json=BODY).status_code == 202
 
 
-def test_rejected_job_leaves_its_tenant_backlog(redis: Redis, scheduler_for) -> None:  # type: ignore[no-untyped-def]
+def test_rejected_job_leaves_its_tenant_backlog(redis: Redis, scheduler_for, clock) -> None:  # type: ignore[no-untyped-def]
     scheduler, client = scheduler_for(hold_timeout=0)
     job_id = client.post("/v1/jobs", json=BODY).get_json()["id"]
     assert redis.zscore(keys.tenant_backlog(keys.DEFAULT_TENANT), job_id) is not None
-    time.sleep(0.01)
+    clock.now = time.time() + 0.01
     scheduler.schedule(Intake(redis).take(0.1))  # type: ignore[arg-type]  # no worker, no patience
     assert client.get(f"/v1/jobs/{job_id}").get_json()["status"] == "rejected"
     assert redis.zcard(keys.tenant_backlog(keys.DEFAULT_TENANT)) == 0
@@ -150,7 +154,7 @@ def test_a_request_identical_to_one_being_decoded_follows_it_to_its_worker(
     redis: Redis, scheduler_for
 ) -> None:  # type: ignore[no-untyped-def]
     from shared.affinity import decoding_worker, mark_decoding, unmark_decoding
-    from shared.queues import fetch_job
+    from shared.jobstore.rqstore import fetch_job
 
     scheduler, client = scheduler_for(response_cache=True)
     publish(redis, keys.worker_heartbeat("s"), _beat(keys.SINGLE_QUEUE, 0.1), 30)

@@ -12,7 +12,7 @@ from api import create_app
 from shared import keys
 from shared.connection import connect
 from shared.heartbeat import SchedulerBeat, WorkerBeat, publish
-from shared.queues import fetch_job, open_queue
+from shared.jobstore.rqstore import fetch_job, open_queue
 
 CHAT = {"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 8}
 

@@ -32,7 +32,7 @@ BODY = {"messages": [{"role": "user", "content": QUESTION}], "max_tokens": 80, "
 
 
 @pytest.fixture
-def stack(redis: Redis, settings, runtime):  # type: ignore[no-untyped-def]  # noqa: F811
+def stack(redis: Redis, settings, runtime, clock):  # type: ignore[no-untyped-def]  # noqa: F811
     from api import create_app
     from shared.heartbeat import WorkerBeat, publish
 
@@ -45,7 +45,11 @@ def stack(redis: Redis, settings, runtime):  # type: ignore[no-untyped-def]  # n
                           pid=1, host="test", at=time.time())  # fmt: skip
         publish(redis, keys.worker_heartbeat(beat.name), beat, 600)
     app = create_app(config, redis).test_client()
-    return config, app, Scheduler(config, redis, PromptCounter(config.cache_dir, config.vocab_dir()))
+    return (
+        config,
+        app,
+        Scheduler(config, redis, PromptCounter(config.cache_dir, config.vocab_dir()), clock=clock),
+    )
 
 
 def work(config, redis: Redis, runtime) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
@@ -79,18 +83,18 @@ def test_scheduler_takes_higher_priority_incoming_first(stack, redis: Redis) -> 
     config, app, scheduler = stack
     low = app.post("/v1/jobs", json={**BODY, "priority": "low"}).get_json()["id"]
     high = app.post("/v1/jobs", json={**BODY, "priority": "high"}).get_json()["id"]
-    from scheduler.intake import Intake
+    from shared.jobstore.intake import Intake
 
     intake = Intake(redis)
     assert [intake.take(0.1).id, intake.take(0.1).id] == [high, low]  # type: ignore[union-attr]
 
 
-def test_deadline_expiry(stack, redis: Redis, runtime) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+def test_deadline_expiry(stack, redis: Redis, runtime, clock) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
     config, app, scheduler = stack
     late = app.post("/v1/jobs", json={**BODY, "cancel_after": 0.001}).get_json()["id"]
     past = app.post("/v1/jobs", json={**BODY, "deadline": "2020-01-01T00:00:00Z"}).get_json()["id"]
     fine = app.post("/v1/jobs", json={**BODY, "cancel_after": 3600}).get_json()["id"]
-    time.sleep(0.01)  # past `late`'s start deadline before the scheduler looks
+    clock.now = time.time() + 0.01  # past `late`'s start deadline when the scheduler looks
     schedule_all(scheduler, redis)
     for job_id in (late, past):
         view = app.get(f"/v1/jobs/{job_id}").get_json()

@@ -19,14 +19,12 @@ from api import create_app
 from shared import keys
 from shared.apikeys import create_key
 from shared.contract import ChatMessage, JobRequest, JobSubmission
-from shared.finished_jobs import create_finished, rq_matches
 from shared.heartbeat import WorkerBeat, read_live
+from shared.jobstore.rqstore import create_finished, fetch_job, open_queue, rq_matches
 from shared.normalise import canonical, canonical_json, deterministic, fingerprint
 from shared.prompts import load_prompt_tokenizer, prompt_token_ids
-from shared.queues import fetch_job, open_queue
 from shared.registry import model_spec
 from shared.response_cache import ResponseCache, read_stats, store_finished, store_target
-from shared.stages import META_CACHE_KEY
 from tests.conftest import Processes, http_ok, process_env, wait_for
 
 CAFE_NFC = "Caf\u00e9 au lait?\r\nAnswer in one word."
@@ -236,7 +234,7 @@ def seed_cache(app, redis: Redis, headers: dict, body: dict = GREEDY) -> str:  #
     miss = app.post("/v1/jobs", json=body, headers=headers)
     assert miss.status_code == 202, miss.get_json()
     job = fetch_job(miss.get_json()["id"], redis)
-    store_finished(redis, job.meta[META_CACHE_KEY], result("Au lait \u2615"))
+    store_finished(redis, job.meta["cache_key"], result("Au lait \u2615"))
     return job.id
 
 
@@ -309,7 +307,7 @@ def test_opted_out_and_sampled_requests_never_use_the_cache(app, redis: Redis, b
     for _ in range(2):
         response = app.post("/v1/jobs", json=body, headers=alice)
         assert response.status_code == 202
-        assert META_CACHE_KEY not in fetch_job(response.get_json()["id"], redis).meta  # never stored
+        assert "cache_key" not in fetch_job(response.get_json()["id"], redis).meta  # never stored
 
 
 def test_a_seeded_request_is_cached(app, redis: Redis) -> None:  # type: ignore[no-untyped-def]
@@ -323,7 +321,7 @@ def test_a_seeded_request_is_cached(app, redis: Redis) -> None:  # type: ignore[
 def test_the_cache_can_be_turned_off(redis: Redis, settings) -> None:  # type: ignore[no-untyped-def]
     client = create_app(settings(response_cache=False), redis).test_client()
     response = client.post("/v1/jobs", json=GREEDY)
-    assert META_CACHE_KEY not in fetch_job(response.get_json()["id"], redis).meta
+    assert "cache_key" not in fetch_job(response.get_json()["id"], redis).meta
 
 
 # --- end to end: API, scheduler and worker as processes ------------------------------------------

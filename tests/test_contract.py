@@ -5,8 +5,8 @@ from pydantic import ValidationError
 
 from shared.contract import JobRequest, JobStatus
 from shared.errors import ModelNotFound
+from shared.jobstore.record import JobRecord
 from shared.registry import load_registry, model_spec
-from shared.stages import STAGE_SCHEDULED, client_status, stamp
 
 
 def test_stop_accepts_a_string() -> None:
@@ -34,14 +34,15 @@ def test_invalid_requests_are_refused(body: dict) -> None:
 
 
 def test_status_follows_stages() -> None:
-    meta: dict = {}
-    assert client_status("queued", meta) is JobStatus.QUEUED
-    stamp(meta, STAGE_SCHEDULED, 1.0)
-    assert client_status("queued", meta) is JobStatus.SCHEDULED
-    assert client_status("started", meta) is JobStatus.STARTED
-    assert client_status("finished", meta) is JobStatus.FINISHED
-    assert client_status("failed", meta) is JobStatus.FAILED
-    assert client_status("canceled", {"rejected": {"code": "x", "message": "y"}}) is JobStatus.REJECTED
+    record = JobRecord()
+    assert record.status("queued") is JobStatus.QUEUED
+    record.stamp("scheduled", 1.0)
+    assert record.status("queued") is JobStatus.SCHEDULED
+    assert record.status("started") is JobStatus.STARTED
+    assert record.status("finished") is JobStatus.FINISHED
+    assert record.status("failed") is JobStatus.FAILED
+    rejected = JobRecord.from_meta({"rejected": {"code": "x", "message": "y"}})
+    assert rejected.status("canceled") is JobStatus.REJECTED
 
 
 def test_registry_is_data() -> None:

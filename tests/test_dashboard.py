@@ -16,7 +16,7 @@ from redis import Redis
 from api import create_app
 from cli.up import free_port
 from shared import keys
-from shared.queues import fetch_job, open_queue
+from shared.jobstore.rqstore import fetch_job, open_queue
 from tests.conftest import Processes, http_ok, poll_job, process_env, wait_for
 
 KEY = "test-admin-key"

@@ -12,7 +12,7 @@ from redis import Redis
 from cli.up import free_port
 from shared import keys
 from shared.apikeys import create_key
-from shared.queues import open_queue
+from shared.jobstore.rqstore import open_queue
 from tests.conftest import Processes, http_ok, process_env, wait_for
 
 WITHOUT_TTL = {

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from redis import Redis
 
-from workers.stream import EventBuffer, JobStream
+from shared.jobstore.events import EventBuffer, JobStream
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("api", "scheduler", "workers", "shared", "cli", "bench")

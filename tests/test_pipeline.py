@@ -10,12 +10,12 @@ from redis import Redis
 from rq.registry import FailedJobRegistry, StartedJobRegistry
 
 from api import create_app
-from scheduler.intake import Intake
 from scheduler.loop import Scheduler
 from scheduler.tokens import PromptCounter
 from shared import keys
 from shared.heartbeat import WorkerBeat, publish
-from shared.queues import fetch_job, open_queue
+from shared.jobstore.intake import Intake
+from shared.jobstore.rqstore import fetch_job, open_queue
 from shared.registry import model_spec
 from workers import context
 from workers.runtime import ModelRuntime
@@ -80,6 +80,27 @@ def test_job_travels_to_single_queue_and_finishes(stack, redis: Redis, runtime) 
     order = ["received", "scheduled", "started", "first_token", "finished"]
     assert [stamps[s] for s in order] == sorted(stamps[s] for s in order)
     assert StartedJobRegistry(keys.SINGLE_QUEUE, connection=redis).count == 0
+
+
+def test_a_request_renders_its_prompt_at_most_twice(stack, redis: Redis, runtime) -> None:  # type: ignore[no-untyped-def]
+    """The API counts the prompt once (the count travels in the job's record, so the scheduler does
+    not count again) and the worker renders it once for its ids."""
+    from shared.prompts import renders
+
+    config, app, scheduler = stack
+    body = {"messages": [{"role": "user", "content": "Count me once"}], "max_tokens": 3, "temperature": 0}
+    before = renders()
+    job_id = app.post("/v1/jobs", json=body).get_json()["id"]
+    assert renders() - before == 1  # the API's count
+    schedule_all(scheduler, redis)
+    assert renders() - before == 1  # the scheduler routed on the record's count
+    work(config, redis, runtime, keys.SINGLE_QUEUE)
+    view = app.get(f"/v1/jobs/{job_id}").get_json()
+    assert (
+        view["status"] == "finished"
+        and view["route"]["prompt_tokens"] == view["result"]["usage"]["prompt_tokens"]
+    )
+    assert renders() - before <= 2
 
 
 def test_greedy_generation_is_repeatable(stack, redis: Redis, runtime) -> None:  # type: ignore[no-untyped-def]

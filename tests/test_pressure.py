@@ -15,7 +15,7 @@ from redis import Redis
 
 from cli.up import free_port
 from shared import keys
-from shared.queues import open_queue
+from shared.jobstore.rqstore import open_queue
 from tests.conftest import Processes, http_ok, poll_job, process_env, wait_for
 
 ADMIN_KEY = "pressure-admin"

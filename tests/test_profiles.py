@@ -7,8 +7,8 @@ from redis import Redis
 
 from api import create_app
 from shared.contract import JobRequest
+from shared.jobstore.rqstore import fetch_job
 from shared.profiles import apply_profile, load_profiles, max_tokens_limit
-from shared.queues import fetch_job
 from shared.registry import load_registry, model_spec
 from shared.settings import Settings
 

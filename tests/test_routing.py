@@ -9,18 +9,16 @@ from scheduler.routing import (
     REASON_PRESSURE_SPILL,
     REASON_SESSION_AFFINITY,
     REASON_WITHIN_THRESHOLD,
-    REJECT_CONTEXT_EXCEEDED,
     REJECT_HOLD_EXPIRED,
-    REJECT_PROMPT_TOO_LONG,
     Decision,
     Level,
     Thresholds,
     WorkerState,
-    admit,
     place,
     route,
 )
 from shared import keys
+from shared.context_fit import REJECT_CONTEXT_EXCEEDED, REJECT_PROMPT_TOO_LONG, admit
 
 
 def test_prompt_at_threshold_stays_single() -> None:

@@ -1,18 +1,19 @@
-"""The sampler and the trace context carried in job.meta."""
+"""The sampler and the trace context carried in the job's record."""
 
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.sampling import Decision
 from opentelemetry.trace import SpanKind
 
-from shared.tracing import ProjectSampler, context_from, forced, inject_into, trace_id_of
+from shared.jobstore.record import JobRecord
+from shared.tracing import ProjectSampler, context_from, forced, trace_id_of
 
 PARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 UNSAMPLED_PARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"
 
 
 def decide(sampler: ProjectSampler, parent: str | None = None, kind: SpanKind = SpanKind.SERVER) -> Decision:
-    ctx = context_from({"traceparent": parent}) if parent else None
+    ctx = context_from(parent) if parent else None
     return sampler.should_sample(ctx, 0x1234, "span", kind).decision
 
 
@@ -39,18 +40,19 @@ def test_client_call_without_parent_is_never_sampled() -> None:
     assert decide(ProjectSampler(0.0), PARENT, kind=SpanKind.CLIENT) is Decision.RECORD_AND_SAMPLE
 
 
-def test_meta_round_trip_keeps_trace_and_parent() -> None:
+def test_record_round_trip_keeps_trace_and_parent() -> None:
     tracer = TracerProvider(sampler=ProjectSampler(1.0)).get_tracer("test")
-    meta: dict = {}
+    record = JobRecord()
     with tracer.start_as_current_span("api") as span:
-        inject_into(meta)
+        record.carry_trace()
         sent = span.get_span_context()
-    assert trace_id_of(meta) == format(sent.trace_id, "032x")
-    with tracer.start_as_current_span("worker", context=context_from(meta)) as child:
+    record = JobRecord.from_meta(record.to_meta())  # as the next process reads it
+    assert trace_id_of(record.traceparent) == format(sent.trace_id, "032x")
+    with tracer.start_as_current_span("worker", context=record.trace_context()) as child:
         assert child.get_span_context().trace_id == sent.trace_id
         assert child.parent is not None and child.parent.span_id == sent.span_id
     assert trace.get_current_span().get_span_context().is_valid is False
-    assert trace_id_of({}) is None
+    assert trace_id_of(None) is None
 
 
 def test_sampling_ratio_follows_environment() -> None:

@@ -1,6 +1,6 @@
 """Taking jobs from `incoming` without losing them, and handing the same job to a worker queue.
 
-The one place the scheduler touches RQ's storage directly (pinned to rq 3.0): it moves job ids off
+The scheduler's side of RQ's storage (pinned with shared/jobstore/rqstore.py): it moves job ids off
 the `incoming` lists (one per priority, highest first) with LMOVE into an in-flight list, so a
 scheduler that dies mid-decision leaves the id where `recover()` finds it, then re-enqueues the
 same Job on its target queue and drops the id from the in-flight list in one MULTI/EXEC.
@@ -18,12 +18,11 @@ from typing import Any
 
 import structlog
 from redis import Redis
-from rq import Queue
-from rq.exceptions import NoSuchJobError
 from rq.job import Job
 
 from shared import keys
-from shared.queues import fetch_job, open_queue
+from shared.jobstore import lifecycle, rqstore
+from shared.jobstore.record import Ending, JobRecord
 
 log = structlog.get_logger()
 
@@ -35,7 +34,7 @@ class Intake:
         self, redis: Redis, inflight_key: str = keys.SCHEDULER_INFLIGHT, held_key: str = keys.SCHEDULER_HELD
     ):
         self._redis = redis
-        self._incoming = [open_queue(name, redis) for name in keys.INCOMING_QUEUES]
+        self._incoming = [rqstore.queue_key(name) for name in keys.INCOMING_QUEUES]
         self._inflight, self._held = inflight_key, held_key
 
     def recover(self) -> int:
@@ -43,13 +42,12 @@ class Intake:
         moved = 0
         for raw in self._redis.lrange(self._inflight, 0, -1)[::-1]:
             job_id = _text(raw)
-            try:
-                origin = fetch_job(job_id, self._redis).origin or keys.INCOMING_QUEUE
-            except NoSuchJobError:
-                origin = keys.INCOMING_QUEUE  # take() will find it gone and drop it
+            job = lifecycle.fetch(self._redis, job_id)
+            # Gone: take() will find it so and drop it.
+            origin = (job.origin if job is not None else None) or keys.INCOMING_QUEUE
             pipe = self._redis.pipeline()
             pipe.lrem(self._inflight, 1, job_id)
-            pipe.lpush(open_queue(origin, self._redis).key, job_id)
+            pipe.lpush(rqstore.queue_key(origin), job_id)
             pipe.execute()
             moved += 1
             log.warning("job_recovered", job_id=job_id)
@@ -65,31 +63,31 @@ class Intake:
         if raw is None:
             return None
         job_id = _text(raw)
-        try:
-            return fetch_job(job_id, self._redis)
-        except NoSuchJobError:
-            # Deleted or expired while queued: nothing left to route.
+        job = lifecycle.fetch(self._redis, job_id)
+        if job is None:  # deleted or expired while queued: nothing left to route
             self._redis.lrem(self._inflight, 1, job_id)
             log.warning("job_vanished", job_id=job_id)
-            return None
+        return job
 
     def _take_now(self) -> Any:
-        for queue in self._incoming:
-            if (raw := self._redis.lmove(queue.key, self._inflight, "LEFT", "RIGHT")) is not None:
+        for key in self._incoming:
+            if (raw := self._redis.lmove(key, self._inflight, "LEFT", "RIGHT")) is not None:
                 return raw
         return None
 
-    def hand_over(self, job: Job, target: Queue) -> None:
-        """Enqueue `job` (with its updated meta) on `target` and forget it here, atomically."""
+    def hand_over(self, job: Job, record: JobRecord, target: str) -> None:
+        """Enqueue `job` (with its updated record) on queue `target` and forget it here, atomically."""
+        job.meta = record.to_meta()
         pipe = self._redis.pipeline()
-        target.enqueue_job(job, pipeline=pipe)
+        rqstore.open_queue(target, self._redis).enqueue_job(job, pipeline=pipe)
         self._forget(pipe, job.id)
         pipe.execute()
 
-    def hold(self, job: Job, received: float) -> None:
-        """Keep `job` (its meta says why) among the held, in order of arrival, until re-examined."""
-        job.save_meta()
+    def hold(self, job: Job, record: JobRecord, received: float) -> None:
+        """Keep `job` (its record says why) among the held, in order of arrival, until re-examined."""
+        job.meta = record.to_meta()
         pipe = self._redis.pipeline()
+        pipe.hset(job.key, "meta", job.serializer.dumps(job.meta))
         pipe.zadd(self._held, {job.id: received})
         pipe.lrem(self._inflight, 1, job.id)
         pipe.execute()
@@ -100,20 +98,16 @@ class Intake:
 
     def fetch_held(self, job_id: str) -> Job | None:
         """A held job, or None (and forgotten) when it no longer exists."""
-        try:
-            return fetch_job(job_id, self._redis)
-        except NoSuchJobError:
+        job = lifecycle.fetch(self._redis, job_id)
+        if job is None:
             self._redis.zrem(self._held, job_id)
-            return None
+        return job
 
-    def reject(self, job: Job, ttl: int) -> None:
-        """End `job` without running it (its meta says why); it expires after `ttl` seconds."""
-        job.save_meta()
-        job.cancel()
-        pipe = self._redis.pipeline()
-        pipe.expire(job.key, ttl)
-        self._forget(pipe, job.id)
-        pipe.execute()
+    def end_unrouted(self, job: Job, record: JobRecord, kind: Ending, code: str, message: str) -> None:
+        """End a job in the scheduler's hands without running it (rejected, cancelled, expired)."""
+        lifecycle.end_unstarted(
+            self._redis, job, record, kind, code, message, leaving=lambda pipe: self._forget(pipe, job.id)
+        )
 
     def _forget(self, pipe: Any, job_id: str) -> None:
         pipe.lrem(self._inflight, 1, job_id)

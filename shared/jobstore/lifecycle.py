@@ -1,0 +1,366 @@
+"""The job's lifecycle as named operations, each the only implementation of its rule.
+
+    enqueue ─> (scheduler) hand_over | hold | end_unstarted
+    hand_over ─> (worker) start ─> finish | fail | hand_back
+    create_finished (a response-cache hit: never queued)
+
+Every operation reads and writes the job's record through `read`/`write` (no other module touches
+job.meta) and RQ's storage through `rqstore` (no other module touches RQ's keys).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+import structlog
+from redis import Redis
+from redis.client import Pipeline
+from redis.exceptions import WatchError
+from rq.exceptions import NoSuchJobError
+from rq.executions import Execution
+from rq.job import Job
+
+from shared import keys
+from shared.cancellation import request_cancel
+from shared.jobstore import events, ledger, rqstore
+from shared.jobstore.record import Ending, JobRecord
+
+log = structlog.get_logger()
+
+HandBack = Literal["requeued", "failed", "gone"]
+
+ATTEMPT_FIELD = "gptoss_attempt"
+"""The field of RQ's job hash that counts the job's runs (HINCRBY: each start takes a new number)."""
+
+
+def read(job: Job) -> JobRecord:
+    """The record of `job` as last fetched (validated)."""
+    return JobRecord.from_meta(job.meta)
+
+
+def reload(job: Job) -> JobRecord:
+    """The record of `job` as stored now."""
+    return JobRecord.from_meta(job.get_meta(refresh=True))
+
+
+def write(job: Job, record: JobRecord, pipeline: Any = None) -> None:
+    """Store `record` as the record of `job`."""
+    job.meta = record.to_meta()
+    job.save_meta() if pipeline is None else pipeline.hset(job.key, "meta", job.serializer.dumps(job.meta))
+
+
+def fetch(redis: Redis, job_id: str) -> Job | None:
+    """The job `job_id`, or None when it does not exist (any more)."""
+    try:
+        return rqstore.fetch_job(job_id, redis)
+    except NoSuchJobError:
+        return None
+
+
+def enqueue(
+    redis: Redis,
+    payload: dict[str, Any],
+    record: JobRecord,
+    *,
+    timeout: int,
+    description: str,
+) -> Job:
+    """A new job of `payload` on the `incoming` queue of its priority, its record as given; the
+    scheduler is woken to take it."""
+    queue = rqstore.open_queue(keys.priority_queue(keys.INCOMING_QUEUE, record.priority), redis)
+    job = queue.enqueue(
+        keys.GENERATE_FUNC,
+        payload,
+        meta=record.to_meta(),
+        description=description,  # RQ logs descriptions; the default would hold the prompt
+        job_timeout=timeout,
+        result_ttl=record.retention,
+        failure_ttl=record.retention,
+    )
+    pipe = redis.pipeline(transaction=False)
+    pipe.lpush(keys.SCHEDULER_WAKE, job.id)
+    pipe.ltrim(keys.SCHEDULER_WAKE, 0, 0)
+    pipe.execute()
+    return job
+
+
+def create_finished(
+    redis: Redis, payload: dict[str, Any], record: JobRecord, result: dict[str, Any], description: str
+) -> Job:
+    """A job finished with `result` from its creation (a response-cache hit), its whole event stream
+    written, so every way of reading a job answers at once."""
+    job = rqstore.create_finished(
+        redis,
+        keys.GENERATE_FUNC,
+        payload,
+        result,
+        queue=keys.priority_queue(keys.INCOMING_QUEUE, record.priority),
+        meta=record.to_meta(),
+        ttl=record.retention,
+        description=description,
+    )
+    events.write_whole(redis, str(job.id), result, record.timestamps.model_dump(), record.retention)
+    return job
+
+
+def end_unstarted(
+    redis: Redis,
+    job: Job,
+    record: JobRecord,
+    kind: Ending,
+    code: str,
+    message: str,
+    leaving: Callable[[Pipeline], None] | None = None,
+) -> None:
+    """End a job that never ran (`kind`: rejected, cancelled or expired): the reason in its record,
+    RQ's cancelled state, its retention as its lifetime, out of its tenant's backlog, and out of
+    wherever it waited (`leaving` queues those removals), in one transaction."""
+    record.end(kind, code, message)
+    job.meta = record.to_meta()
+    with redis.pipeline() as pipe:
+        pipe.multi()
+        pipe.hset(job.key, "meta", job.serializer.dumps(job.meta))
+        if leaving is not None:
+            leaving(pipe)
+        if not job.is_canceled:
+            job.cancel(pipeline=pipe)
+        pipe.expire(job.key, record.retention)
+        pipe.zrem(keys.tenant_backlog(record.tenant_or_default), job.id)
+        pipe.execute()
+
+
+def cancel(redis: Redis, job: Job, message: str) -> JobRecord | None:
+    """A client cancels `job`: the flag that a scheduler or worker holding it stops on, and, when it
+    still waits in a queue or among the held, its end (`cancelled`) now, taken out of there in the
+    same transaction. The record when it ended now; None when a scheduler or worker holds it."""
+    record = reload(job)
+    request_cancel(redis, job.id, record.retention)
+    lists = [rqstore.queue_key(name) for name in rqstore.waiting_queues(redis)]
+    while True:
+        with redis.pipeline() as pipe:
+            try:
+                pipe.watch(*lists, keys.SCHEDULER_HELD, job.key)
+                waiting = [key for key in lists if pipe.lpos(key, job.id) is not None]
+                held = pipe.zscore(keys.SCHEDULER_HELD, job.id) is not None
+                if job.get_status(refresh=True) == "started" or not (waiting or held):
+                    return None
+                record = JobRecord.from_meta(job.get_meta(refresh=True))
+                record.end("cancelled", "job_cancelled", message)
+                job.meta = record.to_meta()
+                pipe.multi()
+                pipe.hset(job.key, "meta", job.serializer.dumps(job.meta))
+                for key in waiting:
+                    pipe.lrem(key, 0, job.id)
+                pipe.zrem(keys.SCHEDULER_HELD, job.id)
+                if not job.is_canceled:
+                    job.cancel(pipeline=pipe)
+                pipe.expire(job.key, record.retention)
+                pipe.zrem(keys.tenant_backlog(record.tenant_or_default), job.id)
+                pipe.execute()
+                return record
+            except WatchError:
+                continue
+
+
+_TAKE = """
+for i = 2, #KEYS do
+  local id = redis.call('LPOP', KEYS[i])
+  if id then
+    redis.call('HSET', KEYS[1], id, ARGV[i - 1])
+    return {id, i - 2}
+  end
+end
+return false
+"""
+
+
+def take(redis: Redis, worker: str, queues: list[str]) -> tuple[Job, str] | None:
+    """The next job of `queues` (in their order), taken by `worker`: popped and recorded in the
+    running ledger in one step, so a worker that dies before starting it leaves it where the reaper
+    finds it. None when every queue is empty."""
+    entries = [ledger.entry(worker, name) for name in queues]
+    keys_ = [keys.RUNNING, *(rqstore.queue_key(name) for name in queues)]
+    while True:
+        taken = redis.eval(_TAKE, len(keys_), *keys_, *entries)
+        if not taken:
+            return None
+        job_id, index = taken[0].decode() if isinstance(taken[0], bytes) else taken[0], int(taken[1])
+        job = fetch(redis, job_id)
+        if job is not None:
+            return job, queues[index]
+        redis.hdel(keys.RUNNING, job_id)  # deleted or expired while queued: nothing to run
+
+
+def start(redis: Redis, worker: Any, job: Job, record: JobRecord, queue: str) -> Execution:
+    """`worker` (an RQ worker) starts a run of `job` from `queue`: the run's attempt number (taken
+    atomically), then in one transaction RQ's started state and execution, the start stamped in the
+    record, the job in the running ledger (so the reaper finds it if the worker dies) and out of its
+    tenant's backlog. Returns RQ's execution of the run."""
+    record.attempt = int(redis.hincrby(job.key, ATTEMPT_FIELD, 1))
+    record.stamp("started")
+    job.meta = record.to_meta()
+
+    def also(pipe: Pipeline) -> None:
+        pipe.hset(job.key, "meta", job.serializer.dumps(job.meta))
+        pipe.hset(keys.RUNNING, job.id, ledger.entry(worker.name, queue))
+        pipe.zrem(keys.tenant_backlog(record.tenant_or_default), job.id)
+
+    return rqstore.start_job(worker, job, also)
+
+
+def refuse(
+    redis: Redis, worker: Any, job: Job, record: JobRecord, kind: Ending, code: str, message: str
+) -> Execution:
+    """`worker` (an RQ worker) took `job` but will not run it (`kind`: cancelled or expired on its way
+    there): in one transaction RQ's started state (so the worker fails it as RQ fails a job that
+    raised), the reason in its record and out of its tenant's backlog. No attempt is taken: it never
+    ran. Returns RQ's execution, for the worker to fail."""
+    record.end(kind, code, message)
+    job.meta = record.to_meta()
+
+    def also(pipe: Pipeline) -> None:
+        pipe.hset(job.key, "meta", job.serializer.dumps(job.meta))
+        pipe.zrem(keys.tenant_backlog(record.tenant_or_default), job.id)
+
+    return rqstore.start_job(worker, job, also)
+
+
+def attempt(redis: Redis, job_id: str) -> int:
+    """The number of the job's current run (0: it never started)."""
+    return int(redis.hget(rqstore.job_key(job_id), ATTEMPT_FIELD) or 0)
+
+
+def finish(job: Job, record: JobRecord) -> None:
+    """A run produced the job's result: its record says when (RQ stores the result)."""
+    record.stamp("finished")
+    write(job, record)
+
+
+def fail(job: Job, record: JobRecord, code: str, message: str) -> None:
+    """A run failed: its record says why and when (RQ stores the traceback)."""
+    record.end("error", code, message)
+    write(job, record)
+
+
+def requeue_front(redis: Redis, job: Job, queue_name: str, *, leaving: str | None = None) -> None:
+    """Put `job` at the front of queue `queue_name`, taking it out of the list `leaving` (a queue's
+    key, or RQ's intermediate list) in the same transaction."""
+    queue = rqstore.open_queue(queue_name, redis)
+    pipe = redis.pipeline()
+    # enqueue_job first: it WATCHes dependencies, which must come before any queued command.
+    queue.enqueue_job(job, pipeline=pipe, at_front=True)
+    if leaving is not None:
+        pipe.lrem(leaving, 0, job.id)
+    pipe.execute()
+
+
+def hand_back(
+    redis: Redis, job_id: str, reason: str, max_retries: int, count_attempt: bool = True
+) -> HandBack:
+    """Put a job whose worker is gone back at the front of its queue, or fail it once it has been
+    retried `max_retries` times. Taking it out of the running ledger, its record, its queue and RQ's
+    registries change in one transaction, which fails if another hand-back (or the job's own end)
+    touched its ledger entry first: a job is never handed back twice, nor lost in between."""
+    while True:
+        with redis.pipeline() as pipe:
+            try:
+                pipe.watch(keys.RUNNING)
+                if not pipe.hexists(keys.RUNNING, job_id):
+                    return "gone"
+                job = fetch(redis, job_id)
+                if job is None or job.get_status(refresh=True) in rqstore.TERMINAL:
+                    pipe.multi()
+                    pipe.hdel(keys.RUNNING, job_id)
+                    pipe.execute()
+                    return "gone"  # it ended after all: the result stands, nothing runs twice
+                outcome, record = _hand_back(pipe, job, reason, max_retries, count_attempt)
+            except WatchError:
+                continue
+        if outcome == "failed":
+            message = record.error.message if record.error is not None else reason
+            events.append(redis, job_id, events.ERROR, {"code": "worker_lost", "message": message})
+            log.warning("job_failed", job_id=job_id, code="worker_lost", retries=record.retries)
+        else:
+            # The stream says the job starts over, so a reader drops what it had and expects tokens anew.
+            events.append(redis, job_id, events.RETRY, {"reason": reason, "retry": record.retries})
+            log.warning("job_requeued", job_id=job_id, reason=reason, retries=record.retries)
+        return outcome
+
+
+def _hand_back(
+    pipe: Pipeline, job: Job, reason: str, max_retries: int, count_attempt: bool
+) -> tuple[HandBack, JobRecord]:
+    """Queue the writes of one hand-back on `pipe` (watching the ledger) and run them."""
+    record = read(job)
+    record.retries += 1 if count_attempt else 0
+    if record.retries > max_retries:
+        message = f"The job's worker was lost {record.retries} times ({reason}); it was not retried again."
+        record.end("error", "worker_lost", message)
+        job.meta = record.to_meta()
+        executions = rqstore.executions_of(job)
+        pipe.multi()
+        pipe.hdel(keys.RUNNING, job.id)
+        pipe.hset(job.key, "meta", job.serializer.dumps(job.meta))
+        rqstore.forget_execution(job, executions, pipe)
+        rqstore.record_failure(job, message, pipe)
+        pipe.execute()
+        return "failed", record
+    job.meta = record.to_meta()
+    target = keys.requeue_target(job.origin, record.priority)
+    executions = rqstore.executions_of(job)
+    pipe.multi()
+    pipe.hdel(keys.RUNNING, job.id)
+    rqstore.open_queue(target, job.connection).enqueue_job(job, pipeline=pipe, at_front=True)
+    rqstore.forget_execution(job, executions, pipe)
+    pipe.execute()
+    return "requeued", record
+
+
+def rescue_dequeued(redis: Redis, queues: list[Any]) -> list[str]:
+    """Jobs a worker took off its queues (into RQ's intermediate list) but never started, because
+    Redis went away in between: back to the front of their queue. Called when the worker's loop
+    starts again; an id in the started registry is left alone."""
+    rescued = []
+    for queue in queues:
+        intermediate = rqstore.intermediate_key(queue)
+        for job_id in rqstore.taken_but_not_started(queue):
+            job = fetch(redis, job_id)
+            if job is None:
+                redis.lrem(intermediate, 0, job_id)
+                continue
+            if job.get_status(refresh=True) != "queued":
+                continue
+            requeue_front(redis, job, queue.name, leaving=intermediate)
+            rescued.append(job_id)
+            log.warning("job_requeued", job_id=job_id, reason="dequeued but never started", queue=queue.name)
+    return rescued
+
+
+def release_own_queue(redis: Redis, worker: str) -> list[str]:
+    """Jobs waiting in `worker`'s own queue go back to `incoming` (their priority's), to be routed
+    afresh with a full prefill; the queue itself is removed. For a worker that stopped or died."""
+    queue = rqstore.open_queue(keys.own_queue(worker), redis)
+    moved = []
+    for job_id in queue.get_job_ids():
+        job = fetch(redis, job_id)
+        if job is None:
+            queue.remove(job_id)
+            continue
+        target = keys.requeue_target(queue.name, read(job).priority)
+        requeue_front(redis, job, target, leaving=queue.key)
+        moved.append(job_id)
+        log.warning("job_requeued", job_id=job_id, reason=f"worker {worker} is gone", queue=target)
+    if queue.is_empty():
+        queue.delete(delete_jobs=False)
+    return moved
+
+
+def waiting_count(redis: Redis) -> int:
+    """Jobs accepted but not yet started: in every queue, held, or in the scheduler's hands."""
+    pipe = redis.pipeline(transaction=False)
+    for name in rqstore.waiting_queues(redis):
+        pipe.llen(rqstore.queue_key(name))
+    pipe.llen(keys.SCHEDULER_INFLIGHT)
+    pipe.zcard(keys.SCHEDULER_HELD)
+    return sum(int(n) for n in pipe.execute())
