@@ -70,7 +70,8 @@ class SamplingFields(BaseModel):
         try:
             return JobSubmission(
                 model=self.model, max_tokens=self.max_tokens, temperature=self.temperature,
-                top_p=self.top_p, seed=self.seed, stop=self.stop, profile=self.profile,
+                top_p=self.top_p, seed=self.seed, stop=[self.stop] if isinstance(self.stop, str) else self.stop,
+                profile=self.profile,
                 priority=self.priority, cache=self.cache, session_id=self.session_id, **fields,
             )  # fmt: skip
         except ValueError as exc:  # the job contract's own checks (stop sequences, ...)

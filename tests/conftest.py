@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import openai
 import pytest
 import requests
 from redis import Redis
 
 from cli.up import free_port
+from shared import keys
+from shared.apikeys import create_key
 from shared.connection import connect
+from shared.heartbeat import WorkerBeat, read_live
 from shared.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -194,3 +201,72 @@ def poll_job(base: str, job_id: str, timeout: float = 120.0) -> dict:
 
     wait_for(done, timeout, f"job {job_id} to end", interval=0.2)
     return view
+
+
+# --- a stack of real processes, for the OpenAI endpoints and cancellation ------------------------
+
+
+@dataclass(frozen=True)
+class Stack:
+    """A running API, scheduler and gpu-single worker, and an API key of tenant `acme`."""
+
+    base: str
+    key: str
+    redis: Redis
+    logs: Path
+
+    def client(self, **options: object) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.base}/v1", api_key=self.key, max_retries=0, **options)  # type: ignore[arg-type]
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"}
+
+
+def start_stack(
+    redis_url: str, cache_dir: Path, folder: Path, model: str, **env: object
+) -> tuple[Stack, Processes]:
+    """API, scheduler and one gpu-single worker serving `model`, started the way a user does."""
+    redis = Redis.from_url(redis_url)
+    redis.flushall()
+    key, _ = create_key(redis, "acme")
+    procs = Processes(folder)
+    port = free_port()
+    config = process_env(
+        GPTOSS_REDIS_URL=redis_url, GPTOSS_CACHE_DIR=cache_dir, GPTOSS_API_PORT=port, GPTOSS_MODEL=model,
+        GPTOSS_AUTH="true", GPTOSS_HEARTBEAT_INTERVAL=0.5, **env,
+    )  # fmt: skip
+    procs.start("api", ["api"], config)
+    procs.start("scheduler", ["scheduler"], config)
+    procs.start("worker", ["workers"], {**config, "GPTOSS_WORKER_QUEUE": keys.SINGLE_QUEUE})
+
+    def ready() -> bool:
+        beats = read_live(redis, keys.WORKER_HEARTBEAT_PATTERN, WorkerBeat)
+        try:
+            up = requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200
+        except requests.RequestException:
+            up = False
+        return up and any(b.state == "idle" for b in beats)
+
+    try:
+        wait_for(ready, 120, "the API and a loaded worker")
+    except AssertionError:
+        procs.stop_all()
+        raise
+    return Stack(f"http://127.0.0.1:{port}", key, redis, folder), procs
+
+
+# --- what the Prometheus rules and the Grafana dashboard read -------------------------------------
+
+RULES = sorted((ROOT / "compose" / "prometheus" / "rules").glob("*.yml"))
+DASHBOARD = ROOT / "compose" / "grafana" / "dashboards" / "gptoss.json"
+
+
+def dashboard_exprs() -> list[str]:
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    return [t["expr"] for p in panels for t in p.get("targets", [])]
+
+
+def used_metric_names() -> set[str]:
+    """Every gptoss_ metric name that the rules and the dashboard read (recorded names excluded)."""
+    text = " ".join(f.read_text() for f in RULES) + " ".join(dashboard_exprs())
+    return set(re.findall(r"\b(gptoss_[a-z_]+)\b", text))

@@ -15,13 +15,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from shared import keys
 from shared.cancellation import request_cancel
 from shared.contract import JobRequest
+from shared.jobstore import rqstore
+from shared.jobstore.events import JobStream
+from shared.jobstore.record import CacheTarget, JobRecord
+from shared.jobstore.rqstore import fetch_job, open_queue
 from shared.metrics import WorkerMetrics
-from shared.queues import fetch_job, open_queue
 from shared.registry import model_spec
-from workers import context, rq_lifecycle
+from workers import context
 from workers.batch import DecodeBatch
 from workers.runtime import ModelRuntime
-from workers.stream import JobStream
 from workers.worker import build_worker
 
 MODEL = "smollm2-135m"
@@ -67,7 +69,7 @@ def assert_clean(redis: Redis, worker) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_rq_internals_are_the_pinned_version() -> None:
-    assert rq_lifecycle.rq_matches()
+    assert rqstore.rq_matches()
 
 
 def test_sixteen_concurrent_jobs_match_their_single_outputs(settings, redis: Redis, runtime) -> None:  # type: ignore[no-untyped-def]
@@ -182,9 +184,8 @@ def test_heartbeat_reports_the_batch(settings, redis: Redis, runtime, monkeypatc
 def enqueue_cacheable(redis: Redis, body: dict, fingerprint: str) -> str:
     """A job marked as the API marks a cacheable miss."""
     from shared.response_cache import store_target
-    from shared.stages import META_CACHE_KEY
 
-    meta = {META_CACHE_KEY: store_target(fingerprint, 600, 1 << 20)}
+    meta = JobRecord(cache_key=CacheTarget.model_validate(store_target(fingerprint, 600, 1 << 20))).to_meta()
     queue = open_queue(keys.SINGLE_QUEUE, redis)
     return queue.enqueue(keys.GENERATE_FUNC, body, result_ttl=600, failure_ttl=600, meta=meta).id
 

@@ -12,8 +12,7 @@ import pytest
 import requests
 
 from shared import keys
-from tests.conftest import wait_for
-from tests.test_openai import Stack, start_stack
+from tests.conftest import Stack, start_stack, wait_for
 
 LONG = {"prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,", "max_tokens": 2000, "temperature": 0}
 """A job that would run for minutes: SmolLM2 keeps counting."""

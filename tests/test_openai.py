@@ -5,69 +5,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import openai
 import pytest
 import requests
-from redis import Redis
 
-from cli.up import free_port
-from shared import keys
-from shared.apikeys import create_key
-from shared.heartbeat import WorkerBeat, read_live
-from tests.conftest import Processes, process_env, wait_for
+from tests.conftest import Stack, start_stack
 from workers.tiny_model import CONVERSATIONS
-
-
-@dataclass(frozen=True)
-class Stack:
-    """A running API, scheduler and gpu-single worker, and an API key of tenant `acme`."""
-
-    base: str
-    key: str
-    redis: Redis
-    logs: Path
-
-    def client(self, **options: object) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.base}/v1", api_key=self.key, max_retries=0, **options)  # type: ignore[arg-type]
-
-    def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.key}"}
-
-
-def start_stack(
-    redis_url: str, cache_dir: Path, folder: Path, model: str, **env: object
-) -> tuple[Stack, Processes]:
-    """API, scheduler and one gpu-single worker serving `model`, started the way a user does."""
-    redis = Redis.from_url(redis_url)
-    redis.flushall()
-    key, _ = create_key(redis, "acme")
-    procs = Processes(folder)
-    port = free_port()
-    config = process_env(
-        GPTOSS_REDIS_URL=redis_url, GPTOSS_CACHE_DIR=cache_dir, GPTOSS_API_PORT=port, GPTOSS_MODEL=model,
-        GPTOSS_AUTH="true", GPTOSS_HEARTBEAT_INTERVAL=0.5, **env,
-    )  # fmt: skip
-    procs.start("api", ["api"], config)
-    procs.start("scheduler", ["scheduler"], config)
-    procs.start("worker", ["workers"], {**config, "GPTOSS_WORKER_QUEUE": keys.SINGLE_QUEUE})
-
-    def ready() -> bool:
-        beats = read_live(redis, keys.WORKER_HEARTBEAT_PATTERN, WorkerBeat)
-        try:
-            up = requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200
-        except requests.RequestException:
-            up = False
-        return up and any(b.state == "idle" for b in beats)
-
-    try:
-        wait_for(ready, 120, "the API and a loaded worker")
-    except AssertionError:
-        procs.stop_all()
-        raise
-    return Stack(f"http://127.0.0.1:{port}", key, redis, folder), procs
 
 
 @pytest.fixture(scope="module")

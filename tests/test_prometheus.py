@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -12,11 +11,11 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.conftest import DASHBOARD, RULES, dashboard_exprs, used_metric_names
+
 ROOT = Path(__file__).resolve().parent.parent
 PROMETHEUS = ROOT / "compose" / "prometheus"
-RULES = sorted((PROMETHEUS / "rules").glob("*.yml"))
 ALERT_TESTS = PROMETHEUS / "tests" / "alerts_test.yml"
-DASHBOARD = ROOT / "compose" / "grafana" / "dashboards" / "gptoss.json"
 DATASOURCES = ROOT / "compose" / "grafana" / "provisioning" / "datasources" / "gptoss.yml"
 
 
@@ -75,11 +74,6 @@ def test_ttft_sla_per_model() -> None:
 # --- Grafana ----------------------------------------------------------------------------------
 
 
-def dashboard_exprs() -> list[str]:
-    panels = json.loads(DASHBOARD.read_text())["panels"]
-    return [t["expr"] for p in panels for t in p.get("targets", [])]
-
-
 def test_dashboard_covers_the_issue() -> None:
     text = " ".join(dashboard_exprs())
     for metric in ("gptoss_time_to_first_token_seconds", "gptoss_e2e_request_latency_seconds",
@@ -122,12 +116,6 @@ def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
     file.write_text(yaml.safe_dump(rules))
     done = promtool("check", "rules", str(file))
     assert done.returncode == 0, done.stdout + done.stderr
-
-
-def used_metric_names() -> set[str]:
-    """Every gptoss_ metric name that the rules and the dashboard read (recorded names excluded)."""
-    text = " ".join(f.read_text() for f in RULES) + " ".join(dashboard_exprs())
-    return set(re.findall(r"\b(gptoss_[a-z_]+)\b", text))
 
 
 def test_used_names_follow_the_catalogue_conventions() -> None:

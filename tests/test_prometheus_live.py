@@ -17,8 +17,7 @@ from redis import Redis
 
 from cli.up import free_port
 from shared import keys
-from tests.conftest import Processes, http_ok, poll_job, process_env, wait_for
-from tests.test_prometheus import RULES, used_metric_names
+from tests.conftest import RULES, Processes, http_ok, poll_job, process_env, used_metric_names, wait_for
 
 SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"), "gauge": ("",)}
 

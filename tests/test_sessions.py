@@ -221,7 +221,7 @@ def test_turns_waiting_on_a_dead_workers_queue_are_routed_afresh(redis: Redis) -
     from rq import Queue
 
     from scheduler.reaper import Reaper
-    from shared.queues import SERIALIZER
+    from shared.jobstore.rqstore import SERIALIZER
 
     own = Queue(keys.own_queue("gone-worker"), connection=redis, serializer=SERIALIZER)
     job = own.enqueue(keys.GENERATE_FUNC, {"prompt": "hi", "session_id": "s"}, meta={"priority": "high"})
@@ -241,15 +241,16 @@ def test_session_caches_go_first_under_memory_pressure(redis: Redis, settings, t
     reading = tmp_path / "memory.json"
     reading.write_text(json.dumps({"used": 10, "total": 1000}))
     worker, _ = build_worker(settings(memory_reading_file=reading, session_cache_bytes=10**6), redis, "cpu")
-    store = worker.session_store()
+    guard = worker.guard
+    store = guard.session_store()
     assert store is not None and store.budget == 10**6
     store.put("t:s", [1, 2, 3], layers(3))
-    assert worker.may_take() and "t:s" in store  # no pressure: kept
+    assert guard.may_take() and "t:s" in store  # no pressure: kept
     reading.write_text(json.dumps({"used": 900, "total": 1000}))  # over warn (0.85), under critical
-    worker._pressure_checked = 0.0  # the reading is reused for half a second otherwise
-    assert worker.may_take()  # still takes work...
+    guard._pressure_checked = 0.0  # the reading is reused for half a second otherwise
+    assert guard.may_take()  # still takes work...
     assert len(store) == 0 and store.nbytes == 0  # ...but the session caches are gone
-    assert build_worker(settings(session_cache_bytes=0), redis, "cpu")[0].session_store() is None
+    assert build_worker(settings(session_cache_bytes=0), redis, "cpu")[0].guard.session_store() is None
 
 
 def test_jobs_in_workers_own_queues_are_counted_cancellable_and_reported(redis: Redis, settings) -> None:  # type: ignore[no-untyped-def]
@@ -259,10 +260,10 @@ def test_jobs_in_workers_own_queues_are_counted_cancellable_and_reported(redis: 
 
     from api.bundle import failures, queue_sizes
     from api.metrics import RedisStateCollector
-    from shared.cancellation import take_waiting
     from shared.capacity import capacity_view
-    from shared.drain import backlog
-    from shared.queues import open_queue
+    from shared.jobstore import lifecycle
+    from shared.jobstore.lifecycle import waiting_count as backlog
+    from shared.jobstore.rqstore import open_queue
 
     name = keys.own_queue("w1")
     own = open_queue(name, redis)
@@ -284,5 +285,5 @@ def test_jobs_in_workers_own_queues_are_counted_cancellable_and_reported(redis: 
     assert 'gptoss_registry_jobs{queue="own",registry="failed"} 1.0' in text
     assert "worker:w1" not in text  # no series per worker process
 
-    assert take_waiting(redis, waiting.id)  # a cancel takes it out of the worker's queue
+    assert lifecycle.cancel(redis, waiting, "Cancelled.")  # a cancel takes it out of the worker's queue
     assert own.count == 0 and backlog(redis) == 0

@@ -15,11 +15,11 @@ from scheduler.loop import Scheduler
 from scheduler.tokens import PromptCounter
 from shared import keys
 from shared.heartbeat import WorkerBeat, publish
-from shared.queues import open_queue
+from shared.jobstore.events import JobStream
+from shared.jobstore.rqstore import open_queue
 from shared.registry import model_spec
 from tests.test_pipeline import schedule_all, work
 from workers.runtime import ModelRuntime
-from workers.stream import JobStream
 from workers.tiny_model import CONVERSATIONS
 
 MODEL = "tiny-gpt-oss"

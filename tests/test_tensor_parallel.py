@@ -10,7 +10,7 @@ from redis import Redis
 
 from shared import keys
 from shared.contract import ChatMessage, JobRequest
-from shared.queues import fetch_job, open_queue
+from shared.jobstore.rqstore import fetch_job, open_queue
 from shared.registry import model_spec
 from tests.conftest import Processes, process_env, wait_for
 from workers.placement import place, wants_torchrun

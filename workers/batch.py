@@ -5,11 +5,12 @@ cache); ended ones leave, and columns that only padding fills are trimmed away."
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from transformers import DynamicCache
 
+from shared.contract import JobRequest
 from workers.completion import Completion
 from workers.sampling import Sampler, choose
 from workers.sessions import Layers, SessionPrefix
@@ -26,6 +27,8 @@ class Row:
     """What went wrong with this row alone (its text could not be decoded or streamed)."""
     prefix: SessionPrefix | None = None
     """Keys and values of the start of its prompt, from its session's last turn: not computed again."""
+    request: JobRequest | None = None
+    """What it answers (a row decoded alone needs its generation settings, not only its sampler)."""
 
     def add(self, token: int) -> None:
         """Give the row its next token; a failure stays with the row, not the batch."""
@@ -35,6 +38,37 @@ class Row:
             self.completion.add(token)
         except Exception as exc:
             self.error = exc
+
+
+class Decoder(Protocol):
+    """Rows decoding in a worker's session: together in one batch (DecodeBatch), or one at a time
+    (workers/serial.py) where the model cannot share decode steps."""
+
+    device: str
+    rows: list[Row]
+
+    def __len__(self) -> int: ...
+
+    @property
+    def length(self) -> int:
+        """Columns of the KV cache held between steps (0: none is held)."""
+        ...
+
+    def join(self, rows: list[Row]) -> None:
+        """Take `rows` in."""
+        ...
+
+    def step(self) -> None:
+        """Decode further: each row gets its next token(s)."""
+        ...
+
+    def drop(self, keys: set[str]) -> list[Row]:
+        """Take the rows of `keys` out; the rows taken out."""
+        ...
+
+    def row_state(self, key: str) -> tuple[list[int], Layers] | None:
+        """Row `key`'s tokens in the cache and their keys and values, for its session's next turn."""
+        ...
 
 
 class DecodeBatch:

@@ -14,12 +14,11 @@ from redis import Redis
 from redis.exceptions import RedisError
 from tenacity import Retrying, retry_if_exception_type, wait_exponential
 
-from shared.affinity import release_own_queue
 from shared.connection import connect
 from shared.exposition import serve_metrics
+from shared.jobstore import lifecycle
 from shared.logging import configure_logging
 from shared.metrics import WorkerMetrics
-from shared.recovery import hand_back, rescue_dequeued
 from shared.registry import model_spec
 from shared.settings import Settings
 from shared.tracing import configure_tracing
@@ -40,7 +39,7 @@ def work_until_stopped(worker: GenerationWorker, redis: Redis, burst: bool) -> N
     stop = threading.Event()
     while True:
         worker.work(burst=burst, logging_level=None)
-        if burst or worker.stop_asked or worker._stop_requested:
+        if burst or worker.stop_asked or worker.stopping:
             return
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: stop.set())
@@ -54,20 +53,15 @@ def work_until_stopped(worker: GenerationWorker, redis: Redis, burst: bool) -> N
                 # the same name can register again.
                 worker.register_death()
                 # Jobs cut off mid-run go back to their queue (not counted as their failure).
-                for job_id in list(worker.running):
-                    hand_back(
-                        redis, job_id, "its worker lost Redis mid-job", worker.settings.job_max_retries, False
-                    )
-                worker.running.clear()
-                worker.activity = "idle"
-                rescue_dequeued(redis, worker.queues)
+                worker.hand_back_running("its worker lost Redis mid-job")
+                lifecycle.rescue_dequeued(redis, worker.queues)
         log.info("worker_loop_restarting")
 
 
 def release_sessions(redis: Redis, name: str) -> None:
     """As the worker stops: turns already routed to it are routed afresh (its caches die with it)."""
     try:
-        release_own_queue(redis, name)
+        lifecycle.release_own_queue(redis, name)
     except RedisError as exc:  # the scheduler's reaper releases them once our heartbeat lapses
         structlog.get_logger().warning("own_queue_not_released", error=str(exc))
 
@@ -91,7 +85,7 @@ def main(settings: Settings | None = None, burst: bool = False) -> None:
     redis = connect(settings.redis_url_or_default(), blocking=True)
     worker, heartbeat = build_worker(settings, redis, placement.device, metrics)
     if metrics is not None:
-        worker.metrics_url = serve_metrics(
+        worker.report.metrics_url = serve_metrics(
             metrics.registry, settings.metrics_host, settings.worker_metrics_port
         )
     worker.on_exit = heartbeat.stop
@@ -111,7 +105,7 @@ def main(settings: Settings | None = None, burst: bool = False) -> None:
             name=worker.name,
             queue=settings.worker_queue,
             model=settings.model,
-            metrics=worker.metrics_url,
+            metrics=worker.report.metrics_url,
         )
         work_until_stopped(worker, redis, burst)
     finally:
@@ -119,4 +113,4 @@ def main(settings: Settings | None = None, burst: bool = False) -> None:
             runtime.relay.release()  # the other tensor-parallel ranks stop too
         heartbeat.stop()
         release_sessions(redis, worker.name)
-        log.info("worker_stopped", name=worker.name, jobs_done=worker.jobs_done)
+        log.info("worker_stopped", name=worker.name, jobs_done=worker.report.jobs_done)

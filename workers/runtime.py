@@ -6,7 +6,7 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import psutil
 import structlog
@@ -19,13 +19,14 @@ from shared.harmony import FINAL_CHANNEL, HarmonyChat
 from shared.prompts import prompt_token_ids
 from shared.registry import ModelSpec
 from shared.settings import Settings
-from workers.batch import DecodeBatch
+from workers.batch import DecodeBatch, Decoder
 from workers.completion import Completion, Generation, TokenSink
 from workers.cpu_precision import add_bf16_path, native_cpu_bf16
 from workers.kv_budget import model_kv_bytes_per_token
 from workers.model_store import prepare
 from workers.output import OutputText
 from workers.placement import Placement
+from workers.serial import SerialDecoder
 
 log = structlog.get_logger()
 
@@ -79,15 +80,15 @@ class TokenStreamer(BaseStreamer):
         pass
 
 
-class StopOnText(StoppingCriteria):
-    """Ends generation once the output reached a stop string (the streamer sees each token first)."""
+class StopWhenEnded(StoppingCriteria):
+    """Ends generation once the completion ended (a stop string; the streamer sees each token first)."""
 
-    def __init__(self, output: OutputText):
-        self._output = output
+    def __init__(self, completion: Completion):
+        self._completion = completion
 
     def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-        stopped = self._output.stopped
-        return torch.full((input_ids.shape[0],), stopped, dtype=torch.bool, device=input_ids.device)
+        ended = self._completion.ended
+        return torch.full((input_ids.shape[0],), ended, dtype=torch.bool, device=input_ids.device)
 
 
 class StopOnCancel(StoppingCriteria):
@@ -173,14 +174,21 @@ class ModelRuntime:
         on_text: TokenSink | None = None,
         cancelled: Callable[[], bool] | None = None,
     ) -> Generation:
-        """Generate for `request`: `on_first_token` when the first token exists, `on_text` with each
-        piece of text; stop early once `cancelled()`. Under tensor parallel, the other ranks are
-        handed the request first, and a cancel is not honoured mid-generation (every rank must run
-        the same steps)."""
+        """Generate for `request` alone: `on_first_token` when the first token exists, `on_text` with
+        each piece of text; stop early once `cancelled()` (see `complete` under tensor parallel)."""
+        completion = self.completion(request, on_first_token, on_text)
+        return completion.result(cancelled=self.complete(request, completion, cancelled))
+
+    def complete(
+        self, request: JobRequest, completion: Completion, cancelled: Callable[[], bool] | None = None
+    ) -> bool:
+        """Decode `completion` (of `request`) to its end alone; whether `cancelled()` stopped it. Under
+        tensor parallel, the other ranks are handed the request first (they `run` it), and a cancel is
+        not honoured mid-generation (every rank must run the same steps)."""
         if self.relay is not None:
             request = self.relay.share(request) or request
             cancelled = None
-        return self.run(request, on_first_token, on_text, cancelled)
+        return self._decode_alone(request, completion, cancelled)
 
     def run(
         self,
@@ -190,43 +198,27 @@ class ModelRuntime:
         cancelled: Callable[[], bool] | None = None,
     ) -> Generation:
         """Generate on this process alone (each tensor-parallel rank runs this in lockstep)."""
-        renderer = self.chat if self.chat is not None else self.tokenizer
-        ids = prompt_token_ids(renderer, request)
-        input_ids = torch.tensor([ids], device=self.device)
-        max_tokens = request.max_tokens or 1
-        config = self._generation_config(request, max_tokens)
+        completion = self.completion(request, on_first_token, on_text)
+        return completion.result(cancelled=self._decode_alone(request, completion, cancelled))
+
+    def _decode_alone(
+        self, request: JobRequest, completion: Completion, cancelled: Callable[[], bool] | None
+    ) -> bool:
+        """`model.generate` over `completion`'s prompt, each token handed to it as it comes."""
+        input_ids = torch.tensor([completion.prompt_ids], device=self.device)
+        config = self._generation_config(request, completion.max_tokens)
         if request.seed is not None:
             torch.manual_seed(request.seed)
-        output = OutputText(request.stop)
-        new_ids: list[int] = []
-        decode = self._decoder(output, on_text)
         cancel = StopOnCancel(cancelled) if cancelled is not None else None
-
-        def on_token(token: int) -> None:
-            new_ids.append(token)
-            if len(new_ids) == 1 and on_first_token is not None:
-                on_first_token()
-            decode(token)
-
         with torch.inference_mode():
             self.model.generate(
                 input_ids,
                 attention_mask=torch.ones_like(input_ids),
                 generation_config=config,
-                streamer=TokenStreamer(on_token),
-                stopping_criteria=[StopOnText(output), *([cancel] if cancel is not None else [])],
+                streamer=TokenStreamer(completion.add),
+                stopping_criteria=[StopWhenEnded(completion), *([cancel] if cancel is not None else [])],
             )
-        decode(None)
-        for channel, text in output.flush():
-            if on_text is not None:
-                on_text(channel, text)
-        ended = bool(new_ids) and new_ids[-1] in _as_set(config.eos_token_id)
-        stopped = output.stopped or ended or len(new_ids) < max_tokens
-        finish: Literal["stop", "length"] = "stop" if stopped else "length"
-        reasoning = output.text("analysis") if self.chat is not None else None
-        text = output.text(FINAL_CHANNEL)
-        was_cancelled = cancel is not None and cancel.fired and not ended
-        return Generation(text, finish, len(ids), len(new_ids), reasoning, tuple(new_ids), was_cancelled)
+        return cancel is not None and cancel.fired
 
     @property
     def can_batch(self) -> bool:
@@ -234,19 +226,23 @@ class ModelRuntime:
         steps, and only single requests are relayed)."""
         return self.relay is None
 
+    def prompt_ids(self, request: JobRequest) -> list[int]:
+        """Token ids of `request`'s prompt."""
+        return prompt_token_ids(self.chat if self.chat is not None else self.tokenizer, request)
+
     def prompt_length(self, request: JobRequest) -> int:
         """Tokens of `request`'s prompt."""
-        return len(prompt_token_ids(self.chat if self.chat is not None else self.tokenizer, request))
+        return len(self.prompt_ids(request))
 
     def completion(
         self,
         request: JobRequest,
         on_first_token: Callable[[], None] | None = None,
         on_text: TokenSink | None = None,
+        prompt_ids: list[int] | None = None,
     ) -> Completion:
-        """`request` rendered and ready to grow token by token in a batch."""
-        renderer = self.chat if self.chat is not None else self.tokenizer
-        ids = prompt_token_ids(renderer, request)
+        """`request` rendered (unless its `prompt_ids` are given) and ready to grow token by token."""
+        ids = prompt_ids if prompt_ids is not None else self.prompt_ids(request)
         max_tokens = request.max_tokens or 1
         eos = _as_set(self._generation_config(request, max_tokens).eos_token_id)
         output = OutputText(request.stop)
@@ -254,6 +250,11 @@ class ModelRuntime:
         return Completion(
             ids, max_tokens, eos, output, decode, on_first_token, on_text, self.chat is not None
         )
+
+    def decoder(self) -> Decoder:
+        """Where a worker's session decodes its rows: one batch, or one row at a time where requests
+        cannot share decode steps."""
+        return self.new_batch() if self.can_batch else SerialDecoder(self)
 
     def new_batch(self) -> DecodeBatch:
         """An empty batch on this model."""

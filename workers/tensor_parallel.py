@@ -11,7 +11,7 @@ import os
 import random
 import sys
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -20,10 +20,13 @@ from shared.registry import model_spec
 from shared.settings import Settings
 from workers.placement import Placement, place, wants_torchrun
 
-if TYPE_CHECKING:
-    from workers.runtime import ModelRuntime
-
 log = structlog.get_logger()
+
+
+class RunsAlone(Protocol):
+    """What a rank other than 0 needs of its model runtime (workers/runtime.ModelRuntime)."""
+
+    def run(self, request: JobRequest) -> Any: ...
 
 
 def torchrun_ranks() -> tuple[int, int, int]:
@@ -77,7 +80,7 @@ class RequestRelay:
         except Exception as exc:  # gloo reports a peer that already exited as a RuntimeError
             log.info("ranks_already_gone", error=type(exc).__name__)
 
-    def follow(self, runtime: ModelRuntime) -> None:
+    def follow(self, runtime: RunsAlone) -> None:
         """On ranks other than 0: run each request rank 0 sends, until it sends None."""
         import torch.distributed as dist
 

@@ -1,0 +1,293 @@
+"""One job's run inside a worker's session: the checks before it starts, its record, spans, stream and
+webhook, and its result or failure."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, NoReturn
+
+import structlog
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from redis import Redis
+from rq.job import Job
+
+from shared.cancellation import CancelWatch, cancel_requested
+from shared.contract import JobRequest, JobResult, PromptTokensDetails, Usage
+from shared.errors import DeadlineExceeded, GptossError, JobCancelled
+from shared.jobstore import lifecycle
+from shared.jobstore.events import EventBuffer, JobStream
+from shared.jobstore.record import Ending, JobRecord
+from shared.jobstore.views import build_view
+from shared.response_cache import ResponseCache, channel_texts, store_finished
+from shared.webhooks import notify
+from workers.completion import Generation
+from workers.context import WorkerContext
+from workers.telemetry import chat_span, observe
+
+log = structlog.get_logger()
+tracer = trace.get_tracer("gptoss.worker")
+
+Refusal = tuple[Ending, GptossError]
+"""Why a job taken by a worker must not start: its ending and the error its client reads."""
+
+
+class JobRun:
+    """One job inside a worker, beside the others of its session.
+
+    The worker's one error boundary: a failure records a code and message the client can read (in
+    the job's record, its stream and its webhook), then the session fails the job in RQ with its
+    traceback.
+    """
+
+    def __init__(self, job: Job, record: JobRecord, bound: WorkerContext, buffer: EventBuffer | None = None):
+        self.job, self.record, self.bound = job, record, bound
+        self.redis: Redis = job.connection
+        # GET /v1/jobs/<id>/events; token events go out once per decode step (`buffer`).
+        self.stream = JobStream(self.redis, job.id, ttl=record.retention, buffer=buffer)
+        self.cancel = CancelWatch(self.redis, job.id)
+        self.request: JobRequest | None = None
+        self._parent = record.trace_context()
+        self._span: Span | None = None
+        self._chat: Span | None = None
+        self._started = time.time()
+
+    @contextmanager
+    def logging(self) -> Iterator[None]:
+        """Log lines (RQ's too) carry this job's ids while inside; what was bound before comes back
+        after (a session enters one job's logging from inside another's callbacks)."""
+        before = structlog.contextvars.get_contextvars()
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(job_id=self.job.id, request_id=self.record.request_id)
+        try:
+            yield
+        finally:
+            structlog.contextvars.clear_contextvars()
+            structlog.contextvars.bind_contextvars(**before)
+
+    @contextmanager
+    def tracing(self) -> Iterator[None]:
+        """This job's span (or its parent, before it starts) is the current one while inside."""
+        if self._span is None:
+            token = otel_context.attach(self._parent)
+            try:
+                yield
+            finally:
+                otel_context.detach(token)
+            return
+        with trace.use_span(self._span, end_on_exit=False):
+            yield
+
+    def refusal(self) -> Refusal | None:
+        """Why the job must not start (cancelled on its way here, or past its deadline), or None."""
+        if cancel_requested(self.redis, self.job.id):
+            return "cancelled", JobCancelled("Cancelled by the client before it started.")
+        now = time.time()
+        if self.record.past_deadline(now):
+            return "expired", DeadlineExceeded(self.record.expiry_message(now))
+        return None
+
+    def refused(self, kind: Ending, exc: GptossError) -> None:
+        """The job ended without starting (its record already says why): stream, webhook, metrics."""
+        self._ended_early(kind, exc)
+
+    def begin(self, request: JobRequest | None) -> None:
+        """The job started (its record stamped it): its spans, its `start` event, its log line.
+        `request`: its valid request, None when it has none (it fails next)."""
+        bound = self.bound
+        self._started = started = self.record.at("started") or time.time()
+        scheduled = self.record.at("scheduled")
+        if scheduled is not None:
+            wait = tracer.start_span(
+                f"queue.wait {bound.queue}", context=self._parent, start_time=int(scheduled * 1e9)
+            )
+            wait.end(end_time=int(started * 1e9))
+        attributes = {
+            "messaging.system": "rq",
+            "messaging.destination.name": bound.queue,
+            "messaging.message.id": self.job.id,
+        }
+        self._span = tracer.start_span(
+            "worker.job", context=self._parent, kind=SpanKind.CONSUMER, attributes=attributes
+        )
+        with self.tracing():
+            log.info("job_started", model=bound.runtime.spec.name, queue=bound.queue)
+            self.stream.start(model=bound.runtime.spec.name, queue=bound.queue, worker=bound.worker_name)
+        self.request = request
+        if request is not None:
+            self._chat = chat_span(tracer, request, bound.runtime.spec.name, self._span)
+
+    def first_token(self) -> None:
+        """The first token exists."""
+        now = time.time()
+        self.record.stamp("first_token", now)
+        lifecycle.write(self.job, self.record)
+        received = self.record.at("received") or self._started
+        with self.logging(), self.tracing():
+            log.info("first_token", ttft_ms=round((now - received) * 1000, 1))
+
+    def finish(self, generation: Generation) -> dict[str, Any]:
+        """The job's result (raises JobCancelled when a client cancelled it mid-generation)."""
+        job, bound, record = self.job, self.bound, self.record
+        self._end_chat(generation)
+        if generation.cancelled:
+            message = f"Cancelled by the client after {generation.completion_tokens} tokens."
+            with self.tracing():
+                self._end_early("cancelled", JobCancelled(message))
+        with self.tracing():
+            lifecycle.finish(job, record)
+            observe(bound, record, generation)
+            result = JobResult(
+                text=generation.text,
+                reasoning=generation.reasoning,
+                finish_reason=generation.finish_reason,
+                usage=Usage(
+                    prompt_tokens=generation.prompt_tokens,
+                    completion_tokens=generation.completion_tokens,
+                    total_tokens=generation.prompt_tokens + generation.completion_tokens,
+                    prompt_tokens_details=PromptTokensDetails(cached_tokens=generation.cached_tokens)
+                    if self.request is not None and self.request.session_id
+                    else None,
+                ),
+                model=bound.runtime.spec.name,
+                worker=bound.worker_name,
+                queue=bound.queue,
+                cache="miss" if record.cache_key else None,
+            ).model_dump(mode="json")
+            # Before `done`: a client that saw it and asks again finds it.
+            target = record.cache_key.model_dump() if record.cache_key is not None else None
+            store_finished(self.redis, target, result)
+            self.stream.done(result, self._timings())
+            notify(bound.webhooks, build_view(job.id, record, "finished", result), record)
+            content = {"prompt": self.request.model_dump(mode="json") if self.request else None,
+                       "completion": generation.text} if bound.log_content else {}  # fmt: skip
+            log.info(
+                "job_finished",
+                finish_reason=generation.finish_reason,
+                prompt_tokens=generation.prompt_tokens,
+                completion_tokens=generation.completion_tokens,
+                **content,
+            )
+        self._end_span()
+        return result
+
+    @property
+    def fingerprint(self) -> str | None:
+        """The response-cache fingerprint of a cacheable job (None: not cacheable)."""
+        target = self.record.cache_key
+        return target.fingerprint if target is not None else None
+
+    def cancel_waiting(self) -> NoReturn:
+        """End a started job that was waiting on an identical one's result: cancelled by its client."""
+        with self.tracing():
+            self._end_early("cancelled", JobCancelled("Cancelled by the client before its answer came."))
+
+    def cached(self) -> dict[str, Any] | None:
+        """The cached result of an identical request that finished while this one waited (the API
+        looked when it arrived; this catches a burst of identical requests queued behind the first),
+        or None: generate."""
+        target = self.record.cache_key
+        if target is None:
+            return None
+        with self.tracing():
+            try:
+                return ResponseCache(self.redis, target.ttl, target.max_bytes).lookup(target.fingerprint)
+            except Exception as exc:  # a cache that cannot be read only means generating
+                log.warning("cache_lookup_failed", error=f"{type(exc).__name__}: {exc}")
+                return None
+
+    def finish_cached(self, cached: dict[str, Any], source: str = "cache") -> dict[str, Any]:
+        """The job's result taken from the cache (or from an identical job's result: `source`
+        "identical") instead of generated: stamps, stream and webhook as for a generated one, marked
+        `cache: "hit"`."""
+        job, record = self.job, self.record
+        self._end_chat(None)
+        record.stamp("first_token")
+        result = {**cached, "cache": "hit"}
+        with self.tracing():
+            lifecycle.finish(job, record)
+            for channel, text in channel_texts(result):
+                self.stream.text(channel, text)
+            self.stream.done(result, self._timings())
+            notify(self.bound.webhooks, build_view(job.id, record, "finished", result), record)
+            log.info("cache_hit", at="worker", source=source, finish_reason=result.get("finish_reason"))
+            if self.bound.metrics is not None:
+                self.bound.metrics.worker_cache_hits.labels(self.bound.runtime.spec.name, source).inc()
+        self._end_span()
+        return result
+
+    def fail(self, exc: BaseException) -> None:
+        """Record why the job failed (a GptossError's code, else `generation_failed`); the session
+        then fails it in RQ."""
+        if isinstance(exc, GptossError):
+            code, message = exc.code, exc.message
+        else:
+            code, message = "generation_failed", f"Generation failed: {type(exc).__name__}."
+        self._end_chat(None, exc)
+        with self.tracing():
+            lifecycle.fail(self.job, self.record, code, message)
+            span = trace.get_current_span()
+            span.record_exception(exc)
+            span.set_status(Status(StatusCode.ERROR, code))
+            self._count("failed")
+            log.error("job_failed", code=code)
+            self.stream.error(code, message)
+            notify(self.bound.webhooks, build_view(self.job.id, self.record, "failed"), self.record)
+        self._end_span()  # the exception is on it already
+
+    def _end_early(self, kind: Ending, exc: GptossError) -> NoReturn:
+        """End the started job without a result (cancelled mid-run), then raise `exc`: the session
+        fails it in RQ with it."""
+        try:
+            self.record.end(kind, exc.code, exc.message)
+            lifecycle.write(self.job, self.record)
+            self._ended_early(kind, exc)
+        finally:
+            self._end_span(exc)
+        raise exc
+
+    def _ended_early(self, kind: Ending, exc: GptossError) -> None:
+        """The stream, metrics, log and webhook of a job that ended without a result: the client sees
+        it `cancelled` or `expired`."""
+        self.stream.error(exc.code, exc.message)
+        self._count("cancelled" if kind == "cancelled" else "expired")
+        log.info("job_ended_early", code=exc.code)
+        notify(self.bound.webhooks, build_view(self.job.id, self.record, "failed"), self.record)
+
+    def _count(self, outcome: str) -> None:
+        if self.bound.metrics is not None:
+            self.bound.metrics.jobs_terminal.labels(self.bound.runtime.spec.name, outcome).inc()
+
+    def _timings(self) -> dict[str, Any]:
+        """The stage stamps the job has, as its `done` event carries them."""
+        return self.record.timestamps.model_dump(exclude_none=True)
+
+    def _end_chat(self, generation: Generation | None, exc: BaseException | None = None) -> None:
+        if self._chat is None:
+            return
+        if generation is not None:
+            self._chat.set_attributes(
+                {
+                    "gen_ai.response.model": self.bound.runtime.spec.name,
+                    "gen_ai.response.finish_reasons": [generation.finish_reason],
+                    "gen_ai.usage.input_tokens": generation.prompt_tokens,
+                    "gen_ai.usage.output_tokens": generation.completion_tokens,
+                }
+            )
+        if exc is not None:
+            self._chat.record_exception(exc)
+            self._chat.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+        self._chat.end()
+        self._chat = None
+
+    def _end_span(self, exc: BaseException | None = None) -> None:
+        if self._span is None:
+            return
+        if exc is not None:
+            self._span.record_exception(exc)
+            self._span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+        self._span.end()
+        self._span = None
