@@ -67,11 +67,11 @@ class SamplingFields(BaseModel):
         return self.stream_options is not None and self.stream_options.include_usage
 
     def _submission(self, **fields: Any) -> JobSubmission:
+        stop = [self.stop] if isinstance(self.stop, str) else self.stop
         try:
             return JobSubmission(
                 model=self.model, max_tokens=self.max_tokens, temperature=self.temperature,
-                top_p=self.top_p, seed=self.seed, stop=[self.stop] if isinstance(self.stop, str) else self.stop,
-                profile=self.profile,
+                top_p=self.top_p, seed=self.seed, stop=stop, profile=self.profile,
                 priority=self.priority, cache=self.cache, session_id=self.session_id, **fields,
             )  # fmt: skip
         except ValueError as exc:  # the job contract's own checks (stop sequences, ...)
