@@ -24,7 +24,7 @@ from cli.up import free_port
 from shared import keys
 from shared.apikeys import create_key
 from shared.connection import connect
-from shared.heartbeat import WorkerBeat, read_live
+from shared.heartbeat import WorkerBeat, publish, read_live
 from shared.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -270,3 +270,105 @@ def used_metric_names() -> set[str]:
     """Every gptoss_ metric name that the rules and the dashboard read (recorded names excluded)."""
     text = " ".join(f.read_text() for f in RULES) + " ".join(dashboard_exprs())
     return set(re.findall(r"\b(gptoss_[a-z_]+)\b", text))
+
+
+# --- the pipeline in one test process: API app, scheduler, burst workers on tiny gpt-oss ----------
+
+TINY = "tiny-gpt-oss"
+"""The trained tiny gpt-oss (harmony), fast enough for the in-process pipeline tests."""
+
+InProcessStack = tuple[Settings, Any, Any]
+"""Settings, an API test client and a Scheduler, over the test's Redis."""
+
+
+@pytest.fixture(scope="session")
+def runtime(prepared_models: Settings) -> Any:
+    """tiny-gpt-oss loaded once for the session (a workers.runtime.ModelRuntime)."""
+    from shared.registry import model_spec
+    from workers.runtime import ModelRuntime
+
+    return ModelRuntime.load(model_spec(TINY), prepared_models)
+
+
+def live_test_workers(redis: Redis) -> None:
+    """Heartbeats of one worker per queue, so the scheduler places jobs the burst workers run later."""
+    for queue in keys.WORKER_QUEUES:
+        beat = WorkerBeat(name=f"test-{queue}", queue=queue, model=TINY, device="cpu", state="idle",
+                          pid=os.getpid(), host="test", at=time.time())  # fmt: skip
+        publish(redis, keys.worker_heartbeat(beat.name), beat, 600)
+
+
+@pytest.fixture
+def streaming_stack(redis: Redis, settings: Callable[..., Settings], runtime: Any) -> InProcessStack:
+    """The API and the scheduler of tiny-gpt-oss without telemetry, workers announced live."""
+    from api import create_app
+    from scheduler.loop import Scheduler
+    from scheduler.tokens import PromptCounter
+
+    config = settings(model=TINY, observability=False)
+    app = create_app(config, redis).test_client()
+    live_test_workers(redis)
+    return config, app, Scheduler(config, redis, PromptCounter(config.cache_dir, config.vocab_dir()))
+
+
+def schedule_all(scheduler: Any, redis: Redis) -> int:
+    """Let `scheduler` take and place every job waiting on `incoming`; how many it took."""
+    from shared.jobstore.intake import Intake
+
+    intake, count = Intake(redis), 0
+    while (job := intake.take(0.1)) is not None:
+        scheduler.schedule(job)
+        count += 1
+    return count
+
+
+def work(config: Settings, redis: Redis, runtime: Any, queue: str) -> Any:
+    """A worker of `queue` on `runtime`, in this process, in burst mode: it runs what waits, then returns."""
+    from workers import context
+    from workers.worker import build_worker
+
+    worker_config = config.model_copy(update={"worker_queue": queue})
+    worker, _ = build_worker(worker_config, redis, runtime.device)
+    context.bind(runtime, worker.name, queue)
+    worker.activity = "idle"
+    worker.work(burst=True, logging_level=None)
+    return worker
+
+
+# --- the batch engine's inputs ------------------------------------------------------------------------
+
+QUESTIONS = ["a cat", "the sea", "a robot", "winter", "bread", "a king", "music", "the moon"]
+"""Topics of the batch tests' requests."""
+
+
+def sentence_request(topic: str, max_tokens: int = 8, **extra: object) -> Any:
+    """A greedy chat request (a JobRequest) for one sentence about `topic`."""
+    from shared.contract import JobRequest
+
+    messages = [{"role": "user", "content": f"Write one sentence about {topic}."}]
+    return JobRequest.model_validate(
+        {"messages": messages, "max_tokens": max_tokens, "temperature": 0, **extra}
+    )
+
+
+def run_batch(runtime: Any, requests: list[Any], stagger: int = 0) -> list[tuple[int, ...]]:
+    """Decode `requests` in one batch (the second half joining `stagger` steps late); their tokens."""
+    from workers.batch import Row
+    from workers.sampling import sampler_for
+
+    batch = runtime.new_batch()
+    rows = [Row(str(i), runtime.completion(r), sampler_for(r, "cpu")) for i, r in enumerate(requests)]
+    late = len(rows) // 2 if stagger else len(rows)
+    batch.join(rows[:late])
+    done: dict[str, tuple[int, ...]] = {}
+    steps = 0
+    while batch.rows or late < len(rows):
+        if late < len(rows) and steps >= stagger:
+            batch.join(rows[late:])
+            late = len(rows)
+        ended = {r.key for r in batch.rows if r.completion.ended}
+        for row in batch.drop(ended):
+            done[row.key] = tuple(row.completion.token_ids)
+        batch.step()
+        steps += 1
+    return [done[str(i)] for i in range(len(requests))]

@@ -20,8 +20,7 @@ from scheduler.tokens import PromptCounter
 from shared import keys
 from shared.errors import ValidationFailed
 from shared.webhooks import WebhookSender, check_target, sign, signing_key
-from tests.conftest import wait_for
-from tests.test_pipeline import runtime, schedule_all  # noqa: F401  (fixture)
+from tests.conftest import schedule_all, wait_for
 from workers import context
 from workers.tiny_model import CONVERSATIONS
 from workers.worker import build_worker
@@ -32,7 +31,7 @@ BODY = {"messages": [{"role": "user", "content": QUESTION}], "max_tokens": 80, "
 
 
 @pytest.fixture
-def stack(redis: Redis, settings, runtime, clock):  # type: ignore[no-untyped-def]  # noqa: F811
+def stack(redis: Redis, settings, runtime, clock):  # type: ignore[no-untyped-def]
     from api import create_app
     from shared.heartbeat import WorkerBeat, publish
 
@@ -52,7 +51,7 @@ def stack(redis: Redis, settings, runtime, clock):  # type: ignore[no-untyped-de
     )
 
 
-def work(config, redis: Redis, runtime) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+def work(config, redis: Redis, runtime) -> None:  # type: ignore[no-untyped-def]
     """Run a burst worker on gpu-single (one job at a time) until its queues are empty."""
     worker, _ = build_worker(config, redis, runtime.device)
     context.bind(runtime, worker.name, keys.SINGLE_QUEUE, webhooks=WebhookSender(config))
@@ -60,7 +59,7 @@ def work(config, redis: Redis, runtime) -> None:  # type: ignore[no-untyped-def]
     worker.work(burst=True, logging_level=None)
 
 
-def test_priority_order_under_a_busy_worker(stack, redis: Redis, runtime) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+def test_priority_order_under_a_busy_worker(stack, redis: Redis, runtime) -> None:  # type: ignore[no-untyped-def]
     config, app, scheduler = stack
     ids = {}
     for priority in ("low", "normal", "high", "low", "high"):  # all wait while the worker is busy
@@ -89,7 +88,7 @@ def test_scheduler_takes_higher_priority_incoming_first(stack, redis: Redis) -> 
     assert [intake.take(0.1).id, intake.take(0.1).id] == [high, low]  # type: ignore[union-attr]
 
 
-def test_deadline_expiry(stack, redis: Redis, runtime, clock) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+def test_deadline_expiry(stack, redis: Redis, runtime, clock) -> None:  # type: ignore[no-untyped-def]
     config, app, scheduler = stack
     late = app.post("/v1/jobs", json={**BODY, "cancel_after": 0.001}).get_json()["id"]
     past = app.post("/v1/jobs", json={**BODY, "deadline": "2020-01-01T00:00:00Z"}).get_json()["id"]
@@ -158,7 +157,7 @@ def receiver() -> Iterator[Receiver]:
     r.server.shutdown()
 
 
-def test_webhook_delivered_signed_and_retried(stack, redis: Redis, runtime, receiver: Receiver) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+def test_webhook_delivered_signed_and_retried(stack, redis: Redis, runtime, receiver: Receiver) -> None:  # type: ignore[no-untyped-def]
     config, app, scheduler = stack
     job_id = app.post("/v1/jobs", json={**BODY, "webhook": receiver.url}).get_json()["id"]
     schedule_all(scheduler, redis)

@@ -7,12 +7,11 @@ import torch
 
 from shared.contract import JobRequest
 from shared.registry import model_spec
+from tests.conftest import QUESTIONS, run_batch, sentence_request
 from workers.batch import Row
 from workers.kv_budget import KvBudget, budget_bytes, kv_bytes_per_token
 from workers.runtime import ModelRuntime
 from workers.sampling import Sampler, choose, sampler_for
-
-QUESTIONS = ["a cat", "the sea", "a robot", "winter", "bread", "a king", "music", "the moon"]
 
 
 def test_kv_bytes_per_token_counts_layers_heads_and_both_tensors() -> None:
@@ -42,45 +41,18 @@ def test_samplers_are_per_row_and_seeded() -> None:
     assert {int(choose(logits, [narrow, greedy])[0]) for _ in range(20)} == {1}
 
 
-def request(topic: str, max_tokens: int = 8, **extra: object) -> JobRequest:
-    messages = [{"role": "user", "content": f"Write one sentence about {topic}."}]
-    return JobRequest.model_validate(
-        {"messages": messages, "max_tokens": max_tokens, "temperature": 0, **extra}
-    )
-
-
-def run_batch(runtime: ModelRuntime, requests: list[JobRequest], stagger: int = 0) -> list[tuple[int, ...]]:
-    """Decode `requests` in one batch (the second half joining `stagger` steps late); their tokens."""
-    batch = runtime.new_batch()
-    rows = [Row(str(i), runtime.completion(r), sampler_for(r, "cpu")) for i, r in enumerate(requests)]
-    late = len(rows) // 2 if stagger else len(rows)
-    batch.join(rows[:late])
-    done: dict[str, tuple[int, ...]] = {}
-    steps = 0
-    while batch.rows or late < len(rows):
-        if late < len(rows) and steps >= stagger:
-            batch.join(rows[late:])
-            late = len(rows)
-        ended = {r.key for r in batch.rows if r.completion.ended}
-        for row in batch.drop(ended):
-            done[row.key] = tuple(row.completion.token_ids)
-        batch.step()
-        steps += 1
-    return [done[str(i)] for i in range(len(requests))]
-
-
 def test_batched_greedy_matches_single_requests(fp32_runtime: ModelRuntime) -> None:
-    requests = [request(t, max_tokens=6 + i) for i, t in enumerate(QUESTIONS)]
+    requests = [sentence_request(t, max_tokens=6 + i) for i, t in enumerate(QUESTIONS)]
     single = [fp32_runtime.run(r).token_ids for r in requests]
     assert run_batch(fp32_runtime, requests) == single
     assert run_batch(fp32_runtime, requests, stagger=3) == single  # joining mid-flight, leaving early
 
 
 def test_stop_strings_and_max_tokens_per_row(fp32_runtime: ModelRuntime) -> None:
-    free = fp32_runtime.run(request("a cat", max_tokens=12))
+    free = fp32_runtime.run(sentence_request("a cat", max_tokens=12))
     stop = free.text.split()[2]
-    stopped = request("a cat", max_tokens=12, stop=[stop])
-    tokens = run_batch(fp32_runtime, [stopped, request("the sea", max_tokens=3)])
+    stopped = sentence_request("a cat", max_tokens=12, stop=[stop])
+    tokens = run_batch(fp32_runtime, [stopped, sentence_request("the sea", max_tokens=3)])
     assert len(tokens[1]) == 3
     assert len(tokens[0]) < 12 and tokens[0] == free.token_ids[: len(tokens[0])]
 

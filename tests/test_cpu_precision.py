@@ -86,13 +86,13 @@ def test_the_dual_model_answers_like_float32_where_steps_are_large(prepared_mode
     """SmolLM2 with the bf16 path: a batch of 8 decodes in float32 steps, so its greedy tokens
     match a plain float32 batch; a single stream (bf16 steps) starts with the same token. A
     batching worker's load adds the path exactly where load_dtype says."""
-    from tests.test_batch import QUESTIONS, request, run_batch
+    from tests.conftest import QUESTIONS, run_batch, sentence_request
 
     spec = model_spec("smollm2-135m")
     float32 = prepared_models.model_copy(update={"dtype": "float32"})
     plain, dual = ModelRuntime.load(spec, float32), ModelRuntime.load(spec, float32)
     add_bf16_path(dual.model)
-    requests = [request(q, max_tokens=6) for q in QUESTIONS]
+    requests = [sentence_request(q, max_tokens=6) for q in QUESTIONS]
     expected = run_batch(plain, requests)
     assert run_batch(dual, requests) == expected
     assert dual.run(requests[0]).token_ids[0] == expected[0][0]

@@ -16,17 +16,9 @@ from shared import keys
 from shared.heartbeat import WorkerBeat, publish
 from shared.jobstore.intake import Intake
 from shared.jobstore.rqstore import fetch_job, open_queue
-from shared.registry import model_spec
-from workers import context
-from workers.runtime import ModelRuntime
-from workers.worker import build_worker
+from tests.conftest import schedule_all, work
 
 MODEL = "tiny-gpt-oss"
-
-
-@pytest.fixture(scope="module")
-def runtime(prepared_models):  # type: ignore[no-untyped-def]
-    return ModelRuntime.load(model_spec(MODEL), prepared_models)
 
 
 @pytest.fixture
@@ -41,23 +33,6 @@ def stack(redis: Redis, settings, runtime):  # type: ignore[no-untyped-def]
                           pid=os.getpid(), host="test", at=time.time())  # fmt: skip
         publish(redis, keys.worker_heartbeat(beat.name), beat, 600)
     return config, app, scheduler
-
-
-def schedule_all(scheduler: Scheduler, redis: Redis) -> int:
-    intake, count = Intake(redis), 0
-    while (job := intake.take(0.1)) is not None:
-        scheduler.schedule(job)
-        count += 1
-    return count
-
-
-def work(config, redis: Redis, runtime, queue: str):  # type: ignore[no-untyped-def]
-    worker_config = config.model_copy(update={"worker_queue": queue})
-    worker, heartbeat = build_worker(worker_config, redis, runtime.device)
-    context.bind(runtime, worker.name, queue)
-    worker.activity = "idle"
-    worker.work(burst=True, logging_level=None)
-    return worker
 
 
 def test_job_travels_to_single_queue_and_finishes(stack, redis: Redis, runtime) -> None:  # type: ignore[no-untyped-def]

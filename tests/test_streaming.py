@@ -4,41 +4,16 @@ resumable with Last-Event-ID."""
 from __future__ import annotations
 
 import json
-import os
-import time
 
-import pytest
 from redis import Redis
 
-from api import create_app
-from scheduler.loop import Scheduler
-from scheduler.tokens import PromptCounter
 from shared import keys
-from shared.heartbeat import WorkerBeat, publish
 from shared.jobstore.events import JobStream
 from shared.jobstore.rqstore import open_queue
-from shared.registry import model_spec
-from tests.test_pipeline import schedule_all, work
-from workers.runtime import ModelRuntime
+from tests.conftest import schedule_all, work
 from workers.tiny_model import CONVERSATIONS
 
 MODEL = "tiny-gpt-oss"
-
-
-@pytest.fixture(scope="module")
-def runtime(prepared_models):  # type: ignore[no-untyped-def]
-    return ModelRuntime.load(model_spec(MODEL), prepared_models)
-
-
-@pytest.fixture
-def stack(redis: Redis, settings, runtime):  # type: ignore[no-untyped-def]
-    config = settings(model=MODEL, observability=False)
-    app = create_app(config, redis).test_client()
-    for queue in keys.WORKER_QUEUES:  # the burst workers run later; the scheduler places only on live ones
-        beat = WorkerBeat(name=f"test-{queue}", queue=queue, model=MODEL, device="cpu", state="idle",
-                          pid=os.getpid(), host="test", at=time.time())  # fmt: skip
-        publish(redis, keys.worker_heartbeat(beat.name), beat, 600)
-    return config, app, Scheduler(config, redis, PromptCounter(config.cache_dir, config.vocab_dir()))
 
 
 def parse_sse(body: str) -> list[dict]:
@@ -53,19 +28,19 @@ def parse_sse(body: str) -> list[dict]:
     return events
 
 
-def run_job(stack, redis: Redis, runtime, body: dict) -> str:  # type: ignore[no-untyped-def]
-    config, app, scheduler = stack
+def run_job(streaming_stack, redis: Redis, runtime, body: dict) -> str:  # type: ignore[no-untyped-def]
+    config, app, scheduler = streaming_stack
     job_id = app.post("/v1/jobs", json=body).get_json()["id"]
     schedule_all(scheduler, redis)
     work(config, redis, runtime, keys.SINGLE_QUEUE)
     return job_id
 
 
-def test_sse_streams_channels_then_done(stack, redis: Redis, runtime) -> None:  # type: ignore[no-untyped-def]
+def test_sse_streams_channels_then_done(streaming_stack, redis: Redis, runtime) -> None:  # type: ignore[no-untyped-def]
     question, analysis, final = CONVERSATIONS[0]
     body = {"messages": [{"role": "user", "content": question}], "max_tokens": 80, "temperature": 0}
-    job_id = run_job(stack, redis, runtime, body)
-    response = stack[1].get(f"/v1/jobs/{job_id}/events")
+    job_id = run_job(streaming_stack, redis, runtime, body)
+    response = streaming_stack[1].get(f"/v1/jobs/{job_id}/events")
     assert response.status_code == 200 and response.mimetype == "text/event-stream"
     events = parse_sse(response.get_data(as_text=True))
     kinds = [e["event"] for e in events]
@@ -78,15 +53,15 @@ def test_sse_streams_channels_then_done(stack, redis: Redis, runtime) -> None:  
     assert done["usage"]["completion_tokens"] == 30 and done["finish_reason"] == "stop"
     timings = done["timings"]
     assert timings["received"] <= timings["started"] <= timings["first_token"] <= timings["finished"]
-    result = stack[1].get(f"/v1/jobs/{job_id}").get_json()["result"]
+    result = streaming_stack[1].get(f"/v1/jobs/{job_id}").get_json()["result"]
     assert (result["text"], result["reasoning"]) == (final, analysis)
     assert redis.ttl(keys.job_stream(job_id)) > 0
 
 
-def test_last_event_id_resumes_after_that_event(stack, redis: Redis, runtime) -> None:  # type: ignore[no-untyped-def]
+def test_last_event_id_resumes_after_that_event(streaming_stack, redis: Redis, runtime) -> None:  # type: ignore[no-untyped-def]
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 40, "temperature": 0}
-    job_id = run_job(stack, redis, runtime, body)
-    app = stack[1]
+    job_id = run_job(streaming_stack, redis, runtime, body)
+    app = streaming_stack[1]
     everything = parse_sse(app.get(f"/v1/jobs/{job_id}/events").get_data(as_text=True))
     cut = everything[3]["id"]
     resumed = parse_sse(
@@ -97,8 +72,8 @@ def test_last_event_id_resumes_after_that_event(stack, redis: Redis, runtime) ->
     assert by_query == resumed
 
 
-def test_rejected_job_ends_its_stream_with_the_reason(stack, redis: Redis) -> None:  # type: ignore[no-untyped-def]
-    config, app, scheduler = stack
+def test_rejected_job_ends_its_stream_with_the_reason(streaming_stack, redis: Redis) -> None:  # type: ignore[no-untyped-def]
+    config, app, scheduler = streaming_stack
     payload = {"prompt": "word " * 200, "max_tokens": 4000, "model": MODEL}
     job_id = open_queue(keys.INCOMING_QUEUE, redis).enqueue(keys.GENERATE_FUNC, payload).id
     schedule_all(scheduler, redis)
@@ -107,8 +82,8 @@ def test_rejected_job_ends_its_stream_with_the_reason(stack, redis: Redis) -> No
     assert events[0]["data"]["code"] == "context_exceeded"
 
 
-def test_unknown_job_and_bad_event_id(stack) -> None:  # type: ignore[no-untyped-def]
-    app = stack[1]
+def test_unknown_job_and_bad_event_id(streaming_stack) -> None:  # type: ignore[no-untyped-def]
+    app = streaming_stack[1]
     assert app.get("/v1/jobs/nope/events").status_code == 404
     job_id = app.post("/v1/jobs", json={"prompt": "hi"}).get_json()["id"]
     assert app.get(f"/v1/jobs/{job_id}/events", headers={"Last-Event-ID": "x; DROP"}).status_code == 422

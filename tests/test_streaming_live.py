@@ -11,14 +11,12 @@ from werkzeug.serving import make_server
 
 from cli.up import free_port
 from shared import keys
-from tests.conftest import wait_for
-from tests.test_pipeline import schedule_all, work
-from tests.test_streaming import runtime, stack  # noqa: F401  (fixtures)
+from tests.conftest import schedule_all, wait_for, work
 from workers.tiny_model import CONVERSATIONS
 
 
-def test_events_arrive_while_the_job_runs(stack, redis: Redis, runtime) -> None:  # noqa: F811  # type: ignore[no-untyped-def]
-    config, client, scheduler = stack
+def test_events_arrive_while_the_job_runs(streaming_stack, redis: Redis, runtime) -> None:  # noqa: F811  # type: ignore[no-untyped-def]
+    config, client, scheduler = streaming_stack
     app = client.application
     server = make_server("127.0.0.1", free_port(), app, threaded=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
