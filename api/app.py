@@ -15,7 +15,7 @@ from api import admin, completions, dashboard, errors, events, health, jobs, met
 from api.ratelimit import TenantLimits
 from api.services import Services, services
 from api.tenancy import authenticate_request
-from shared.connection import connect
+from shared.connection import close_budget, connect, open_budget
 from shared.settings import Settings
 from shared.tracing import FORCE_TRACE_HEADER, current_ids, exemplar, forced
 
@@ -30,7 +30,7 @@ QUIET_PATHS = ("/healthz", "/readyz", "/metrics")
 def create_app(settings: Settings | None = None, redis: Redis | None = None) -> Flask:
     """Build the API app from `settings` (read from the environment when not given)."""
     settings = settings or Settings()
-    redis = redis or connect(settings.redis_url_or_default())
+    redis = redis or connect(settings.redis_url_or_default(), budgeted=True)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     if settings.observability:
@@ -42,7 +42,8 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
         settings=settings,
         redis=redis,
         metrics=metrics.api_metrics(redis, settings.model),
-        limits=TenantLimits(settings),
+        limits=TenantLimits(settings, redis),
+        stream_redis=connect(settings.redis_url_or_default()),
     )
     errors.init_app(app)
     app.register_blueprint(health.bp)
@@ -53,8 +54,10 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
     app.register_blueprint(openapi.bp)
     app.register_blueprint(admin.bp)
     dashboard.init_app(app)
+    app.before_request(_open_redis_budget)
     app.before_request(_bind_request)
     app.before_request(authenticate_request)
+    app.after_request(_close_redis_budget)  # registered first, so it runs last
     app.after_request(_finish_request)
     # Outermost, so the sampler sees the request's wish before the request span starts.
     app.wsgi_app = ForceTraceMiddleware(app.wsgi_app)  # type: ignore[method-assign]
@@ -71,6 +74,17 @@ class ForceTraceMiddleware:
         wish = environ.get("HTTP_" + FORCE_TRACE_HEADER.upper().replace("-", "_"), "")
         with forced(wish not in ("", "0")):
             return self._app(environ, start_response)
+
+
+def _open_redis_budget() -> None:
+    """Bound the request's waits on Redis, all its commands together (authentication included)."""
+    open_budget(services().settings.api_redis_budget)
+
+
+def _close_redis_budget(response: Response) -> Response:
+    """The response is built: the budget ends here, so a streamed body (SSE) is not cut by it."""
+    close_budget()
+    return response
 
 
 def _bind_request() -> None:

@@ -87,7 +87,7 @@ def _card(name: str) -> ModelCard:
 
 def _answer(params: Any, submission: Any, route: str, body: Any, chat: bool) -> Response:
     submitted = submit(submission, route, body)
-    redis, sender = services().redis, webhooks()
+    redis, sender = services().stream_redis, webhooks()
     sock = client_socket(request.environ)
     created = int(time.time())
     headers = {JOB_ID_HEADER: submitted.job_id}
@@ -109,7 +109,7 @@ def _answer(params: Any, submission: Any, route: str, body: Any, chat: bool) -> 
 
 def _wait(redis: Redis, job_id: str, client_gone: Any) -> JobResult:
     """The job's result once it is done; raises the job's error, or ClientGone."""
-    for event in follow(redis, job_id, client_gone):
+    for event in follow(redis, job_id, client_gone, relay=False):
         if event is None:
             continue
         if event.kind == events.DONE:

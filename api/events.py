@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 
 from flask import Blueprint, Response, request, stream_with_context
@@ -17,7 +18,8 @@ from shared.errors import JobNotFound, ValidationFailed
 bp = Blueprint("events", __name__, url_prefix="/v1/jobs")
 
 
-STREAM_ID_CHARS = set("0123456789-")
+STREAM_ID = re.compile(r"^[0-9]{1,19}(-[0-9]{1,19})?$")
+"""What an event id this stream sent looks like (a Redis stream entry id)."""
 
 
 @bp.get("/<job_id>/events")
@@ -26,10 +28,10 @@ def events(job_id: str) -> Response:
     until `done` or `error`."""
     if not JOB_ID.match(job_id):
         raise JobNotFound(f"No job `{job_id}`.")
-    redis = services().redis
+    redis = services().stream_redis
     owned_job(job_id)  # another tenant's job answers 404, as an unknown one
     after = request.headers.get("Last-Event-ID") or request.args.get("last_event_id") or "0-0"
-    if not set(after) <= STREAM_ID_CHARS:
+    if not STREAM_ID.match(after):
         raise ValidationFailed("Last-Event-ID must be an event id this stream sent.")
     body = stream_with_context(_follow(redis, job_id, after))
     return Response(

@@ -18,11 +18,16 @@ __all__ = ["ClientGone", "JobEvent", "follow", "job_error"]
 
 
 def follow(
-    redis: Redis, job_id: str, client_gone: Callable[[], bool], after: str = "0-0"
+    redis: Redis, job_id: str, client_gone: Callable[[], bool], after: str = "0-0", relay: bool = True
 ) -> Iterator[JobEvent | None]:
-    """The job's events after stream entry `after` through the jobstore's reader, ending with the
-    job's own ending when it ended without (more) events (rejected, cancelled or expired waiting)."""
-    return events.follow(redis, job_id, client_gone, lambda: _ending_without_stream(redis, job_id), after)
+    """The job's events after stream entry `after` through the jobstore's reader, one consistent run
+    across retries (`events.AttemptRelay`), ending with the job's own ending when it ended without
+    (more) events (rejected, cancelled or expired while waiting). Without `relay`, the raw events
+    (for a reader that only waits for the ending)."""
+    ending = lambda: _ending_without_stream(redis, job_id)  # noqa: E731
+    if not relay:
+        return events.follow(redis, job_id, client_gone, ending, after)
+    return events.follow_runs(redis, job_id, client_gone, ending, after)
 
 
 def _ending_without_stream(redis: Redis, job_id: str) -> JobEvent | None:
@@ -56,6 +61,7 @@ ERROR_STATUS = {
     "deadline_exceeded": 504,
     "hold_expired": 503,
     "job_expired": 410,
+    events.DIVERGED: 502,
 }
 """HTTP status of a job that ended without a result, by its error code (else 500 or 503)."""
 

@@ -8,6 +8,7 @@ import time
 from limits import RateLimitItemPerMinute
 from limits.storage import RedisStorage
 from limits.strategies import MovingWindowRateLimiter
+from redis import Redis
 
 from shared import keys
 from shared.errors import RateLimited
@@ -17,8 +18,13 @@ from shared.settings import Settings
 class TenantLimits:
     """Moving one-minute windows of requests and of tokens, per tenant, shared by all API replicas."""
 
-    def __init__(self, settings: Settings):
-        storage = RedisStorage(settings.redis_url_or_default(), key_prefix=keys.RATE_LIMIT_PREFIX)
+    def __init__(self, settings: Settings, redis: Redis):
+        # On the API's own connections, so its commands count against each request's Redis budget.
+        storage = RedisStorage(
+            settings.redis_url_or_default(),
+            connection_pool=redis.connection_pool,
+            key_prefix=keys.RATE_LIMIT_PREFIX,
+        )
         self._limiter = MovingWindowRateLimiter(storage)
         self._requests = RateLimitItemPerMinute(settings.rate_limit_requests)
         self._tokens = RateLimitItemPerMinute(settings.rate_limit_tokens)

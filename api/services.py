@@ -14,12 +14,17 @@ from shared.settings import Settings
 
 @dataclass(frozen=True)
 class Services:
-    """The settings, the Redis connection, the metrics and the rate limits of one app."""
+    """The settings, the Redis connections, the metrics and the rate limits of one app."""
 
     settings: Settings
     redis: Redis
+    """Within each request's Redis budget (`shared.connection.open_budget`): a stalled Redis answers
+    503 instead of holding the request."""
     metrics: ApiMetrics
     limits: TenantLimits
+    stream_redis: Redis
+    """Outside any budget: for following a job's event stream (XREAD BLOCK), which a streamed or
+    synchronous answer waits on for as long as the job runs."""
 
 
 def services() -> Services:

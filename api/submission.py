@@ -14,6 +14,7 @@ from redis import Redis
 
 from api.admission import admitted
 from api.caching import cache_key, finish_from_cache, open_cache
+from api.disconnect import client_socket, gone
 from api.services import services
 from api.tenancy import current_tenant
 from shared import idempotency
@@ -21,7 +22,7 @@ from shared.context_fit import admit, refusal
 from shared.contract import JobRequest, JobSubmission
 from shared.deadlines import start_deadline
 from shared.drain import enter_backlog
-from shared.errors import ModelNotFound, ValidationFailed
+from shared.errors import ClientClosedRequest, ModelNotFound, ValidationFailed
 from shared.jobstore import lifecycle
 from shared.jobstore.record import CacheTarget, JobRecord
 from shared.jobstore.views import build_view
@@ -77,6 +78,7 @@ def submit(submission: JobSubmission, route: str, body: Any) -> Submitted:
         cached = open_cache(svc.redis, svc.settings).lookup(fingerprint) if fingerprint else None
         record = _record(submission, model, tenant, prompt_tokens)
         if cached is not None:
+            _client_still_waiting()
             job_id = _finish_cached(svc.redis, submission, payload, record, cached)
         else:
             job_id = _enqueue(svc.redis, submission, payload, record, fingerprint)
@@ -151,6 +153,7 @@ def _enqueue(
                                            max_bytes=settings.response_cache_max_bytes)  # fmt: skip
         received = time.time()
         record.stamp("received", received)
+        _client_still_waiting()  # last, just before the job exists: the admission lock may have waited
         job = lifecycle.enqueue(
             redis,
             payload.model_dump(mode="json"),
@@ -161,6 +164,14 @@ def _enqueue(
         enter_backlog(redis, tenant, job.id, received)
     remember(redis, job.id, tenant, received, settings.result_ttl)
     return str(job.id)
+
+
+def _client_still_waiting() -> None:
+    """Raise ClientClosedRequest when the client has hung up: a job created now would run for no
+    one (and its answer, a 499, reaches no one either)."""
+    if gone(client_socket(request.environ)):
+        log.info("submission_abandoned", reason="client closed the connection")
+        raise ClientClosedRequest("The client closed the connection before its job was created.")
 
 
 def prepare(job_request: JobRequest) -> tuple[JobRequest, str, int, int | None]:

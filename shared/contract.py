@@ -26,6 +26,16 @@ MAX_NAME_CHARS = 128
 SESSION_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
 """What a session id may hold (it names Redis keys)."""
 
+MIN_TEMPERATURE = 0.01
+"""Smallest temperature above 0 (greedy): logits divided by less overflow to inf and the sampler's
+probabilities to NaN, which fails the whole batch's step. vLLM raises smaller ones to 0.01 with a
+warning; a request here is refused instead, so it says what it gets."""
+
+MIN_TOP_P = 1e-6
+"""Smallest top_p: below it top_p keeps only the most likely token of any vocabulary up to a million
+tokens (which temperature 0 asks for plainly), and below float32's ~1.4e-45 it rounds to 0 and
+empties the nucleus. OpenAI and vLLM take 0 < top_p <= 1."""
+
 
 class ChatMessage(BaseModel):
     """One message of a conversation."""
@@ -48,9 +58,11 @@ class JobRequest(BaseModel):
     prompt: str | None = Field(default=None, min_length=1, max_length=MAX_TEXT_CHARS)
     max_tokens: int | None = Field(default=None, ge=1, description="New tokens at most")
     temperature: float | None = Field(
-        default=None, ge=0.0, le=2.0, description="0 means greedy; unset: the profile's"
+        default=None, ge=0.0, le=2.0, description="0 means greedy, else at least 0.01; unset: the profile's"
     )
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0, description="Unset: the profile's")
+    top_p: float | None = Field(
+        default=None, ge=MIN_TOP_P, le=1.0, description="At least 1e-6; unset: the profile's"
+    )
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     stop: list[str] | None = Field(default=None, description="Up to 4 stop sequences")
     profile: str | None = Field(
@@ -86,6 +98,13 @@ class JobRequest(BaseModel):
             raise ValueError("stop sequences must not be empty")
         if any(len(s) > MAX_STOP_CHARS for s in value):
             raise ValueError(f"a stop sequence may hold at most {MAX_STOP_CHARS} characters")
+        return value
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature_workable(cls, value: float | None) -> float | None:
+        if value is not None and 0 < value < MIN_TEMPERATURE:
+            raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}")
         return value
 
     @model_validator(mode="after")

@@ -38,6 +38,12 @@ class RequestTooLarge(GptossError):
     code, status, kind = "request_too_large", 413, "invalid_request_error"
 
 
+class ClientClosedRequest(GptossError):
+    """The client hung up before its request was done (nginx's 499: nobody reads the answer)."""
+
+    code, status, kind = "client_closed_request", 499, "invalid_request_error"
+
+
 class JobNotFound(GptossError):
     code, status, kind = "job_not_found", 404, "not_found_error"
 

@@ -121,6 +121,16 @@ def cancel_flag(job_id: str) -> str:
     return f"{PREFIX}cancel:{job_id}"
 
 
+def fence(job_id: str) -> str:
+    """Counter of a job's runs and hand-backs: a run's writes count only while it holds the current
+    number (a fencing token), so a worker that was paused or cut off cannot write after it was replaced."""
+    return f"{PREFIX}fence:{job_id}"
+
+
+FENCE_TTL = 2 * 24 * 3600
+"""Seconds a job's fence lives after its last run began or was handed back (beyond any retention)."""
+
+
 def tombstone(job_id: str) -> str:
     """Key that outlives a job's record, so an expired id answers 410 instead of 404."""
     return f"{PREFIX}tombstone:{job_id}"

@@ -55,6 +55,11 @@ class Settings(BaseSettings):
     api_host: str = Field(default="127.0.0.1", description="Address the API binds")
     api_port: int = Field(default=8000, description="Port the API binds")
     api_threads: int = Field(default=16, description="Request threads of the API process")
+    api_redis_budget: float = Field(
+        default=2.0,
+        gt=0,
+        description="Seconds one API request may wait on Redis, all its commands together (then 503)",
+    )
     api_url: str = Field(default="http://127.0.0.1:8000", description="API that `gptoss submit` calls")
     max_body_bytes: int = Field(default=1_000_000, description="Largest request body (413 above)")
 

@@ -15,7 +15,7 @@ from rq import SimpleWorker
 
 from scheduler.reaper import Reaper
 from shared import keys
-from shared.jobstore import events, lifecycle, rqstore
+from shared.jobstore import events, lifecycle, rqstore, runs
 from shared.jobstore.intake import Intake
 from shared.jobstore.ledger import running
 from shared.jobstore.record import SCHEMA_VERSION, JobRecord
@@ -228,10 +228,10 @@ def test_cancel_a_waiting_job(redis: Redis, crasher: Crasher) -> None:
 def test_cancel_leaves_a_started_job_to_its_worker(redis: Redis) -> None:
     job_id = routed(redis)
     worker = dead_worker(redis)
-    taken = lifecycle.take(redis, worker.name, [q.name for q in worker.queues])
+    taken = runs.take(redis, worker.name, [q.name for q in worker.queues])
     assert taken is not None
     job, queue = taken
-    lifecycle.start(redis, worker, job, lifecycle.read(job), queue)
+    runs.start(redis, worker, job, lifecycle.read(job), queue)
     assert lifecycle.cancel(redis, rqstore.fetch_job(job_id, redis), "Cancelled.") is None
     assert places(redis, job_id) == ["running"]
 
@@ -243,10 +243,10 @@ def test_take_and_start(redis: Redis, crasher: Crasher) -> None:
         worker = dead_worker(redis)
 
         def take_and_start() -> None:
-            taken = lifecycle.take(redis, worker.name, [q.name for q in worker.queues])  # noqa: B023
+            taken = runs.take(redis, worker.name, [q.name for q in worker.queues])  # noqa: B023
             assert taken is not None
             job, queue = taken
-            lifecycle.start(redis, worker, job, lifecycle.read(job), queue)  # noqa: B023
+            runs.start(redis, worker, job, lifecycle.read(job), queue)  # noqa: B023
 
         crashed = crasher.run(at, take_and_start)
         where = places(redis, job_id)
@@ -254,7 +254,7 @@ def test_take_and_start(redis: Redis, crasher: Crasher) -> None:
         if not crashed:
             job = rqstore.fetch_job(job_id, redis)
             assert job.get_status() == "started" and lifecycle.read(job).attempt == 1
-            assert lifecycle.attempt(redis, job_id) == 1 and running(redis)[job_id].worker == "w-dead"
+            assert runs.attempt(redis, job_id) == 1 and running(redis)[job_id].worker == "w-dead"
             break
         sweep(redis)  # the worker is dead: the reaper hands back whatever it held
         assert places(redis, job_id) == ["rq:queue:gpu-single"], at
@@ -265,9 +265,9 @@ def test_hand_back_and_fail_after_the_last_retry(redis: Redis, crasher: Crasher)
         redis.flushall()
         job_id = routed(redis)
         worker = dead_worker(redis)
-        taken = lifecycle.take(redis, worker.name, [q.name for q in worker.queues])
+        taken = runs.take(redis, worker.name, [q.name for q in worker.queues])
         assert taken is not None
-        lifecycle.start(redis, worker, taken[0], lifecycle.read(taken[0]), taken[1])
+        runs.start(redis, worker, taken[0], lifecycle.read(taken[0]), taken[1])
         crashed = crasher.run(at, lambda: sweep(redis))  # noqa: B023
         where = places(redis, job_id)
         assert len(where) == 1 and where[0] in ("running", "rq:queue:gpu-single"), (at, where)
@@ -278,9 +278,9 @@ def test_hand_back_and_fail_after_the_last_retry(redis: Redis, crasher: Crasher)
             assert lifecycle.read(rqstore.fetch_job(job_id, redis)).retries == 1
             break
     # Out of retries: failed, with its reason, once.
-    taken = lifecycle.take(redis, worker.name, [q.name for q in worker.queues])
+    taken = runs.take(redis, worker.name, [q.name for q in worker.queues])
     assert taken is not None
-    lifecycle.start(redis, worker, taken[0], lifecycle.read(taken[0]), taken[1])
+    runs.start(redis, worker, taken[0], lifecycle.read(taken[0]), taken[1])
     assert lifecycle.hand_back(redis, job_id, "lost", max_retries=1) == "failed"
     assert lifecycle.hand_back(redis, job_id, "lost", max_retries=1) == "gone"
     assert places(redis, job_id) == ["ended:failed"]
@@ -322,3 +322,117 @@ def test_create_finished(redis: Redis, crasher: Crasher) -> None:
             kinds = [f[b"event"] for _, f in redis.xrange(keys.job_stream(job.id))]
             assert kinds == [b"start", b"token", b"done"]
             break
+
+
+# --- fenced runs: a worker that was replaced cannot write ------------------------------------------
+
+
+def started_run(redis: Redis, job_id: str, worker: SimpleWorker) -> tuple[Any, Any, Any, JobRecord]:
+    """Take `job_id` and start a run of it on `worker`: (job, queue, execution, record)."""
+    taken = runs.take(redis, worker.name, [q.name for q in worker.queues])
+    assert taken is not None and taken[0].id == job_id
+    job, queue_name = taken
+    record = lifecycle.read(job)
+    execution = runs.start(redis, worker, job, record, queue_name)
+    return job, rqstore.open_queue(queue_name, redis), execution, record
+
+
+def test_a_replaced_run_writes_nothing_and_the_job_has_one_result(redis: Redis) -> None:
+    job_id = routed(redis)
+    paused = dead_worker(redis)
+    job_a, queue_a, execution_a, record_a = started_run(redis, job_id, paused)
+    fence_a = runs.fence_of(job_a, record_a.attempt)
+    stream_a = events.JobStream(redis, job_id, fence=fence_a)
+    stream_a.text("final", "Hel")
+    assert not stream_a.superseded
+    assert sweep(redis) == {job_id: "requeued"}  # paused past its lease: the reaper hands it back
+    fresh = SimpleWorker(paused.queues, connection=redis, name="w-fresh", serializer=rqstore.SERIALIZER)
+    job_b, queue_b, execution_b, record_b = started_run(redis, job_id, fresh)
+    assert record_b.attempt > record_a.attempt
+    fence_b = runs.fence_of(job_b, record_b.attempt)
+    stream_b = events.JobStream(redis, job_id, fence=fence_b)
+    stream_b.text("final", "Hello")
+
+    # The paused worker comes back: its token event, its record and its result are all refused.
+    stream_a.text("final", "lo there")
+    assert stream_a.superseded
+    assert not runs.write_record(redis, job_a, record_a, fence_a)
+    done_a = stream_a.ending(*runs.done_event(RESULT, record_a))
+    assert (
+        runs.settle(redis, paused, (job_a, queue_a, execution_a), record_a, fence_a, done_a, result=RESULT)
+        == "superseded"
+    )
+    assert runs.write_record(redis, job_b, record_b, fence_b)
+    result_b = {**RESULT, "text": "Hello"}
+    done_b = stream_b.ending(*runs.done_event(result_b, record_b))
+    assert (
+        runs.settle(redis, fresh, (job_b, queue_b, execution_b), record_b, fence_b, done_b, result=result_b)
+        == "settled"
+    )
+
+    assert rqstore.result_count(job_id, redis) == 1
+    assert rqstore.fetch_job(job_id, redis).return_value() == result_b
+    kinds = [f[b"event"].decode() for _, f in redis.xrange(keys.job_stream(job_id))]
+    assert kinds == ["token", "retry", "token", "done"]
+    assert places(redis, job_id) == ["ended:finished"]
+    assert lifecycle.reload(rqstore.fetch_job(job_id, redis)).attempt == record_b.attempt
+
+
+def test_settling_and_its_terminal_event_are_one_step(redis: Redis, crasher: Crasher) -> None:
+    for at in range(1, 20):
+        redis.flushall()
+        job_id = routed(redis)
+        worker = dead_worker(redis)
+        job, queue, execution, record = started_run(redis, job_id, worker)
+        fence = runs.fence_of(job, record.attempt)
+        stream = events.JobStream(redis, job_id, fence=fence)
+
+        def settle() -> None:
+            ending = stream.ending(*runs.done_event(RESULT, record))  # noqa: B023
+            runs.settle(redis, worker, (job, queue, execution), record, fence, ending, result=RESULT)  # noqa: B023
+
+        crashed = crasher.run(at, settle)
+        kinds = [f[b"event"] for _, f in redis.xrange(keys.job_stream(job_id))]
+        if crashed:
+            assert places(redis, job_id) == ["running"] and b"done" not in kinds, at
+            continue
+        assert places(redis, job_id) == ["ended:finished"] and kinds == [b"done"]
+        assert rqstore.fetch_job(job_id, redis).return_value() == RESULT
+        break
+
+
+# --- what a client sees across runs ---------------------------------------------------------------
+
+
+def relayed(*raw: tuple[str, dict]) -> list[tuple[str, dict]]:
+    relay = events.AttemptRelay()
+    out = []
+    for n, (kind, data) in enumerate(raw):
+        out += [(e.kind, e.data) for e in relay.feed(events.JobEvent(kind, data, f"{n + 1}-0"))]
+    return out
+
+
+def tok(text: str, channel: str = "final") -> tuple[str, dict]:
+    return events.TOKEN, {"channel": channel, "text": text, "index": 0}
+
+
+def test_a_new_run_that_repeats_the_text_continues_it() -> None:
+    done = (events.DONE, {"text": "The days are Monday"})
+    out = relayed((events.START, {}), tok("The days"), (events.RETRY, {}), (events.START, {}),
+                  tok("The"), tok(" days are"), tok(" Monday"), done)  # fmt: skip
+    texts = "".join(d["text"] for k, d in out if k == events.TOKEN)
+    assert texts == "The days are Monday"
+    assert [k for k, _ in out] == [events.START, events.TOKEN, events.TOKEN, events.TOKEN, events.DONE]
+
+
+def test_a_new_run_that_differs_ends_the_stream_with_an_error() -> None:
+    out = relayed((events.START, {}), tok("The days"), (events.RETRY, {}), (events.START, {}), tok("A week"))
+    assert out[-1] == (events.ERROR, {"code": events.DIVERGED, "message": out[-1][1]["message"]})
+    assert "".join(d["text"] for k, d in out if k == events.TOKEN) == "The days"
+
+
+def test_a_new_run_that_stops_short_or_changes_channel_early_diverges() -> None:
+    short = relayed((events.START, {}), tok("The days"), (events.RETRY, {}), tok("The"), (events.DONE, {}))
+    assert short[-1][0] == events.ERROR and short[-1][1]["code"] == events.DIVERGED
+    early = relayed(tok("think", "analysis"), (events.RETRY, {}), tok("th", "analysis"), tok("Hi"))
+    assert early[-1][0] == events.ERROR and early[-1][1]["code"] == events.DIVERGED

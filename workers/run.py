@@ -18,8 +18,8 @@ from rq.job import Job
 from shared.cancellation import CancelWatch, cancel_requested
 from shared.contract import JobRequest, JobResult, PromptTokensDetails, Usage
 from shared.errors import DeadlineExceeded, GptossError, JobCancelled
-from shared.jobstore import lifecycle
-from shared.jobstore.events import EventBuffer, JobStream
+from shared.jobstore import runs
+from shared.jobstore.events import EventBuffer, Fence, JobStream
 from shared.jobstore.record import Ending, JobRecord
 from shared.jobstore.views import build_view
 from shared.response_cache import ResponseCache, channel_texts, store_finished
@@ -36,11 +36,12 @@ Refusal = tuple[Ending, GptossError]
 
 
 class JobRun:
-    """One job inside a worker, beside the others of its session.
+    """One run of a job inside a worker, beside the others of its session.
 
-    The worker's one error boundary: a failure records a code and message the client can read (in
-    the job's record, its stream and its webhook), then the session fails the job in RQ with its
-    traceback.
+    The worker's one error boundary: a failure records a code and message the client can read in the
+    run's record; the session then settles the job (shared/jobstore/runs.settle: RQ's failure with
+    its traceback, the record and the `error` event together, only while the run holds the job's
+    fence), and `failed` tells its webhook. A result goes the same way through `finished`.
     """
 
     def __init__(self, job: Job, record: JobRecord, bound: WorkerContext, buffer: EventBuffer | None = None):
@@ -54,6 +55,8 @@ class JobRun:
         self._span: Span | None = None
         self._chat: Span | None = None
         self._started = time.time()
+        self._generation: Generation | None = None
+        self.fence: Fence | None = None
 
     @contextmanager
     def logging(self) -> Iterator[None]:
@@ -90,9 +93,14 @@ class JobRun:
             return "expired", DeadlineExceeded(self.record.expiry_message(now))
         return None
 
-    def refused(self, kind: Ending, exc: GptossError) -> None:
-        """The job ended without starting (its record already says why): stream, webhook, metrics."""
-        self._ended_early(kind, exc)
+    def fenced(self, token: int) -> None:
+        """The run started with fencing token `token`: its writes count only while it holds it."""
+        self.fence = self.stream.fence = runs.fence_of(self.job, token)
+
+    @property
+    def superseded(self) -> bool:
+        """The job was handed back (or another run holds it): this run must write nothing more."""
+        return self.stream.superseded
 
     def begin(self, request: JobRequest | None) -> None:
         """The job started (its record stamped it): its spans, its `start` event, its log line.
@@ -115,7 +123,12 @@ class JobRun:
         )
         with self.tracing():
             log.info("job_started", model=bound.runtime.spec.name, queue=bound.queue)
-            self.stream.start(model=bound.runtime.spec.name, queue=bound.queue, worker=bound.worker_name)
+            self.stream.start(
+                model=bound.runtime.spec.name,
+                queue=bound.queue,
+                worker=bound.worker_name,
+                attempt=self.record.attempt,
+            )
         self.request = request
         if request is not None:
             self._chat = chat_span(tracer, request, bound.runtime.spec.name, self._span)
@@ -124,55 +137,67 @@ class JobRun:
         """The first token exists."""
         now = time.time()
         self.record.stamp("first_token", now)
-        lifecycle.write(self.job, self.record)
+        if self.fence is not None and not runs.write_record(self.redis, self.job, self.record, self.fence):
+            self.stream.superseded = True
         received = self.record.at("received") or self._started
         with self.logging(), self.tracing():
             log.info("first_token", ttft_ms=round((now - received) * 1000, 1))
 
     def finish(self, generation: Generation) -> dict[str, Any]:
-        """The job's result (raises JobCancelled when a client cancelled it mid-generation)."""
-        job, bound, record = self.job, self.bound, self.record
+        """The job's result, to settle (raises JobCancelled, recorded, when a client cancelled it
+        mid-generation)."""
+        bound, record = self.bound, self.record
         self._end_chat(generation)
+        self._generation = generation
         if generation.cancelled:
             message = f"Cancelled by the client after {generation.completion_tokens} tokens."
-            with self.tracing():
-                self._end_early("cancelled", JobCancelled(message))
-        with self.tracing():
-            lifecycle.finish(job, record)
-            observe(bound, record, generation)
-            result = JobResult(
-                text=generation.text,
-                reasoning=generation.reasoning,
-                finish_reason=generation.finish_reason,
-                usage=Usage(
-                    prompt_tokens=generation.prompt_tokens,
-                    completion_tokens=generation.completion_tokens,
-                    total_tokens=generation.prompt_tokens + generation.completion_tokens,
-                    prompt_tokens_details=PromptTokensDetails(cached_tokens=generation.cached_tokens)
-                    if self.request is not None and self.request.session_id
-                    else None,
-                ),
-                model=bound.runtime.spec.name,
-                worker=bound.worker_name,
-                queue=bound.queue,
-                cache="miss" if record.cache_key else None,
-            ).model_dump(mode="json")
-            # Before `done`: a client that saw it and asks again finds it.
-            target = record.cache_key.model_dump() if record.cache_key is not None else None
-            store_finished(self.redis, target, result)
-            self.stream.done(result, self._timings())
-            notify(bound.webhooks, build_view(job.id, record, "finished", result), record)
-            content = {"prompt": self.request.model_dump(mode="json") if self.request else None,
-                       "completion": generation.text} if bound.log_content else {}  # fmt: skip
-            log.info(
-                "job_finished",
-                finish_reason=generation.finish_reason,
+            self._end_early("cancelled", JobCancelled(message))
+        return JobResult(
+            text=generation.text,
+            reasoning=generation.reasoning,
+            finish_reason=generation.finish_reason,
+            usage=Usage(
                 prompt_tokens=generation.prompt_tokens,
                 completion_tokens=generation.completion_tokens,
-                **content,
-            )
+                total_tokens=generation.prompt_tokens + generation.completion_tokens,
+                prompt_tokens_details=PromptTokensDetails(cached_tokens=generation.cached_tokens)
+                if self.request is not None and self.request.session_id
+                else None,
+            ),
+            model=bound.runtime.spec.name,
+            worker=bound.worker_name,
+            queue=bound.queue,
+            cache="miss" if record.cache_key else None,
+        ).model_dump(mode="json")
+
+    def finished(self, result: dict[str, Any], source: str | None = None) -> None:
+        """The job was settled with `result` (generated, or `source`: "cache" or "identical"): the
+        cache keeps a generated one, its webhook is told, its metrics and log line."""
+        job, bound, record = self.job, self.bound, self.record
+        with self.tracing():
+            if source is None:
+                target = record.cache_key.model_dump() if record.cache_key is not None else None
+                store_finished(self.redis, target, result)
+                if self._generation is not None:
+                    observe(bound, record, self._generation)
+            notify(bound.webhooks, build_view(job.id, record, "finished", result), record)
+            if source is not None:
+                log.info("cache_hit", at="worker", source=source, finish_reason=result.get("finish_reason"))
+                if bound.metrics is not None:
+                    bound.metrics.worker_cache_hits.labels(bound.runtime.spec.name, source).inc()
+            else:
+                generation = self._generation
+                content = {"prompt": self.request.model_dump(mode="json") if self.request else None,
+                           "completion": result.get("text")} if bound.log_content else {}  # fmt: skip
+                usage = result.get("usage", {})
+                log.info(
+                    "job_finished",
+                    finish_reason=generation.finish_reason if generation else result.get("finish_reason"),
+                    prompt_tokens=usage.get("prompt_tokens"),
+                    completion_tokens=usage.get("completion_tokens"),
+                    **content,
+                )
         self._end_span()
-        return result
 
     @property
     def fingerprint(self) -> str | None:
@@ -199,71 +224,60 @@ class JobRun:
                 log.warning("cache_lookup_failed", error=f"{type(exc).__name__}: {exc}")
                 return None
 
-    def finish_cached(self, cached: dict[str, Any], source: str = "cache") -> dict[str, Any]:
-        """The job's result taken from the cache (or from an identical job's result: `source`
-        "identical") instead of generated: stamps, stream and webhook as for a generated one, marked
-        `cache: "hit"`."""
-        job, record = self.job, self.record
+    def finish_cached(self, cached: dict[str, Any]) -> dict[str, Any]:
+        """The job's result taken from the cache (or from an identical job's result) instead of
+        generated, marked `cache: "hit"`, its texts streamed as a generated one's: to settle."""
         self._end_chat(None)
-        record.stamp("first_token")
+        self.record.stamp("first_token")
         result = {**cached, "cache": "hit"}
         with self.tracing():
-            lifecycle.finish(job, record)
             for channel, text in channel_texts(result):
                 self.stream.text(channel, text)
-            self.stream.done(result, self._timings())
-            notify(self.bound.webhooks, build_view(job.id, record, "finished", result), record)
-            log.info("cache_hit", at="worker", source=source, finish_reason=result.get("finish_reason"))
-            if self.bound.metrics is not None:
-                self.bound.metrics.worker_cache_hits.labels(self.bound.runtime.spec.name, source).inc()
-        self._end_span()
         return result
 
     def fail(self, exc: BaseException) -> None:
-        """Record why the job failed (a GptossError's code, else `generation_failed`); the session
-        then fails it in RQ."""
+        """Record why the job failed (a GptossError's code, else `generation_failed`), unless its
+        record says why already; the session then settles it."""
+        if self.record.ending() is not None:
+            return
         if isinstance(exc, GptossError):
             code, message = exc.code, exc.message
         else:
             code, message = "generation_failed", f"Generation failed: {type(exc).__name__}."
         self._end_chat(None, exc)
+        self.record.end("error", code, message)
         with self.tracing():
-            lifecycle.fail(self.job, self.record, code, message)
             span = trace.get_current_span()
             span.record_exception(exc)
             span.set_status(Status(StatusCode.ERROR, code))
-            self._count("failed")
-            log.error("job_failed", code=code)
-            self.stream.error(code, message)
-            notify(self.bound.webhooks, build_view(self.job.id, self.record, "failed"), self.record)
-        self._end_span()  # the exception is on it already
+
+    def failed(self) -> None:
+        """The job was settled without a result (its record says why): metrics, log, webhook."""
+        record = self.record
+        with self.tracing():
+            if record.cancelled is not None or record.expired is not None:
+                reason = record.cancelled or record.expired
+                self._count("cancelled" if record.cancelled is not None else "expired")
+                log.info("job_ended_early", code=reason.code if reason else None)
+            else:
+                self._count("failed")
+                log.error("job_failed", code=record.error.code if record.error else None)
+            notify(self.bound.webhooks, build_view(self.job.id, record, "failed"), record)
+        self._end_span()
 
     def _end_early(self, kind: Ending, exc: GptossError) -> NoReturn:
-        """End the started job without a result (cancelled mid-run), then raise `exc`: the session
-        fails it in RQ with it."""
-        try:
-            self.record.end(kind, exc.code, exc.message)
-            lifecycle.write(self.job, self.record)
-            self._ended_early(kind, exc)
-        finally:
-            self._end_span(exc)
+        """End the started job without a result (cancelled mid-run): recorded, then raise `exc`; the
+        session settles it."""
+        self.record.end(kind, exc.code, exc.message)
+        self._end_chat(None, exc)
+        if self._span is not None:
+            self._span.record_exception(exc)
+            self._span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
         raise exc
-
-    def _ended_early(self, kind: Ending, exc: GptossError) -> None:
-        """The stream, metrics, log and webhook of a job that ended without a result: the client sees
-        it `cancelled` or `expired`."""
-        self.stream.error(exc.code, exc.message)
-        self._count("cancelled" if kind == "cancelled" else "expired")
-        log.info("job_ended_early", code=exc.code)
-        notify(self.bound.webhooks, build_view(self.job.id, self.record, "failed"), self.record)
 
     def _count(self, outcome: str) -> None:
         if self.bound.metrics is not None:
             self.bound.metrics.jobs_terminal.labels(self.bound.runtime.spec.name, outcome).inc()
-
-    def _timings(self) -> dict[str, Any]:
-        """The stage stamps the job has, as its `done` event carries them."""
-        return self.record.timestamps.model_dump(exclude_none=True)
 
     def _end_chat(self, generation: Generation | None, exc: BaseException | None = None) -> None:
         if self._chat is None:

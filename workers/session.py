@@ -21,8 +21,7 @@ from rq.worker import BaseWorker
 from shared.affinity import mark_decoding, unmark_decoding
 from shared.cancellation import CANCEL_POLL, cancels_requested
 from shared.contract import JobRequest
-from shared.drain import record_done
-from shared.jobstore import ledger, lifecycle, rqstore
+from shared.jobstore import lifecycle, rqstore, runs
 from shared.jobstore.events import EventBuffer
 from workers.batch import Decoder, Row
 from workers.context import WorkerContext
@@ -30,6 +29,7 @@ from workers.guard import MemoryGuard
 from workers.kv_budget import KvBudget
 from workers.run import JobRun
 from workers.sampling import sampler_for
+from workers.settling import Settler
 from workers.slots import Follower, Followers, Slot, Started
 from workers.state import WorkerState
 from workers.turns import SessionTurns
@@ -63,6 +63,8 @@ class BatchSession:
         self._full = False  # a job did not fit the KV budget: take none until a row leaves
         self._beat = self._cancels_read = time.monotonic()
         self.events = EventBuffer(self.redis)  # every row's token events, one write per step
+        self.settler = Settler(self.redis, worker, state)
+        self._queues = {q.name: q for q in worker.queues}  # in the order they are served
 
     @property
     def kv_bytes(self) -> int:
@@ -104,10 +106,10 @@ class BatchSession:
             and not rqstore.stop_requested(self.worker)
             and self.guard.may_take()
         ):
-            taken = rqstore.take_job(self.worker)
+            taken = runs.take(self.redis, self.worker.name, list(self._queues))
             if taken is None:
                 break
-            joining += self._admit(*taken)
+            joining += self._admit(taken[0], self._queues[taken[1]])
         return joining
 
     def _admit(self, job: Job, queue: Queue) -> list[Slot]:
@@ -116,7 +118,7 @@ class BatchSession:
         worst = len(prompt_ids) + (request.max_tokens or 1) if request and prompt_ids is not None else 0
         lengths = [s.row.completion.worst_case_tokens for s in self.slots.values()]
         if not self.budget.admits(lengths, worst):
-            rqstore.return_job(job, queue)
+            runs.give_back(self.redis, job, queue.name)
             self._full = True
             log.info("batch_full", job_id=job.id, rows=len(lengths), kv_budget=self.budget.budget)
             return []
@@ -128,10 +130,12 @@ class BatchSession:
             run.begin(request)
             if request is None or prompt_ids is None:
                 assert unreadable is not None
-                self._fail(started, (type(unreadable), unreadable, unreadable.__traceback__), recorded=False)
+                self.settler.fail(
+                    started, (type(unreadable), unreadable, unreadable.__traceback__), recorded=False
+                )
                 return []
             if (cached := run.cached()) is not None:  # an identical request finished meanwhile
-                self._answer(started, cached, "cache")
+                self.settler.answer(started, cached, "cache")
                 return []
             if (fingerprint := run.fingerprint) is not None and self._decoding(fingerprint):
                 follower = Follower(job, queue, started.execution, run, started.began, request, prompt_ids)
@@ -151,14 +155,14 @@ class BatchSession:
         with run.tracing():  # RQ's own lines about the job carry its ids and trace
             refusal = run.refusal()
             if refusal is None:
-                execution = lifecycle.start(self.redis, self.worker, job, run.record, queue.name)
+                execution = runs.start(self.redis, self.worker, job, run.record, queue.name)
+                run.fenced(run.record.attempt)
                 return Started(job, queue, execution, run, time.monotonic())
             kind, error = refusal
-            execution = lifecycle.refuse(
-                self.redis, self.worker, job, run.record, kind, error.code, error.message
-            )
-            run.refused(kind, error)
-        self._fail(
+            refused = runs.refuse(self.redis, self.worker, job, run.record, kind, error.code, error.message)
+            execution, token = refused
+            run.fenced(token)
+        self.settler.fail(
             Started(job, queue, execution, run, time.monotonic()), (type(error), error, None), recorded=True
         )
         return None
@@ -183,7 +187,7 @@ class BatchSession:
                 runtime = self.bound.runtime
                 completion = runtime.completion(request, run.first_token, run.stream.text, prompt_ids)
             except Exception:
-                self._fail(started, sys.exc_info(), recorded=False)
+                self.settler.fail(started, sys.exc_info(), recorded=False)
                 return None
             session = prefix = None
             if self.turns is not None and request.session_id:
@@ -210,34 +214,69 @@ class BatchSession:
         return any(s.run.fingerprint == fingerprint for s in self.slots.values())
 
     def _keep_session(self, slot: Slot) -> None:
-        """Leave an ended session turn's keys and values for its next turn."""
-        request = slot.row.request
-        if slot.session is None or self.turns is None or request is None or request.session_id is None:
+        """Take an ended session turn's keys and values out of the batch, to keep for its next turn
+        once the job is settled (a run that was replaced keeps nothing)."""
+        request, turns = slot.row.request, self.turns
+        if slot.session is None or turns is None or request is None or request.session_id is None:
             return
-        tenant = slot.run.record.tenant_or_default
-        self.turns.keep(slot.session, tenant, request.session_id, self.decoder.row_state(slot.job.id))
+        tenant, key, session_id = slot.run.record.tenant_or_default, slot.session, request.session_id
+        state = self.decoder.row_state(slot.job.id)
+        slot.keep = lambda: turns.keep(key, tenant, session_id, state)
 
     def _join(self, joining: list[Slot]) -> None:
+        """Prefill the joining rows together. When that fails, one row may be the cause (its sampler,
+        its prompt): each row not in yet is prefilled alone, and only a row that fails alone fails."""
         if not joining:
             return
         try:
             self.decoder.join([s.row for s in joining])
-        except Exception:  # the prefill failed: those jobs fail, the session goes on without them
-            info = sys.exc_info()
-            for slot in joining:
-                self.decoder.drop({slot.job.id})
-                self._end(slot, info)
+            return
+        except RedisError:
+            raise
+        except Exception as exc:
+            if len(joining) == 1:
+                self._fail_row(joining[0], sys.exc_info())
+                return
+            log.warning("batch_prefill_failed", rows=len(joining), error=type(exc).__name__)
+        joined = {r.key for r in self.decoder.rows}
+        for slot in joining:
+            if slot.job.id not in joined:
+                self._join_alone(slot)
 
     def _step(self) -> None:
+        """One decode step of every row. When it fails, the batch's cache is not to be trusted and one
+        row may be the cause: every row leaves and joins again alone, prefilled with the tokens it
+        has (which gives it the step's token), so only a row that fails alone fails."""
         if not self.decoder.rows:
             return
         try:
             self.decoder.step()
-        except Exception:  # a failed decode step leaves no row usable
+            return
+        except RedisError:
+            raise
+        except Exception as exc:
             info = sys.exc_info()
-            for slot in list(self.slots.values()):
-                self.decoder.drop({slot.job.id})
-                self._end(slot, info)
+            rows = self.decoder.drop({r.key for r in self.decoder.rows})
+            log.warning("batch_step_failed", rows=len(rows), error=type(exc).__name__)
+        if len(rows) == 1:
+            self._fail_row(self.slots[rows[0].key], info)
+            return
+        for row in rows:
+            self._join_alone(self.slots[row.key])
+
+    def _join_alone(self, slot: Slot) -> None:
+        """Prefill `slot`'s row on its own; the job fails if even that fails."""
+        try:
+            self.decoder.join([slot.row])
+        except RedisError:
+            raise
+        except Exception:
+            self._fail_row(slot, sys.exc_info())
+
+    def _fail_row(self, slot: Slot, exc_info: Any) -> None:
+        """`slot`'s row failed on its own: out of the batch, its job failed with `exc_info`."""
+        self.decoder.drop({slot.job.id})
+        self._end(slot, exc_info)
 
     def _settle(self) -> None:
         """Finish every job whose row ended, was cancelled, failed or ran out of time."""
@@ -245,7 +284,9 @@ class BatchSession:
         now = time.monotonic()
         for key, slot in self.slots.items():
             timeout = slot.job.timeout
-            if slot.row.completion.ended or slot.row.error is not None or slot.run.cancel.cancelled:
+            if slot.run.superseded:
+                ended.add(key)
+            elif slot.row.completion.ended or slot.row.error is not None or slot.run.cancel.cancelled:
                 ended.add(key)
             elif timeout is not None and timeout > 0 and now - slot.began > timeout:
                 slot.row.error = JobTimeoutException(
@@ -256,12 +297,15 @@ class BatchSession:
             return
         for key in ended:
             slot = self.slots[key]
-            if slot.row.error is None and not slot.run.cancel.cancelled:
+            if slot.row.error is None and not slot.run.cancel.cancelled and not slot.run.superseded:
                 self._keep_session(slot)
         self.decoder.drop(ended)
         self._full = False
         for key in ended:
             slot = self.slots[key]
+            if slot.run.superseded:
+                self._end(slot, None)
+                continue
             if isinstance(slot.row.error, RedisError):
                 # Not the job's fault: end the session; the worker hands every running job back.
                 raise slot.row.error
@@ -285,7 +329,7 @@ class BatchSession:
         if result is not None:
             for f in followers:
                 with f.run.logging():
-                    self._answer(f, result, "identical")
+                    self.settler.answer(f, result, "identical")
         else:
             for f in followers:  # none to take: each decodes itself
                 with f.run.logging():
@@ -297,9 +341,12 @@ class BatchSession:
     def _settle_row(self, slot: Slot, exc_info: Any) -> dict[str, Any] | None:
         """Settle `slot`'s job: its result (returned), or its failure (None)."""
         run, completion = slot.run, slot.row.completion
+        if run.superseded:
+            self.settler.drop(slot)
+            return None
         with run.logging():
             if exc_info is not None:
-                self._fail(slot, exc_info, recorded=False)
+                self.settler.fail(slot, exc_info, recorded=False)
                 return None
             try:
                 # A cancel read after the row ended on its own comes too late to stop anything.
@@ -308,46 +355,11 @@ class BatchSession:
             except RedisError:
                 raise
             except Exception:  # cancelled (JobCancelled, recorded by finish) or a failure to record
-                self._fail(slot, sys.exc_info(), recorded=True)
+                self.settler.fail(slot, sys.exc_info(), recorded=True)
                 return None
-            self._finish(slot, result)
+            if not self.settler.finish(slot, result, keep=slot.keep):
+                return None
             return result
-
-    def _answer(self, started: Started, cached: dict[str, Any], source: str) -> None:
-        """Finish a started job with a result it did not generate (`source`: "cache", or
-        "identical": its leader's), as a cache hit."""
-        try:
-            answer = started.run.finish_cached(cached, source)
-        except RedisError:
-            raise
-        except Exception:
-            self._fail(started, sys.exc_info(), recorded=False)
-            return
-        self._finish(started, answer)
-
-    def _finish(self, started: Started, result: dict[str, Any]) -> None:
-        """Store `result` as the job's, as RQ stores a job function's return value."""
-        with started.run.tracing():
-            rqstore.finish_job(self.worker, started.job, started.queue, started.execution, result)
-        self._ended(started.job, time.monotonic() - started.began, result)
-
-    def _fail(self, started: Started, exc_info: Any, recorded: bool) -> None:
-        """Fail the job in RQ with `exc_info` (its record says why first, unless `recorded`)."""
-        if not recorded:
-            started.run.fail(exc_info[1])
-        with started.run.logging(), started.run.tracing():
-            rqstore.fail_job(self.worker, started.job, started.queue, started.execution, exc_info)
-        self._ended(started.job, 0.0)
-
-    def _ended(self, job: Job, seconds: float, result: dict[str, Any] | None = None) -> None:
-        """Bookkeeping as a job ends: out of the running ledger, counted as drained and done."""
-        ledger.clear_running(self.redis, job.id)
-        try:
-            record_done(self.redis, job.id)
-        except RedisError as exc:  # bookkeeping only; the job itself is settled
-            log.warning("drain_not_recorded", error=str(exc))
-        tokens = result.get("usage", {}).get("completion_tokens", 0) if result is not None else None
-        self.state.ended(job.id, seconds, tokens)
 
     def _read_cancels(self) -> None:
         """Mark the rows a client cancelled: every row's flag in one read, at most every CANCEL_POLL s."""
@@ -371,7 +383,7 @@ class BatchSession:
                     except RedisError:
                         raise
                     except Exception:
-                        self._fail(f, sys.exc_info(), recorded=True)
+                        self.settler.fail(f, sys.exc_info(), recorded=True)
 
     def _keep_alive(self) -> None:
         now = time.monotonic()

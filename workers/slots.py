@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from rq.executions import Execution
@@ -33,6 +34,8 @@ class Slot(Started):
     row: Row
     session: str | None = None
     """Its tenant's session (see workers/turns.py), whose cache it leaves when it ends."""
+    keep: Callable[[], None] | None = None
+    """Keeps its session's KV cache for the next turn, once the job is settled."""
 
 
 @dataclass

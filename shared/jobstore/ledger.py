@@ -23,6 +23,11 @@ def entry(worker: str, queue: str, at: float | None = None) -> str:
     return Running(worker=worker, queue=queue, started_at=time.time() if at is None else at).model_dump_json()
 
 
+def holder(entry: bytes | str) -> str:
+    """The worker named by a ledger entry (as stored)."""
+    return Running.model_validate_json(entry).worker
+
+
 def mark_running(redis: Redis, job_id: str, worker: str, queue: str) -> None:
     """Note that `worker` runs `job_id` now."""
     redis.hset(keys.RUNNING, job_id, entry(worker, queue))

@@ -18,7 +18,6 @@ from redis import Redis
 from redis.client import Pipeline
 from redis.exceptions import WatchError
 from rq.exceptions import NoSuchJobError
-from rq.executions import Execution
 from rq.job import Job
 
 from shared import keys
@@ -29,9 +28,6 @@ from shared.jobstore.record import Ending, JobRecord
 log = structlog.get_logger()
 
 HandBack = Literal["requeued", "failed", "gone"]
-
-ATTEMPT_FIELD = "gptoss_attempt"
-"""The field of RQ's job hash that counts the job's runs (HINCRBY: each start takes a new number)."""
 
 
 def read(job: Job) -> JobRecord:
@@ -163,86 +159,6 @@ def cancel(redis: Redis, job: Job, message: str) -> JobRecord | None:
                 continue
 
 
-_TAKE = """
-for i = 2, #KEYS do
-  local id = redis.call('LPOP', KEYS[i])
-  if id then
-    redis.call('HSET', KEYS[1], id, ARGV[i - 1])
-    return {id, i - 2}
-  end
-end
-return false
-"""
-
-
-def take(redis: Redis, worker: str, queues: list[str]) -> tuple[Job, str] | None:
-    """The next job of `queues` (in their order), taken by `worker`: popped and recorded in the
-    running ledger in one step, so a worker that dies before starting it leaves it where the reaper
-    finds it. None when every queue is empty."""
-    entries = [ledger.entry(worker, name) for name in queues]
-    keys_ = [keys.RUNNING, *(rqstore.queue_key(name) for name in queues)]
-    while True:
-        taken = redis.eval(_TAKE, len(keys_), *keys_, *entries)
-        if not taken:
-            return None
-        job_id, index = taken[0].decode() if isinstance(taken[0], bytes) else taken[0], int(taken[1])
-        job = fetch(redis, job_id)
-        if job is not None:
-            return job, queues[index]
-        redis.hdel(keys.RUNNING, job_id)  # deleted or expired while queued: nothing to run
-
-
-def start(redis: Redis, worker: Any, job: Job, record: JobRecord, queue: str) -> Execution:
-    """`worker` (an RQ worker) starts a run of `job` from `queue`: the run's attempt number (taken
-    atomically), then in one transaction RQ's started state and execution, the start stamped in the
-    record, the job in the running ledger (so the reaper finds it if the worker dies) and out of its
-    tenant's backlog. Returns RQ's execution of the run."""
-    record.attempt = int(redis.hincrby(job.key, ATTEMPT_FIELD, 1))
-    record.stamp("started")
-    job.meta = record.to_meta()
-
-    def also(pipe: Pipeline) -> None:
-        pipe.hset(job.key, "meta", job.serializer.dumps(job.meta))
-        pipe.hset(keys.RUNNING, job.id, ledger.entry(worker.name, queue))
-        pipe.zrem(keys.tenant_backlog(record.tenant_or_default), job.id)
-
-    return rqstore.start_job(worker, job, also)
-
-
-def refuse(
-    redis: Redis, worker: Any, job: Job, record: JobRecord, kind: Ending, code: str, message: str
-) -> Execution:
-    """`worker` (an RQ worker) took `job` but will not run it (`kind`: cancelled or expired on its way
-    there): in one transaction RQ's started state (so the worker fails it as RQ fails a job that
-    raised), the reason in its record and out of its tenant's backlog. No attempt is taken: it never
-    ran. Returns RQ's execution, for the worker to fail."""
-    record.end(kind, code, message)
-    job.meta = record.to_meta()
-
-    def also(pipe: Pipeline) -> None:
-        pipe.hset(job.key, "meta", job.serializer.dumps(job.meta))
-        pipe.zrem(keys.tenant_backlog(record.tenant_or_default), job.id)
-
-    return rqstore.start_job(worker, job, also)
-
-
-def attempt(redis: Redis, job_id: str) -> int:
-    """The number of the job's current run (0: it never started)."""
-    return int(redis.hget(rqstore.job_key(job_id), ATTEMPT_FIELD) or 0)
-
-
-def finish(job: Job, record: JobRecord) -> None:
-    """A run produced the job's result: its record says when (RQ stores the result)."""
-    record.stamp("finished")
-    write(job, record)
-
-
-def fail(job: Job, record: JobRecord, code: str, message: str) -> None:
-    """A run failed: its record says why and when (RQ stores the traceback)."""
-    record.end("error", code, message)
-    write(job, record)
-
-
 def requeue_front(redis: Redis, job: Job, queue_name: str, *, leaving: str | None = None) -> None:
     """Put `job` at the front of queue `queue_name`, taking it out of the list `leaving` (a queue's
     key, or RQ's intermediate list) in the same transaction."""
@@ -256,18 +172,26 @@ def requeue_front(redis: Redis, job: Job, queue_name: str, *, leaving: str | Non
 
 
 def hand_back(
-    redis: Redis, job_id: str, reason: str, max_retries: int, count_attempt: bool = True
+    redis: Redis,
+    job_id: str,
+    reason: str,
+    max_retries: int,
+    count_attempt: bool = True,
+    owner: str | None = None,
 ) -> HandBack:
-    """Put a job whose worker is gone back at the front of its queue, or fail it once it has been
-    retried `max_retries` times. Taking it out of the running ledger, its record, its queue and RQ's
-    registries change in one transaction, which fails if another hand-back (or the job's own end)
-    touched its ledger entry first: a job is never handed back twice, nor lost in between."""
+    """Put a job whose worker is gone back on its queue, or fail it once it has been retried
+    `max_retries` times (`owner`: only while that worker holds it). The ledger, the record, the
+    queue, RQ's registries and the fence change in one transaction, which fails if another
+    hand-back (or the job's own end) touched the ledger first: never twice, never lost between."""
     while True:
         with redis.pipeline() as pipe:
             try:
                 pipe.watch(keys.RUNNING)
-                if not pipe.hexists(keys.RUNNING, job_id):
-                    return "gone"
+                held = pipe.hget(keys.RUNNING, job_id)
+                if held is None or (
+                    owner is not None and ledger.Running.model_validate_json(held).worker != owner
+                ):
+                    return "gone"  # ended, handed back already, or another worker's run now
                 job = fetch(redis, job_id)
                 if job is None or job.get_status(refresh=True) in rqstore.TERMINAL:
                     pipe.multi()
@@ -278,12 +202,8 @@ def hand_back(
             except WatchError:
                 continue
         if outcome == "failed":
-            message = record.error.message if record.error is not None else reason
-            events.append(redis, job_id, events.ERROR, {"code": "worker_lost", "message": message})
             log.warning("job_failed", job_id=job_id, code="worker_lost", retries=record.retries)
         else:
-            # The stream says the job starts over, so a reader drops what it had and expects tokens anew.
-            events.append(redis, job_id, events.RETRY, {"reason": reason, "retry": record.retries})
             log.warning("job_requeued", job_id=job_id, reason=reason, retries=record.retries)
         return outcome
 
@@ -291,30 +211,37 @@ def hand_back(
 def _hand_back(
     pipe: Pipeline, job: Job, reason: str, max_retries: int, count_attempt: bool
 ) -> tuple[HandBack, JobRecord]:
-    """Queue the writes of one hand-back on `pipe` (watching the ledger) and run them."""
+    """Queue the writes of one hand-back on `pipe` (watching the ledger) and run them: the lost run's
+    fence taken away, then the job failed (past its retries) or queued again, and its stream told,
+    in one transaction. A lost run goes to the back of its queue (its worker may have died of it:
+    it must not absorb every later crash); a job handed back by a worker that stops or lost Redis
+    goes to the front (it did nothing wrong)."""
     record = read(job)
     record.retries += 1 if count_attempt else 0
-    if record.retries > max_retries:
+    executions = rqstore.executions_of(job)
+    failed = record.retries > max_retries
+    data: dict[str, Any]
+    if failed:
         message = f"The job's worker was lost {record.retries} times ({reason}); it was not retried again."
         record.end("error", "worker_lost", message)
-        job.meta = record.to_meta()
-        executions = rqstore.executions_of(job)
-        pipe.multi()
-        pipe.hdel(keys.RUNNING, job.id)
-        pipe.hset(job.key, "meta", job.serializer.dumps(job.meta))
-        rqstore.forget_execution(job, executions, pipe)
-        rqstore.record_failure(job, message, pipe)
-        pipe.execute()
-        return "failed", record
+        event, data = events.ERROR, {"code": "worker_lost", "message": message}
+    else:
+        event, data = events.RETRY, {"reason": reason, "retry": record.retries}
     job.meta = record.to_meta()
     target = keys.requeue_target(job.origin, record.priority)
-    executions = rqstore.executions_of(job)
     pipe.multi()
     pipe.hdel(keys.RUNNING, job.id)
-    rqstore.open_queue(target, job.connection).enqueue_job(job, pipeline=pipe, at_front=True)
+    pipe.incr(keys.fence(job.id))  # the lost run's token is stale from here: its writes are refused
+    pipe.expire(keys.fence(job.id), keys.FENCE_TTL)
+    if failed:
+        pipe.hset(job.key, "meta", job.serializer.dumps(job.meta))
+        rqstore.record_failure(job, message, pipe)
+    else:
+        rqstore.open_queue(target, job.connection).enqueue_job(job, pipeline=pipe, at_front=not count_attempt)
     rqstore.forget_execution(job, executions, pipe)
+    events.add_to(pipe, job.id, event, data, record.retention)
     pipe.execute()
-    return "requeued", record
+    return ("failed" if failed else "requeued"), record
 
 
 def rescue_dequeued(redis: Redis, queues: list[Any]) -> list[str]:

@@ -31,6 +31,7 @@ from rq.results import Result
 from rq.serializers import JSONSerializer
 from rq.utils import now
 from rq.worker import BaseWorker, WorkerStatus
+from rq.worker.base import format_exc_info
 
 from shared import keys
 
@@ -252,6 +253,57 @@ def start_job(worker: BaseWorker, job: Job, also: Callable[[Pipeline], None]) ->
     worker.executions[execution.id] = execution
     job.started_at = now()
     return execution
+
+
+def ended(worker: BaseWorker, job: Job) -> None:
+    """A run is over (before its job is settled): its end time, as `handle_execution_ended` notes it."""
+    job.ended_at = now()
+
+
+def stored_success(worker: BaseWorker, job: Job, execution: Execution, result: Any, pipe: Pipeline) -> None:
+    """Queue on `pipe` (in a transaction) the writes of `handle_job_success` for a job whose run
+    returned `result`: its result as an RQ `Result`, status finished, finished registry, result TTL,
+    the execution cleaned up, the worker's counters."""
+    job._result, job._status = result, JobStatus.FINISHED
+    ended_at = job.ended_at or now()
+    worker.increment_successful_job_count(pipeline=pipe)
+    if job.started_at is not None:
+        worker.increment_total_working_time(ended_at - job.started_at, pipe)
+    ttl = job.get_result_ttl(worker.default_result_ttl)
+    if ttl != 0:
+        job._handle_success(
+            ttl,
+            pipeline=pipe,
+            worker_name=worker.name,
+            execution_id=execution.id,
+            execution_started_at=execution.created_at,
+            execution_ended_at=ended_at,
+        )
+    job.cleanup(ttl, pipeline=pipe, remove_from_queue=False)
+    worker.cleanup_execution(job, pipeline=pipe, execution=execution)
+
+
+def stored_failure(
+    worker: BaseWorker, job: Job, execution: Execution, exc_info: ExcInfo, pipe: Pipeline
+) -> None:
+    """Queue on `pipe` (in a transaction) the writes of `handle_job_failure` for a job whose run
+    raised: status failed, the traceback as a failure `Result`, failed registry, the execution
+    cleaned up, the worker's counters (a job here is never retried by RQ: hand-backs are ours)."""
+    job._status = JobStatus.FAILED
+    ended_at = job.ended_at or now()
+    job.set_status(JobStatus.FAILED, pipeline=pipe)
+    worker.cleanup_execution(job, pipeline=pipe, execution=execution)
+    job._handle_failure(
+        format_exc_info(exc_info),
+        pipeline=pipe,
+        worker_name=worker.name,
+        execution_id=execution.id,
+        execution_started_at=execution.created_at,
+        execution_ended_at=ended_at,
+    )
+    worker.increment_failed_job_count(pipe)
+    if job.started_at is not None:
+        worker.increment_total_working_time(ended_at - job.started_at, pipe)
 
 
 def finish_job(worker: BaseWorker, job: Job, queue: Queue, execution: Execution, result: Any) -> None:
