@@ -1,6 +1,6 @@
 """The response cache at submission: which requests may use it, under which fingerprint, and the
 job a hit becomes (created finished, with its event stream written, so every way of reading a job
-answers at once). A miss goes on to the queue with the fingerprint in job.meta; the worker that
+answers at once). A miss goes on to the queue with the fingerprint in the job's record; the worker that
 finishes it stores its result there."""
 
 from __future__ import annotations

@@ -130,7 +130,7 @@ def read_stats(redis: Redis) -> CacheStats:
 
 
 def store_target(fingerprint: str, ttl: int, max_bytes: int) -> dict[str, Any]:
-    """What the API puts in a missed job's meta (META_CACHE_KEY): where its result goes, and the
+    """What the API puts in a missed job's record (`cache_key`): where its result goes, and the
     limits to keep (the API's settings govern the cache, so every writer keeps the same ones)."""
     return {"fingerprint": fingerprint, "ttl": ttl, "max_bytes": max_bytes}
 

@@ -1,4 +1,4 @@
-"""OpenTelemetry set-up and the trace context that travels in job.meta from process to process."""
+"""OpenTelemetry set-up and the trace context that travels in the job's record from process to process."""
 
 from __future__ import annotations
 
