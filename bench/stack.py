@@ -1,15 +1,30 @@
-"""What the benchmark scripts share about a running stack: waiting until it is ready, and following
-one job to its settled view as a client would, and writing the figures."""
+"""What the benchmark scripts share about a running stack: waiting until it is ready, following
+one job to its settled view as a client would, writing the figures; and for the fault benchmarks a
+cluster of child processes to signal one by one, and a local webhook receiver."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
 import subprocess
+import sys
+import threading
 import time
+from collections import Counter, defaultdict
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import requests
+from redis import Redis
+from redis.exceptions import RedisError
+
+from cli.up import free_port
+from shared import keys
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def wait_ready(
@@ -49,3 +64,168 @@ def write_results(name: str, record: dict[str, Any]) -> Path:
     out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {out}")
     return out
+
+
+class Cluster:
+    """Redis (AOF, appendfsync always), the API, the scheduler and workers as child processes in one
+    folder, each started, signalled, replaced and stopped by name. `env` is added to every child's
+    environment (no GPTOSS_* variable of ours leaks in)."""
+
+    def __init__(self, folder: Path, env: dict[str, str]):
+        self.folder, self.port, self.api_port = folder, free_port(), free_port()
+        self.base = f"http://127.0.0.1:{self.api_port}"
+        self.redis = Redis(port=self.port, socket_timeout=5, socket_connect_timeout=2)
+        self.children: dict[str, subprocess.Popen] = {}
+        self.modules: dict[str, tuple[str, dict[str, str]]] = {}
+        self.killed: set[str] = set()
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("GPTOSS_")}
+        self.env.update(
+            {
+                "GPTOSS_REDIS_URL": f"redis://127.0.0.1:{self.port}/0",
+                "GPTOSS_API_PORT": str(self.api_port),
+                "GPTOSS_LOG_FORMAT": "json",
+                "GPTOSS_SCHEDULER_METRICS_PORT": "0",
+                "GPTOSS_WORKER_METRICS_PORT": "0",
+                **env,
+            }
+        )
+        self._serial: Counter[str] = Counter()
+
+    def start_redis(self, timeout: float = 30) -> None:
+        """Start redis-server on the cluster's port and folder (its AOF replayed); wait until it answers."""
+        argv = [
+            shutil.which("redis-server") or "redis-server",
+            *("--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder)),
+            *("--appendonly", "yes", "--appendfsync", "always", "--save", ""),
+        ]
+        self.children["redis"] = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
+        self.killed.discard("redis")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if self.redis.ping():
+                    return
+            except RedisError:
+                time.sleep(0.05)
+        raise SystemExit("redis-server did not start")
+
+    def start(self, name: str, module: str, **extra: str) -> subprocess.Popen:
+        """Start `python -m module` as child `name` (its log in the folder)."""
+        log = open(self.folder / f"{name}.log", "ab")  # noqa: SIM115
+        child = subprocess.Popen(
+            [sys.executable, "-m", module], cwd=ROOT, env={**self.env, **extra}, stdout=log, stderr=log
+        )
+        self.children[name], self.modules[name] = child, (module, extra)
+        self.killed.discard(name)
+        return child
+
+    def start_worker(self, queue: str) -> str:
+        """Start one more worker of `queue`; its child's name."""
+        self._serial[queue] += 1
+        name = f"worker-{queue}-{self._serial[queue]}"
+        self.start(name, "workers", GPTOSS_WORKER_QUEUE=queue)
+        return name
+
+    def name_of(self, pid: int) -> str | None:
+        """The child with process id `pid`, if it is one of ours."""
+        return next((n for n, c in self.children.items() if c.pid == pid), None)
+
+    def running(self, name: str | None) -> bool:
+        """Child `name` is one of ours and has not exited."""
+        return name is not None and name in self.children and self.children[name].poll() is None
+
+    def signal(self, name: str, signum: int) -> None:
+        """Send `signum` to child `name` (a SIGKILL is remembered: the child did not exit by itself)."""
+        if signum == signal.SIGKILL:
+            self.killed.add(name)
+        self.children[name].send_signal(signum)
+        if signum == signal.SIGKILL:
+            self.children[name].wait(10)
+
+    def exited(self) -> list[str]:
+        """Children that exited by themselves (not killed by the bench)."""
+        return [n for n, c in self.children.items() if c.poll() is not None and n not in self.killed]
+
+    def heal(self) -> list[str]:
+        """Restart Redis, the API or the scheduler if it is not running, and start a worker for each
+        worker queue without a running one; what was started."""
+        started = []
+        for name in ("redis", "api", "scheduler"):
+            child = self.children.get(name)
+            if child is not None and child.poll() is None:
+                continue
+            if name == "redis":
+                self.start_redis()
+            else:
+                self.start(name, self.modules.get(name, (name, {}))[0])
+            started.append(name)
+        for queue in keys.WORKER_QUEUES:
+            running = [
+                n for n, c in self.children.items() if n.startswith(f"worker-{queue}-") and c.poll() is None
+            ]
+            if not running:
+                started.append(self.start_worker(queue))
+        return started
+
+    def stop(self) -> None:
+        """Stop every child (continued first, in case one is stopped), Redis last."""
+        for child in self.children.values():
+            if child.poll() is None:
+                child.send_signal(signal.SIGCONT)
+        for name, child in reversed(list(self.children.items())):
+            if child.poll() is None and name != "redis":
+                child.terminate()
+        for name, child in self.children.items():
+            if name == "redis":
+                continue
+            try:
+                child.wait(30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait(10)
+        redis = self.children.get("redis")
+        if redis is not None and redis.poll() is None:
+            redis.terminate()
+            redis.wait(30)
+
+
+class WebhookReceiver:
+    """A local HTTP endpoint that accepts every webhook and counts, per job, its deliveries and its
+    distinct `webhook-id`s (one logical event per job: redeliveries reuse the id)."""
+
+    def __init__(self) -> None:
+        self.ids: dict[str, set[str]] = defaultdict(set)
+        self.deliveries: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (the stdlib's name)
+                body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                try:
+                    job_id = str(json.loads(body)["data"]["id"])
+                except (ValueError, KeyError, TypeError):
+                    job_id = "?"
+                with receiver._lock:
+                    receiver.ids[job_id].add(self.headers.get("webhook-id") or "")
+                    receiver.deliveries[job_id] += 1
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/hook"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def ids_of(self, job_id: str) -> int:
+        """Distinct webhook ids received for `job_id`."""
+        with self._lock:
+            return len(self.ids.get(job_id, ()))
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

@@ -85,10 +85,15 @@ class Scheduler:
 
     def run(self, stop: threading.Event, on_tick: Callable[[], object] | None = None) -> None:
         """Schedule jobs until `stop` is set, calling `on_tick` (the reaper) between takes; a Redis
-        outage pauses the loop, it never ends it."""
-        self._intake.recover()
+        outage pauses the loop, it never ends it. At start, and once Redis answers after an outage,
+        jobs left in flight (by a previous scheduler, or by this one when Redis went away mid-decision)
+        go back to `incoming`."""
+        recover = True
         while not stop.is_set():
             try:
+                if recover:
+                    self._intake.recover()
+                    recover = False
                 if on_tick is not None:
                     on_tick()
                 held = self._intake.held()
@@ -99,6 +104,7 @@ class Scheduler:
                     self.review_held()
             except RedisError as exc:
                 log.warning("redis_unavailable", error=str(exc))
+                recover = True
                 stop.wait(REDIS_RETRY_PAUSE)
 
     def schedule(self, job: Job) -> None:

@@ -18,6 +18,7 @@ from shared import keys
 from shared.connection import connect
 from shared.exposition import serve_metrics
 from shared.heartbeat import Heartbeat, SchedulerBeat
+from shared.jobstore.cleanup import Cleanup
 from shared.logging import configure_logging
 from shared.metrics import SchedulerMetrics
 from shared.registry import model_spec
@@ -70,7 +71,9 @@ def main(settings: Settings | None = None) -> None:
     )
     try:
         # Heartbeats are trusted once Redis has been up longer than one lives (plus a beat).
-        reaper = Reaper(redis, settings.job_max_retries, settings.heartbeat_ttl + 1.0, metrics)
+        reaper = Reaper(
+            redis, settings.job_max_retries, settings.heartbeat_ttl + 1.0, metrics, cleanup=Cleanup(redis)
+        )
         scheduler.run(stop, on_tick=reaper.sweep_if_due)
     finally:
         beat.stop()

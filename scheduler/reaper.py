@@ -2,7 +2,8 @@
 
 RQ's no-fork worker sends no heartbeat of its own while a job runs, and RQ notices an abandoned
 job only when its execution expires (minutes); our workers heartbeat from a thread every second,
-so a worker killed mid-job is noticed within the heartbeat TTL plus one sweep.
+so a worker killed mid-job is noticed within the heartbeat TTL plus one sweep. After a sweep it
+also runs the jobstore's cleanup of RQ's registries and worker sets, when that is due.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from shared import keys
 from shared.affinity import own_queue_owners
 from shared.heartbeat import WorkerBeat, read_live
 from shared.jobstore import lifecycle
+from shared.jobstore.cleanup import Cleanup
 from shared.jobstore.ledger import running
 from shared.metrics import SchedulerMetrics
 
@@ -38,8 +40,10 @@ class Reaper:
         metrics: SchedulerMetrics | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        cleanup: Cleanup | None = None,
     ):
         self._redis, self._max_retries, self._metrics = redis, max_retries, metrics
+        self._cleanup = cleanup
         self._clock, self._wall_clock = clock, wall_clock
         self._settle = settle
         self._last_seen: dict[str, float] = {}
@@ -47,7 +51,8 @@ class Reaper:
         self._healthy_since: float | None = None
 
     def sweep_if_due(self) -> None:
-        """Sweep when SWEEP_INTERVAL has passed since the last sweep."""
+        """Sweep when SWEEP_INTERVAL has passed since the last sweep, then clean up RQ's keys if
+        that is due."""
         now = self._clock()
         if now >= self._next_sweep:
             self._next_sweep = now + SWEEP_INTERVAL
@@ -56,6 +61,8 @@ class Reaper:
             except RedisError:
                 self._healthy_since = None
                 raise
+            if self._cleanup is not None:
+                self._cleanup.run_if_due()
 
     def settled(self) -> bool:
         """Whether heartbeats can be trusted: Redis has answered us, and has been up, for longer

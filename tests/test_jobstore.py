@@ -89,9 +89,6 @@ def places(redis: Redis, job_id: str) -> list[str]:
         key = raw.decode()
         if redis.type(key) == b"list" and job_id.encode() in redis.lrange(key, 0, -1):
             found.append(key)
-    for raw in redis.scan_iter("rq:intermediate:*"):
-        if job_id.encode() in redis.lrange(raw, 0, -1):
-            found.append(raw.decode())
     if job_id.encode() in redis.lrange(keys.SCHEDULER_INFLIGHT, 0, -1):
         found.append("inflight")
     if redis.zscore(keys.SCHEDULER_HELD, job_id) is not None:

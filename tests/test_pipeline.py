@@ -166,3 +166,31 @@ def test_inflight_jobs_are_recovered(stack, redis: Redis) -> None:  # type: igno
     assert open_queue(keys.INCOMING_QUEUE, redis).job_ids == [job_id]
     schedule_all(scheduler, redis)
     assert app.get(f"/v1/jobs/{job_id}").get_json()["status"] == "scheduled"
+
+
+def test_a_job_in_flight_when_redis_fails_goes_back_once_redis_answers(
+    stack, redis: Redis, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """The scheduler took a job (in flight) and lost Redis mid-decision: its next turn, once Redis
+    answers, puts the job back on `incoming` (not only a scheduler's restart does)."""
+    import threading
+
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    config, app, scheduler = stack
+    job_id = app.post("/v1/jobs", json={"prompt": "hi", "max_tokens": 2}).get_json()["id"]
+    intake, take, stop = scheduler._intake, scheduler._intake.take, threading.Event()
+    turns: list[int] = []
+
+    def take_then_lose_redis(timeout: float) -> object:
+        turns.append(1)
+        if len(turns) == 1:
+            assert take(0.1) is not None  # in flight now
+            raise RedisConnectionError("Redis went away")
+        stop.set()
+        return None
+
+    monkeypatch.setattr(intake, "take", take_then_lose_redis)
+    scheduler.run(stop)
+    assert redis.llen(keys.SCHEDULER_INFLIGHT) == 0
+    assert open_queue(keys.INCOMING_QUEUE, redis).job_ids == [job_id]
