@@ -83,11 +83,14 @@ class Heartbeat:
         self._thread.start()
 
     def beat(self) -> None:
-        """Publish the current snapshot at once."""
+        """Publish the current snapshot at once; a failure is logged, never raised (the thread must
+        outlive it: a process whose heartbeat stops is taken for dead and its jobs handed back)."""
         try:
             publish(self._redis, self._key, self._snapshot(), self._ttl)
         except RedisError as exc:
             log.warning("heartbeat_failed", key=self._key, error=str(exc))
+        except Exception:  # a snapshot that could not be taken this time; the next one may be
+            log.exception("heartbeat_failed", key=self._key)
 
     def stop(self) -> None:
         """Stop publishing and remove the key, so readiness drops at once."""

@@ -3,15 +3,24 @@ themselves, and jobs accepted before the outage survive it (AOF) and finish."""
 
 from __future__ import annotations
 
+import json
 import shutil
+import signal
 import subprocess
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 import requests
 from redis import Redis
+from redis.exceptions import RedisError
 
 from cli.up import free_port
-from tests.conftest import Processes, http_ok, poll_job, process_env, wait_for
+from shared import keys
+from shared.heartbeat import WorkerBeat, read_live
+from shared.jobstore.rqstore import fetch_job, open_queue
+from tests.conftest import TINY, Processes, http_ok, poll_job, process_env, wait_for
 
 BODY = {"prompt": "Hello", "max_tokens": 24, "temperature": 0}
 
@@ -74,3 +83,117 @@ def test_redis_restart_loses_no_accepted_job(tmp_path: Path, prepared_models, pr
         processes.stop_all()
         server.terminate()
         server.wait(10)
+
+
+# --- a busy worker while its Redis crashes or stalls ------------------------------------------------
+
+HEARTBEAT_TTL = 2
+"""Seconds a heartbeat lives in these tests."""
+
+STALL = HEARTBEAT_TTL + 2
+"""Seconds Redis stays stopped in the stall test: longer than a heartbeat lives."""
+
+JOBS = 12
+"""Jobs queued at once; two at a time, they keep the worker busy through the fault."""
+
+BUSY_BODY = {
+    "messages": [{"role": "user", "content": "Count from one to twenty in words."}],
+    "max_tokens": 48,
+    "temperature": 0,
+}
+
+
+class RedisServer:
+    """A redis-server of the test's own whose data (AOF, each write synced) outlives a crash."""
+
+    def __init__(self, folder: Path):
+        self.port, self.folder = free_port(), folder
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process = start_redis(self.port, folder)
+
+    def restart(self) -> None:
+        """Start it again on the same port and data."""
+        self.process = start_redis(self.port, self.folder)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)  # a stopped server cannot act on SIGTERM
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A Redis the test may crash, stall and restart (stopped after the test's processes)."""
+    server = RedisServer(tmp_path)
+    yield server
+    server.stop()
+
+
+def _worker_state(redis: Redis) -> str | None:
+    try:
+        beats = read_live(redis, keys.WORKER_HEARTBEAT_PATTERN, WorkerBeat)
+    except RedisError:
+        return None
+    return beats[0].state if beats else None
+
+
+def _logged(log: Path, event: str) -> bool:
+    """Whether the process that writes `log` (JSON lines, among others) logged `event`."""
+    for line in log.read_text(errors="replace").splitlines():
+        try:
+            if json.loads(line).get("event") == event:
+                return True
+        except (ValueError, AttributeError):
+            continue
+    return False
+
+
+def _all_ended(redis: Redis, ids: list[str]) -> bool:
+    try:
+        return all(fetch_job(job_id, redis).get_status() in ("finished", "failed") for job_id in ids)
+    except RedisError:
+        return False
+
+
+@pytest.mark.parametrize("fault", ["crash", "stall"])
+def test_a_busy_worker_survives_its_redis_crashing_or_stalling(
+    fault: str, tmp_path: Path, prepared_models, own_redis: RedisServer, processes: Processes
+) -> None:  # type: ignore[no-untyped-def]
+    env = process_env(
+        GPTOSS_REDIS_URL=own_redis.url, GPTOSS_CACHE_DIR=prepared_models.cache_dir, GPTOSS_MODEL=TINY,
+        GPTOSS_WORKER_QUEUE=keys.SINGLE_QUEUE, GPTOSS_MAX_BATCH_SIZE=2, GPTOSS_HEARTBEAT_INTERVAL=0.25,
+        GPTOSS_HEARTBEAT_TTL=HEARTBEAT_TTL,
+    )  # fmt: skip
+    redis = Redis.from_url(own_redis.url)
+    processes.start("scheduler", ["scheduler"], env)  # its reaper watches the worker's heartbeat
+    worker = processes.start("worker", ["workers"], env)
+    wait_for(lambda: _worker_state(redis) == "idle", 120, "the worker to load its model")
+    queue = open_queue(keys.SINGLE_QUEUE, redis)
+    ids = [
+        queue.enqueue(keys.GENERATE_FUNC, BUSY_BODY, result_ttl=600, failure_ttl=600).id for _ in range(JOBS)
+    ]
+    wait_for(lambda: _worker_state(redis) == "busy", 60, "the worker to be busy")
+
+    if fault == "crash":
+        own_redis.process.kill()  # SIGKILL: what the AOF holds survives, nothing else
+        own_redis.process.wait(10)
+        wait_for(lambda: _logged(tmp_path / "worker.log", "redis_lost"), 60, "the worker to notice")
+        assert worker.poll() is None
+        own_redis.restart()
+    else:
+        own_redis.process.send_signal(signal.SIGSTOP)
+        try:
+            time.sleep(STALL)  # the fault itself: Redis answers nothing for longer than a heartbeat lives
+        finally:
+            own_redis.process.send_signal(signal.SIGCONT)
+
+    wait_for(lambda: _all_ended(redis, ids), 180, "every job to end")
+    assert [fetch_job(job_id, redis).get_status() for job_id in ids] == ["finished"] * JOBS
+    assert [len(redis.xrange(f"rq:results:{job_id}")) for job_id in ids] == [1] * JOBS
+    wait_for(lambda: _worker_state(redis) == "idle", 30, "the worker to be ready again")
+    assert worker.poll() is None  # nobody restarted it

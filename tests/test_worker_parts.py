@@ -277,15 +277,15 @@ def test_a_job_cancelled_or_expired_on_its_way_is_refused_without_starting(
 
 
 def test_a_worker_hands_its_running_jobs_back_to_the_front_of_their_queue(settings, redis: Redis) -> None:  # type: ignore[no-untyped-def]
-    from shared.jobstore import lifecycle, rqstore
+    from shared.jobstore import lifecycle, runs
 
     queue = open_queue(keys.SINGLE_QUEUE, redis)
     running, waiting = (queue.enqueue(keys.GENERATE_FUNC, {"prompt": p}) for p in ("a", "b"))
     worker, _ = build_worker(settings(), redis, "cpu")
-    taken = rqstore.take_job(worker)
+    taken = runs.take(redis, worker.name, [q.name for q in worker.queues])
     assert taken is not None and taken[0].id == running.id
     worker.report.began(running.id, queue.name)
-    lifecycle.start(redis, worker, taken[0], lifecycle.read(taken[0]), queue.name)
+    runs.start(redis, worker, taken[0], lifecycle.read(taken[0]), queue.name)
     worker.hand_back_running("its worker lost Redis mid-job")
     assert (
         queue.get_job_ids() == [running.id, waiting.id]

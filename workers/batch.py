@@ -95,8 +95,10 @@ class DecodeBatch:
         return int(self._mask.shape[1])
 
     def join(self, rows: list[Row]) -> None:
-        """Prefill `rows` and merge them into the batch; each gets its first token. Rows without a
-        cached prefix are prefilled together; one with a prefix computes only the rest of its prompt."""
+        """Prefill `rows` and merge them into the batch; each gets its next token. Rows without a
+        cached prefix are prefilled together; one with a prefix computes only the rest of its prompt.
+        A row that has tokens already (taken out after a failed step) is prefilled with them too, so
+        it gets the token that step owed it."""
         cold = [r for r in rows if r.prefix is None]
         if cold:
             self._join_cold(cold)
@@ -105,20 +107,15 @@ class DecodeBatch:
                 self._join_warm(row, row.prefix)
 
     def _join_cold(self, rows: list[Row]) -> None:
-        width = max(len(r.completion.prompt_ids) for r in rows)
-        ids = torch.tensor(
-            [[self.pad_id] * (width - len(r.completion.prompt_ids)) + r.completion.prompt_ids for r in rows],
-            device=self.device,
-        )
-        mask = torch.tensor(
-            [[0] * (width - len(r.completion.prompt_ids)) + [1] * len(r.completion.prompt_ids) for r in rows],
-            device=self.device,
-        )
+        sequences = [r.completion.prompt_ids + r.completion.token_ids for r in rows]
+        width = max(len(s) for s in sequences)
+        ids = torch.tensor([[self.pad_id] * (width - len(s)) + s for s in sequences], device=self.device)
+        mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in sequences], device=self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         self._prefill(rows, ids, mask, positions, DynamicCache())
 
     def _join_warm(self, row: Row, prefix: SessionPrefix) -> None:
-        prompt = row.completion.prompt_ids
+        prompt = row.completion.prompt_ids + row.completion.token_ids
         cache = DynamicCache()
         for index, (keys, values) in enumerate(prefix.layers):
             cache.update(keys, values, index)

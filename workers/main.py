@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import threading
 import time
 
 import structlog
@@ -12,7 +11,6 @@ import torch
 from prometheus_client import CollectorRegistry
 from redis import Redis
 from redis.exceptions import RedisError
-from tenacity import Retrying, retry_if_exception_type, wait_exponential
 
 from shared.connection import connect
 from shared.exposition import serve_metrics
@@ -28,33 +26,44 @@ from workers.runtime import ModelRuntime
 from workers.tensor_parallel import placement_for
 from workers.worker import GenerationWorker, build_worker, quiet_dequeue_lines
 
-REDIS_WAIT = wait_exponential(multiplier=0.5, max=5)
-"""Backoff between attempts to reach Redis again after the work loop lost it."""
+RESTART_BACKOFF = (0.5, 5.0)
+"""Seconds before the work loop starts again after it ended twice in a row within STEADY_LOOP, doubling
+from the first to the second at most (a loop that keeps failing at once must not spin)."""
+
+STEADY_LOOP = 30.0
+"""Seconds a work loop must have run for its end to count as a first failure again."""
 
 
-def work_until_stopped(worker: GenerationWorker, redis: Redis, burst: bool) -> None:
-    """Run RQ's work loop; when it ends without a stop request (RQ quits on an unexpected error,
-    such as Redis going away), wait for Redis with backoff and start the loop again."""
+def work_until_stopped(worker: GenerationWorker, burst: bool) -> None:
+    """Run RQ's work loop until a stop is requested. The worker rides out a Redis outage inside the
+    loop; when the loop ends anyway (RQ quits on an unexpected error) or raises (its start or end
+    met a dead Redis), the worker takes the outage path (`ride_out_outage`) and the loop starts
+    again: the process never exits for it."""
     log = structlog.get_logger()
-    stop = threading.Event()
+    quick_ends = 0
     while True:
-        worker.work(burst=burst, logging_level=None)
-        if burst or worker.stop_asked or worker.stopping:
+        began = time.monotonic()
+        try:
+            worker.work(burst=burst, logging_level=None)
+        except Exception as exc:  # RQ's start (register_birth, subscribe) or end met a dead Redis
+            log.warning("worker_loop_failed", error=str(exc) or type(exc).__name__, exc_info=True)
+            lost: BaseException = exc
+        else:
+            lost = RuntimeError("the work loop ended without a stop request")
+        if burst or worker.stopping:
             return
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, lambda *_: stop.set())
-        log.warning("worker_loop_lost", reason="the work loop ended without a stop request")
-        for attempt in Retrying(wait=REDIS_WAIT, retry=retry_if_exception_type(RedisError), reraise=True):
-            with attempt:
-                if stop.is_set():
-                    return
-                redis.ping()
-                # The loop's teardown could not record its end while Redis was away; do it now so
-                # the same name can register again.
-                worker.register_death()
-                # Jobs cut off mid-run go back to their queue (not counted as their failure).
-                worker.hand_back_running("its worker lost Redis mid-job")
-                lifecycle.rescue_dequeued(redis, worker.queues)
+        for signum in (signal.SIGTERM, signal.SIGINT):  # RQ's own handlers need its loop running
+            signal.signal(signum, lambda *_: worker.ask_stop())
+        log.warning("worker_loop_lost", reason=str(lost))
+        try:
+            if not worker.ride_out_outage(lost, loop_ended=True):
+                return
+        except Exception:  # not Redis: logged; the loop starts again all the same
+            log.exception("worker_loop_recovery_failed")
+        quick_ends = quick_ends + 1 if time.monotonic() - began < STEADY_LOOP else 0
+        if quick_ends > 1:
+            low, high = RESTART_BACKOFF
+            time.sleep(min(high, low * 2 ** (quick_ends - 2)))
         log.info("worker_loop_restarting")
 
 
@@ -107,7 +116,7 @@ def main(settings: Settings | None = None, burst: bool = False) -> None:
             model=settings.model,
             metrics=worker.report.metrics_url,
         )
-        work_until_stopped(worker, redis, burst)
+        work_until_stopped(worker, burst)
     finally:
         if runtime is not None and runtime.relay is not None:
             runtime.relay.release()  # the other tensor-parallel ranks stop too

@@ -103,7 +103,7 @@ class BatchSession:
         while (
             self.held < self.size
             and not self._full
-            and not rqstore.stop_requested(self.worker)
+            and not self.worker.stopping
             and self.guard.may_take()
         ):
             taken = runs.take(self.redis, self.worker.name, list(self._queues))

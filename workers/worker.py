@@ -1,6 +1,10 @@
 """The worker's RQ loop: a no-fork RQ worker (the model stays loaded across jobs) that waits for jobs
 in short turns so memory pressure can pause it, hands every generation job to a session
-(workers/session.py), and hands its running jobs back when it must stop or loses Redis."""
+(workers/session.py), and hands its running jobs back when it must stop or loses Redis.
+
+The outage path: wherever Redis fails the worker (its session, its wait for jobs, RQ's own loop and
+teardown), it takes nothing new, waits for Redis with backoff, hands back every job it was running
+(to the front of its queue, not counted against the job) and goes on; it never exits for it."""
 
 from __future__ import annotations
 
@@ -16,18 +20,20 @@ import structlog
 from redis import Redis
 from redis.exceptions import RedisError
 from rq import SimpleWorker
+from rq.exceptions import StopRequested
 from rq.job import Job
 from rq.queue import Queue
 from rq.worker import WorkerStatus
+from tenacity import Retrying, retry_if_exception_type, wait_exponential
 
 from shared import keys
 from shared.heartbeat import Heartbeat, WorkerBeat
-from shared.jobstore import ledger, lifecycle, rqstore
+from shared.jobstore import ledger, lifecycle, rqstore, runs
 from shared.metrics import WorkerMetrics
 from shared.settings import Settings
 from workers import context
 from workers.context import WorkerContext
-from workers.guard import PAUSE_POLL, MemoryGuard
+from workers.guard import MemoryGuard
 from workers.kv_budget import KvBudget
 from workers.session import BatchSession
 from workers.state import Activity, WorkerState
@@ -35,11 +41,23 @@ from workers.turns import SessionTurns
 
 log = structlog.get_logger()
 
+TAKE_POLL = 0.025
+"""Seconds between looks at empty queues (the most an idle worker adds to a job's wait)."""
+
 PRESSURE_CHECK = 1
-"""Seconds one wait for a job lasts before memory pressure is checked again."""
+"""Seconds between memory checks (and renewals of RQ's worker key) while waiting for a job."""
 
 SAME_STOP = 1.0
 """Seconds within which a second stop signal is the first one delivered twice (RQ's own rule)."""
+
+REDIS_WAIT = wait_exponential(multiplier=0.5, max=5)
+"""Backoff between attempts to reach Redis again after losing it."""
+
+LOST_REDIS = "its worker lost Redis mid-job"
+"""Why the jobs of a worker that lost Redis went back to their queue."""
+
+LOOP_ENDED = "its worker's loop ended unexpectedly"
+"""Why the jobs of a worker whose RQ loop ended without a stop went back to their queue."""
 
 
 class GenerationWorker(SimpleWorker):
@@ -88,52 +106,105 @@ class GenerationWorker(SimpleWorker):
 
     @property
     def stopping(self) -> bool:
-        """A stop was requested: take nothing new."""
-        return rqstore.stop_requested(self)
+        """A stop was requested (a signal, or RQ's own stop): take nothing new."""
+        return self.stop_asked or rqstore.stop_requested(self)
+
+    def ask_stop(self) -> None:
+        """Stop once what runs now is over (a signal that came between two runs of RQ's loop)."""
+        self.stop_asked = True
 
     def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None) -> Any:
-        # RQ blocks in one long BLPOP; we wait in short ones, so a worker that turns critical while
-        # idle stops taking jobs within PRESSURE_CHECK seconds.
-        if timeout is None:  # burst mode: one look, no waiting
-            self._pause_while_critical()
-            return super().dequeue_job_and_maintain_ttl(None, max_idle_time)
-        idle_since = time.monotonic()
+        while True:
+            try:
+                return self._wait_for_job(timeout, max_idle_time)
+            except RedisError as exc:  # RQ's loop would end on it: the outage path instead
+                if not self.ride_out_outage(exc):
+                    return None
+
+    def _wait_for_job(self, timeout: int | None, max_idle_time: int | None) -> tuple[Job, Queue] | None:
+        """The next job of the worker's queues (in their order), taken through the job store: popped
+        and recorded as this worker's in one step, so no job is ever nowhere (RQ's BLPOP records
+        nothing). It looks every TAKE_POLL s (once in burst mode: `timeout` None); every
+        PRESSURE_CHECK s it checks memory (pausing while critical) and renews RQ's worker key."""
+        queues = {q.name: q for q in self.queues}
+        self.set_state(WorkerStatus.IDLE)
+        self._pause_while_critical()
+        idle_since = checked = time.monotonic()
         while not self.stopping:
-            self._pause_while_critical()
-            result = super().dequeue_job_and_maintain_ttl(PRESSURE_CHECK, max_idle_time=PRESSURE_CHECK)
-            if result is not None:
-                return result
-            if max_idle_time is not None and time.monotonic() - idle_since >= max_idle_time:
+            taken = runs.take(self.connection, self.name, list(queues))
+            if taken is not None:
+                return taken[0], queues[taken[1]]
+            now = time.monotonic()
+            if timeout is None or (max_idle_time is not None and now - idle_since >= max_idle_time):
                 return None
+            if now - checked >= PRESSURE_CHECK:
+                checked = now
+                self._pause_while_critical()
+                self.heartbeat()
+                if self.should_run_maintenance_tasks:
+                    self.run_maintenance_tasks()
+            time.sleep(TAKE_POLL)
         return None
 
     def _pause_while_critical(self) -> None:
-        # RQ's own worker key stays alive while we wait.
+        # RQ's own worker key stays alive while we wait (a Redis error here takes the outage path).
         self.guard.pause_while_critical(lambda: self.stopping, self.heartbeat)
 
+    def check_for_suspension(self, burst: bool) -> None:
+        try:
+            super().check_for_suspension(burst)
+        except RedisError as exc:
+            self.ride_out_outage(exc)
+
+    def run_maintenance_tasks(self) -> None:
+        try:
+            super().run_maintenance_tasks()
+        except RedisError as exc:
+            self.ride_out_outage(exc)
+
     def execute_job(self, job: Job, queue: Queue) -> None:
-        if job.func_name != keys.GENERATE_FUNC:
-            super().execute_job(job, queue)  # not a generation: RQ runs it as usual
-            return
         try:
-            bound = context.current()
-        except RuntimeError as exc:  # no model is bound: the job fails, the worker goes on
-            execution = rqstore.start_job(self, job, lambda _: None)
-            rqstore.fail_job(self, job, queue, execution, (type(exc), exc, None))
-            return
-        session = self.report.session = self._session(bound)
-        try:
-            session.run(job, queue)
+            self._execute(job, queue)
         except RedisError as exc:  # Redis went away mid-session: not the jobs' fault
-            log.warning("batch_lost_redis", error=str(exc), running=list(self.running))
-            if self._wait_for_redis():
-                self.hand_back_running("its worker lost Redis mid-job")
+            self.ride_out_outage(exc)
+        except StopRequested:
+            raise
+        except Exception:  # a fault of the session itself: its jobs go back, each counted a retry
+            log.exception("session_failed", running=sorted(self.running))
+            try:
+                self.hand_back_running("its worker's session failed", count_attempt=True)
+            except RedisError as exc:
+                self.ride_out_outage(exc)
         finally:
             self.report.session = None
             try:
                 self.set_state(WorkerStatus.IDLE)
             except RedisError:
-                pass
+                pass  # the next wait for a job meets the outage, if it lasts
+
+    def _execute(self, job: Job, queue: Queue) -> None:
+        bound = None
+        if job.func_name == keys.GENERATE_FUNC:
+            try:
+                bound = context.current()
+            except RuntimeError as exc:  # no model is bound: the job fails, the worker goes on
+                execution = rqstore.start_job(self, job, lambda _: None)
+                rqstore.fail_job(self, job, queue, execution, (type(exc), exc, None))
+        else:
+            super().execute_job(job, queue)  # not a generation: RQ runs it as usual
+        if bound is None:  # RQ settled it, knowing nothing of the running ledger
+            ledger.clear_running(self.connection, job.id)
+            return
+        session = self.report.session = self._session(bound)
+        session.run(job, queue)
+
+    def teardown(self) -> None:
+        # RQ records the end of its loop in Redis; without Redis that raised out of work() and ended
+        # the process. The end is recorded once Redis answers again (`ride_out_outage`).
+        try:
+            super().teardown()
+        except RedisError as exc:
+            log.warning("worker_loop_end_not_recorded", error=str(exc))
 
     def _session(self, bound: WorkerContext) -> BatchSession:
         """A session on the bound model: a batch of up to the batch size, or one row at a time where
@@ -152,26 +223,54 @@ class GenerationWorker(SimpleWorker):
         size = self.settings.batch_size()
         return BatchSession(self, bound, decoder, size, budget, self.report, self.guard, turns)
 
-    def _wait_for_redis(self) -> bool:
-        """Wait until Redis answers again (True), or until a stop is requested (False)."""
-        while not self.stopping:
+    def ride_out_outage(self, error: BaseException, loop_ended: bool = False) -> bool:
+        """The outage path: Redis failed this worker (`error`; or, with `loop_ended`, whatever
+        ended RQ's loop). It takes nothing new; once Redis answers again (waited for with backoff)
+        it hands back every job it was running and goes on (True). False when a stop was requested
+        first. `loop_ended`: RQ's loop is over, so its end is recorded too (its name can then
+        register again)."""
+        if isinstance(error, RedisError):
+            log.warning("redis_lost", error=str(error), running=sorted(self.running))
+        while self.wait_for_redis():
             try:
-                self.connection.ping()
-                return True
-            except RedisError:
-                time.sleep(PAUSE_POLL)
+                if loop_ended:
+                    self._record_loop_end()
+                self.hand_back_running(LOST_REDIS if isinstance(error, RedisError) else LOOP_ENDED)
+            except RedisError as exc:  # lost again meanwhile: wait again
+                log.warning("redis_lost", error=str(exc), running=sorted(self.running))
+                continue
+            log.info("redis_back")
+            return True
         return False
 
-    def hand_back_running(self, reason: str) -> None:
-        """Put every job this worker was running back at the front of its queue (not counted as its
-        failure): the one way a worker gives its jobs back (lost Redis, shutting down)."""
-        for job_id, queue_name in list(self.running.items()):
-            try:
-                # Marked again first: a job taken just as Redis went away may never have been marked.
-                ledger.mark_running(self.connection, job_id, self.name, queue_name)
-                lifecycle.hand_back(self.connection, job_id, reason, self.settings.job_max_retries, False)
-            except RedisError as exc:  # the reaper hands it back once our heartbeat lapses
-                log.warning("hand_back_failed", job_id=job_id, error=str(exc))
+    def wait_for_redis(self) -> bool:
+        """Wait, with backoff, until Redis answers (True) or a stop is requested (False)."""
+        for attempt in Retrying(wait=REDIS_WAIT, retry=retry_if_exception_type(RedisError), reraise=True):
+            with attempt:
+                if self.stopping:
+                    return False
+                self.connection.ping()
+        return True
+
+    def _record_loop_end(self) -> None:
+        """Record the end of RQ's last loop, which its teardown may not have done (Redis was away):
+        its death, and its command channel closed (the next loop opens another; closing twice is
+        harmless)."""
+        self.register_death()
+        self.unsubscribe()
+
+    def hand_back_running(self, reason: str, count_attempt: bool = False) -> None:
+        """Put every job the running ledger says this worker holds back on its queue (every job is
+        there from its taking on, `runs.take`; one it ran that is not was settled, or handed back
+        by the reaper while the worker was cut off). Not counted as the job's failure
+        (`count_attempt`: counted, to the back of the queue); the one way a worker gives its jobs
+        back (lost Redis, shutting down, a failed session). Raises RedisError if Redis fails
+        meanwhile (what was not handed back yet stays listed)."""
+        held = ledger.running(self.connection)
+        retries = self.settings.job_max_retries
+        for job_id in [job_id for job_id, entry in held.items() if entry.worker == self.name]:
+            lifecycle.hand_back(self.connection, job_id, reason, retries, count_attempt, owner=self.name)
+            self.running.pop(job_id, None)
         self.report.clear()
 
     def request_stop(self, signum: int, frame: Any) -> None:
@@ -183,7 +282,10 @@ class GenerationWorker(SimpleWorker):
             self._grace_timer.daemon = True
             self._grace_timer.start()
             log.info("worker_stopping", job_id=next(iter(self.running)), grace_s=self.settings.shutdown_grace)
-        super().request_stop(signum, frame)
+        try:
+            super().request_stop(signum, frame)
+        except RedisError as exc:  # RQ asks Redis whether we are busy; `stopping` stops us all the same
+            log.warning("stop_not_recorded", error=str(exc))
 
     def request_force_stop(self, signum: int, frame: Any) -> None:
         # A second signal: hand the running jobs back now instead of letting RQ fail them.
@@ -194,14 +296,19 @@ class GenerationWorker(SimpleWorker):
     def abandon_running_job(self) -> None:
         """Hand every running job back to its queue (not counted as a failure) and exit at once, so
         RQ does not record the interrupted jobs as failed."""
-        job_ids = list(self.running)
-        self.hand_back_running("its worker shut down")
-        log.warning("worker_exiting", handed_back=job_ids)
-        if self.on_exit is not None:
-            self.on_exit()
-        lifecycle.release_own_queue(self.connection, self.name)  # turns routed here are routed afresh
+        job_ids = sorted(self.running)
         try:
+            try:
+                self.hand_back_running("its worker shut down")
+            except RedisError as exc:  # the reaper hands them back once our heartbeat lapses
+                log.warning("hand_back_failed", error=str(exc), running=job_ids)
+            log.warning("worker_exiting", handed_back=job_ids)
+            if self.on_exit is not None:
+                self.on_exit()
+            lifecycle.release_own_queue(self.connection, self.name)  # its turns are routed afresh
             self.register_death()
+        except RedisError as exc:  # the reaper releases what is left once our heartbeat lapses
+            log.warning("worker_exit_not_recorded", error=str(exc))
         finally:
             os._exit(0)
 

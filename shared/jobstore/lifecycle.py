@@ -244,26 +244,6 @@ def _hand_back(
     return ("failed" if failed else "requeued"), record
 
 
-def rescue_dequeued(redis: Redis, queues: list[Any]) -> list[str]:
-    """Jobs a worker took off its queues (into RQ's intermediate list) but never started, because
-    Redis went away in between: back to the front of their queue. Called when the worker's loop
-    starts again; an id in the started registry is left alone."""
-    rescued = []
-    for queue in queues:
-        intermediate = rqstore.intermediate_key(queue)
-        for job_id in rqstore.taken_but_not_started(queue):
-            job = fetch(redis, job_id)
-            if job is None:
-                redis.lrem(intermediate, 0, job_id)
-                continue
-            if job.get_status(refresh=True) != "queued":
-                continue
-            requeue_front(redis, job, queue.name, leaving=intermediate)
-            rescued.append(job_id)
-            log.warning("job_requeued", job_id=job_id, reason="dequeued but never started", queue=queue.name)
-    return rescued
-
-
 def release_own_queue(redis: Redis, worker: str) -> list[str]:
     """Jobs waiting in `worker`'s own queue go back to `incoming` (their priority's), to be routed
     afresh with a full prefill; the queue itself is removed. For a worker that stopped or died."""

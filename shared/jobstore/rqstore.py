@@ -200,31 +200,7 @@ def record_failure(job: Job, message: str, pipe: Any) -> None:
     record_job_failure(job, message, pipe)
 
 
-def taken_but_not_started(queue: Queue) -> list[str]:
-    """Ids a worker took off `queue` (into RQ's intermediate list) that never reached the started
-    registry: a worker lost Redis, or died, between the two."""
-    intermediate = IntermediateQueue(queue.key, connection=queue.connection)
-    started = StartedJobRegistry(queue=queue)
-    return [job_id for job_id in intermediate.get_job_ids() if job_id not in started]
-
-
-def intermediate_key(queue: Queue) -> str:
-    """RQ's intermediate list of `queue`."""
-    return IntermediateQueue(queue.key, connection=queue.connection).key
-
-
 # --- one job's run in a worker, driven by hand (the steps of BaseWorker.perform_job) --------------
-
-
-def take_job(worker: BaseWorker) -> tuple[Job, Queue] | None:
-    """The next job of the worker's queues (in their order: highest priority first), without waiting."""
-    return Queue.dequeue_any(
-        worker.queues,
-        None,
-        connection=worker.connection,
-        job_class=worker.job_class,
-        serializer=worker.serializer,
-    )
 
 
 def jobs_waiting(worker: BaseWorker) -> bool:
@@ -233,6 +209,11 @@ def jobs_waiting(worker: BaseWorker) -> bool:
     for queue in worker.queues:
         pipe.llen(queue.key)
     return any(int(n) for n in pipe.execute())
+
+
+def intermediate_key(queue: Queue) -> str:
+    """RQ's intermediate list of `queue`."""
+    return IntermediateQueue(queue.key, connection=queue.connection).key
 
 
 def start_job(worker: BaseWorker, job: Job, also: Callable[[Pipeline], None]) -> Execution:
@@ -306,19 +287,9 @@ def stored_failure(
         worker.increment_total_working_time(ended_at - job.started_at, pipe)
 
 
-def finish_job(worker: BaseWorker, job: Job, queue: Queue, execution: Execution, result: Any) -> None:
-    """`job` returned `result`: stored as RQ stores a job function's return value."""
-    worker._finalize_success(job, queue, execution, result)
-
-
 def fail_job(worker: BaseWorker, job: Job, queue: Queue, execution: Execution, exc_info: ExcInfo) -> None:
     """`job` raised: failed as RQ fails a job whose function raised (traceback, failed registry)."""
     worker._finalize_failure(job, queue, execution, exc_info)
-
-
-def return_job(job: Job, queue: Queue) -> None:
-    """Put a job taken but not started back at the front of its queue (it stays `queued`)."""
-    queue.push_job_id(job.id, at_front=True)
 
 
 def keep_alive(worker: BaseWorker, jobs: list[Job]) -> None:
