@@ -211,6 +211,7 @@ class Bench:
             "webhook_ids_per_job": distribution(self.receiver.ids_of(j) for j in ids) if webhooks else None,
             "webhook_deliveries": sum(self.receiver.deliveries[j] for j in ids) if webhooks else None,
             "retried_jobs": sum(1 for job_id in ids if retries(redis, job_id) > 0),
+            "retries_per_job": distribution(retries(redis, job_id) for job_id in ids),
             "streams_replayed": dict(replays),
             "streams_differing_silently": replays["differs"],
         }

@@ -152,9 +152,7 @@ def settle(
     nothing was written; the caller drops the run."""
     job, _, execution = started
     rqstore.ended(worker, job)
-    if result is not None:
-        record.stamp("finished")
-    elif record.ending() is None:
+    if result is None and record.ending() is None:
         record.end("error", "generation_failed", "Generation failed.")
     job.meta = record.to_meta()
     stream, fields = ending
@@ -181,7 +179,8 @@ def settle(
 
 
 def done_event(result: dict[str, Any], record: JobRecord) -> tuple[str, dict[str, Any]]:
-    """The `done` event of a run that produced `result`."""
+    """The `done` event of a run that produced `result` (the record stamps it finished now)."""
+    record.stamp("finished")
     return DONE, {**result, "timings": record.timestamps.model_dump(exclude_none=True)}
 
 
