@@ -100,12 +100,7 @@ class BatchSession:
         joining: list[Slot] = []
         if self.held >= self.size or self._full or not rqstore.jobs_waiting(self.worker):
             return joining
-        while (
-            self.held < self.size
-            and not self._full
-            and not self.worker.stopping
-            and self.guard.may_take()
-        ):
+        while self.held < self.size and not self._full and not self.worker.stopping and self.guard.may_take():
             taken = runs.take(self.redis, self.worker.name, list(self._queues))
             if taken is None:
                 break
