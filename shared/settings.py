@@ -56,7 +56,7 @@ class Settings(BaseSettings):
     api_port: int = Field(default=8000, description="Port the API binds")
     api_threads: int = Field(default=16, description="Request threads of the API process")
     api_redis_budget: float = Field(
-        default=2.0,
+        default=1.5,
         gt=0,
         description="Seconds one API request may wait on Redis, all its commands together (then 503)",
     )
