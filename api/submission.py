@@ -51,7 +51,10 @@ class Submitted:
 
 def webhooks() -> WebhookSender:
     """The app's webhook sender (built on first use)."""
-    return current_app.extensions.setdefault("gptoss_webhooks", WebhookSender(services().settings))
+    extensions = current_app.extensions
+    if "gptoss_webhooks" not in extensions:
+        extensions["gptoss_webhooks"] = WebhookSender(services().settings, services().redis)
+    return extensions["gptoss_webhooks"]
 
 
 def submit(submission: JobSubmission, route: str, body: Any) -> Submitted:

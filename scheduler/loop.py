@@ -72,7 +72,7 @@ class Scheduler:
         self._counter = counter
         self._metrics = metrics
         self._intake = Intake(redis)
-        self._webhooks = WebhookSender(settings)
+        self.webhooks = self._webhooks = WebhookSender(settings, redis)
         self._registry = load_registry()
         self._limits = Thresholds(
             multi_gpu_threshold=settings.multi_gpu_threshold,

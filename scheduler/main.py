@@ -72,7 +72,12 @@ def main(settings: Settings | None = None) -> None:
     try:
         # Heartbeats are trusted once Redis has been up longer than one lives (plus a beat).
         reaper = Reaper(
-            redis, settings.job_max_retries, settings.heartbeat_ttl + 1.0, metrics, cleanup=Cleanup(redis)
+            redis,
+            settings.job_max_retries,
+            settings.heartbeat_ttl + 1.0,
+            metrics,
+            cleanup=Cleanup(redis),
+            webhooks=scheduler.webhooks,
         )
         scheduler.run(stop, on_tick=reaper.sweep_if_due)
     finally:

@@ -22,6 +22,7 @@ from shared.jobstore import lifecycle
 from shared.jobstore.cleanup import Cleanup
 from shared.jobstore.ledger import running
 from shared.metrics import SchedulerMetrics
+from shared.webhooks import WebhookSender
 
 log = structlog.get_logger()
 
@@ -41,9 +42,11 @@ class Reaper:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         cleanup: Cleanup | None = None,
+        webhooks: WebhookSender | None = None,
     ):
         self._redis, self._max_retries, self._metrics = redis, max_retries, metrics
         self._cleanup = cleanup
+        self._webhooks = webhooks
         self._clock, self._wall_clock = clock, wall_clock
         self._settle = settle
         self._last_seen: dict[str, float] = {}
@@ -63,6 +66,8 @@ class Reaper:
                 raise
             if self._cleanup is not None:
                 self._cleanup.run_if_due()
+            if self._webhooks is not None:
+                self._webhooks.redeliver()  # messages whose sender died before delivering them
 
     def settled(self) -> bool:
         """Whether heartbeats can be trusted: Redis has answered us, and has been up, for longer

@@ -131,6 +131,14 @@ FENCE_TTL = 2 * 24 * 3600
 """Seconds a job's fence lives after its last run began or was handed back (beyond any retention)."""
 
 
+WEBHOOK_OUTBOX = PREFIX + "webhooks:outbox"
+"""Hash of webhook messages not yet delivered (message id -> url, body, when): written with the job's
+ending, removed once delivered or given up, redelivered by the scheduler when a sender died."""
+
+WEBHOOK_REDELIVER_AFTER = 120.0
+"""Seconds after which an undelivered webhook is sent again (longer than one sender's retries)."""
+
+
 def tombstone(job_id: str) -> str:
     """Key that outlives a job's record, so an expired id answers 410 instead of 404."""
     return f"{PREFIX}tombstone:{job_id}"

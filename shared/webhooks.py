@@ -17,8 +17,11 @@ from urllib.parse import urlsplit
 
 import requests
 import structlog
+from redis import Redis
+from redis.exceptions import RedisError
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
+from shared import keys
 from shared.contract import JobView
 from shared.errors import GptossError, ValidationFailed
 from shared.jobstore.record import JobRecord
@@ -94,8 +97,9 @@ def check_target(url: str, allow_private: bool) -> None:
 class WebhookSender:
     """Delivers webhooks from a few background threads, retrying each with exponential backoff."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, redis: Redis | None = None):
         self._settings = settings
+        self._redis = redis  # with one, every message passes through the outbox (at least once)
         self._pool: ThreadPoolExecutor | None = None
 
     @property
@@ -110,14 +114,63 @@ class WebhookSender:
             raise ValidationFailed("Webhooks are off on this server (GPTOSS_WEBHOOK_SECRET is unset).")
         check_target(url, self._settings.webhook_allow_private)
 
+    @property
+    def has_outbox(self) -> bool:
+        """Messages go through the outbox in Redis (delivered at least once, even if this process dies)."""
+        return self.enabled and self._redis is not None
+
+    def entry(self, url: str, view: JobView, at: float | None = None) -> tuple[str, str]:
+        """The outbox entry of `view`'s message to `url` (message id, stored value), for the
+        transaction that ends the job to write: the message outlives a sender that dies."""
+        message_id = f"msg_{view.id}_{view.status.value}"  # the same id on every retry
+        body = event_body(view).decode()
+        return message_id, json.dumps({"url": url, "body": body, "at": time.time() if at is None else at})
+
     def send(self, url: str, view: JobView) -> Future[bool] | None:
-        """Deliver `view` to `url` in the background; the future says whether it was accepted."""
+        """Deliver `view` to `url` in the background (through the outbox, when there is one); the
+        future says whether it was accepted."""
         if not self.enabled:
             return None
+        message_id, value = self.entry(url, view)
+        if self._redis is not None:
+            try:
+                self._redis.hset(keys.WEBHOOK_OUTBOX, message_id, value)
+            except RedisError as exc:  # delivered all the same, only not redelivered if we die
+                log.warning("webhook_outbox_failed", message_id=message_id, error=str(exc))
+        return self._submit(url, message_id, json.loads(value)["body"].encode())
+
+    def redeliver(self, older_than: float = keys.WEBHOOK_REDELIVER_AFTER, now: float | None = None) -> int:
+        """Send again every outbox message older than `older_than` seconds (its sender died before
+        delivering it): under the same id, so a receiver that got it already can tell."""
+        if not self.enabled or self._redis is None:
+            return 0
+        now = time.time() if now is None else now
+        sent = 0
+        for raw_id, raw in self._redis.hgetall(keys.WEBHOOK_OUTBOX).items():
+            message_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
+            message = json.loads(raw)
+            if now - float(message.get("at", 0)) < older_than:
+                continue
+            self._redis.hset(keys.WEBHOOK_OUTBOX, message_id, json.dumps({**message, "at": now}))
+            self._submit(str(message["url"]), message_id, str(message["body"]).encode())
+            log.warning("webhook_redelivered", message_id=message_id)
+            sent += 1
+        return sent
+
+    def _submit(self, url: str, message_id: str, body: bytes) -> Future[bool]:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(DELIVERY_THREADS, thread_name_prefix="webhook")
-        message_id = f"msg_{view.id}_{view.status.value}"  # the same id on every retry
-        return self._pool.submit(self.deliver, url, message_id, event_body(view))
+        return self._pool.submit(self._deliver_once, url, message_id, body)
+
+    def _deliver_once(self, url: str, message_id: str, body: bytes) -> bool:
+        """Deliver, then take the message out of the outbox (delivered, or given up)."""
+        accepted = self.deliver(url, message_id, body)
+        if self._redis is not None:
+            try:
+                self._redis.hdel(keys.WEBHOOK_OUTBOX, message_id)
+            except RedisError as exc:  # sent again later, under the same id
+                log.warning("webhook_outbox_failed", message_id=message_id, error=str(exc))
+        return accepted
 
     def deliver(self, url: str, message_id: str, body: bytes) -> bool:
         """POST one message until it is accepted (2xx) or the attempts run out; never raises."""

@@ -54,7 +54,7 @@ def stack(redis: Redis, settings, runtime, clock):  # type: ignore[no-untyped-de
 def work(config, redis: Redis, runtime) -> None:  # type: ignore[no-untyped-def]
     """Run a burst worker on gpu-single (one job at a time) until its queues are empty."""
     worker, _ = build_worker(config, redis, runtime.device)
-    context.bind(runtime, worker.name, keys.SINGLE_QUEUE, webhooks=WebhookSender(config))
+    context.bind(runtime, worker.name, keys.SINGLE_QUEUE, webhooks=WebhookSender(config, redis))
     worker.activity = "idle"
     worker.work(burst=True, logging_level=None)
 
@@ -173,6 +173,8 @@ def test_webhook_delivered_signed_and_retried(stack, redis: Redis, runtime, rece
     # Our own signing agrees with the spec: HMAC-SHA256 over "id.timestamp.body".
     expected = sign(signing_key(SECRET), headers["webhook-id"], int(headers["webhook-timestamp"]), body)
     assert headers["webhook-signature"] == expected
+    # The message was in the outbox from the job's ending until its delivery.
+    wait_for(lambda: redis.hlen(keys.WEBHOOK_OUTBOX) == 0, 30, "the delivered message out of the outbox")
 
 
 def test_webhook_on_cancel_and_private_targets_refused(
@@ -223,3 +225,28 @@ def test_list_jobs_with_paging(stack) -> None:  # type: ignore[no-untyped-def]
     rest = app.get(f"/v1/jobs?limit=10&after={page['last_id']}").get_json()
     assert [j["id"] for j in rest["data"]] == ids[::-1][2:] and not rest["has_more"]
     assert app.get("/v1/jobs?limit=0").status_code == 422
+
+
+def test_a_webhook_whose_sender_died_is_delivered_again_under_its_id(
+    redis: Redis, settings, receiver: Receiver
+) -> None:  # type: ignore[no-untyped-def]
+    """The worker writes the job's webhook message with its ending, then dies before sending it: the
+    scheduler's sweep finds it in the outbox and sends it, under the same id, until it is accepted."""
+    from shared.contract import JobStatus, JobView, StageTimes
+
+    config = settings(webhook_secret=SECRET, webhook_allow_private=True, webhook_backoff=0.05)
+    view = JobView(
+        id="job-1", status=JobStatus.FINISHED, model="m", timestamps=StageTimes(), url="/v1/jobs/job-1"
+    )
+    message_id, value = WebhookSender(config, redis).entry(receiver.url, view, at=time.time())
+    redis.hset(keys.WEBHOOK_OUTBOX, message_id, value)  # the settling wrote it; its worker is gone
+    sweeping = WebhookSender(config, redis)
+    assert sweeping.redeliver() == 0  # not yet: its own sender may still be trying
+    assert sweeping.redeliver(now=time.time() + keys.WEBHOOK_REDELIVER_AFTER + 1) == 1
+    wait_for(lambda: redis.hlen(keys.WEBHOOK_OUTBOX) == 0, 30, "the message delivered and out of the outbox")
+    assert [h["webhook-id"] for h, _ in receiver.deliveries] == [message_id, message_id]  # a 500, then 204
+    assert (
+        Webhook(SECRET).verify(receiver.deliveries[-1][1], receiver.deliveries[-1][0])["data"]["id"]
+        == "job-1"
+    )
+    assert sweeping.redeliver(now=time.time() + 10 * keys.WEBHOOK_REDELIVER_AFTER) == 0

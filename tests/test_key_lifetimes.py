@@ -30,6 +30,7 @@ WORKER_SETS = ("rq:workers", "rq:workers:*")
 a TTL, renewed while the worker lives)."""
 
 WITHOUT_TTL = {
+    keys.WEBHOOK_OUTBOX: "webhook messages not yet delivered: each leaves once delivered or given up",
     # RQ's own structures.
     "rq:queue:*": "a queue, or its intermediate list: ids leave as workers take and start them; the "
     "backlog budget bounds them (cleanup drops ids of jobs gone from intermediate lists)",

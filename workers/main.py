@@ -105,7 +105,7 @@ def main(settings: Settings | None = None, burst: bool = False) -> None:
         runtime = ModelRuntime.load(model_spec(settings.model), settings, placement)
         if metrics is not None:
             metrics.model_load.labels(settings.model).set(time.perf_counter() - loading)
-        webhooks = WebhookSender(settings)
+        webhooks = WebhookSender(settings, redis)
         context.bind(runtime, worker.name, settings.worker_queue, metrics, settings.log_content, webhooks)
         worker.activity = "idle"
         heartbeat.beat()

@@ -199,6 +199,14 @@ class JobRun:
                 )
         self._end_span()
 
+    def webhook(self, status: str, result: dict[str, Any] | None = None) -> tuple[str, str] | None:
+        """The outbox entry of the job's webhook for its ending (`status`), for the settling to
+        write; None when it has no webhook."""
+        sender, url = self.bound.webhooks, self.record.webhook
+        if sender is None or url is None or not sender.has_outbox:
+            return None
+        return sender.entry(url, build_view(self.job.id, self.record, status, result))
+
     @property
     def fingerprint(self) -> str | None:
         """The response-cache fingerprint of a cacheable job (None: not cacheable)."""

@@ -55,7 +55,10 @@ class Settler:
         assert run.fence is not None  # taken as the run started
         ending, held = run.stream.ending(event, data), (started.job, started.queue, started.execution)
         with run.tracing():
-            settled = runs.settle(self.redis, self.worker, held, run.record, run.fence, ending, result=result)
+            webhook = run.webhook("finished", result)
+            settled = runs.settle(
+                self.redis, self.worker, held, run.record, run.fence, ending, result=result, webhook=webhook
+            )
         if settled == "superseded":
             self.drop(started)
             return False
@@ -76,8 +79,16 @@ class Settler:
         assert run.fence is not None  # taken as the run started (or was refused)
         ending, held = run.stream.ending(event, data), (started.job, started.queue, started.execution)
         with run.logging(), run.tracing():
+            webhook = run.webhook("failed")
             settled = runs.settle(
-                self.redis, self.worker, held, run.record, run.fence, ending, exc_info=exc_info
+                self.redis,
+                self.worker,
+                held,
+                run.record,
+                run.fence,
+                ending,
+                exc_info=exc_info,
+                webhook=webhook,
             )
         if settled == "superseded":
             self.drop(started)

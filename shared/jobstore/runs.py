@@ -145,6 +145,7 @@ def settle(
     *,
     result: dict[str, Any] | None = None,
     exc_info: rqstore.ExcInfo | None = None,
+    webhook: tuple[str, str] | None = None,
 ) -> Settled:
     """Settle a run: its `result`, or its failure (`exc_info`; the record says why), with its last
     stream event (`ending`, from `JobStream.ending`), in one transaction that commits only while the
@@ -172,6 +173,8 @@ def settle(
                 pipe.xadd(stream, fields)  # type: ignore[arg-type]
                 pipe.expire(stream, record.retention)
                 pipe.hdel(keys.RUNNING, job.id)
+                if webhook is not None:  # the webhook message outlives a worker that dies now
+                    pipe.hset(keys.WEBHOOK_OUTBOX, *webhook)
                 pipe.execute()
                 return "settled"
             except WatchError:
