@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,8 +92,8 @@ class CacheStats:
 class ResponseCache:
     """Cached job results (JSON of a JobResult) by request fingerprint."""
 
-    def __init__(self, redis: Redis, ttl: int, max_bytes: int):
-        self._redis, self.ttl, self.max_bytes = redis, ttl, max_bytes
+    def __init__(self, redis: Redis, ttl: int, max_bytes: int, clock: Callable[[], float] = time.time):
+        self._redis, self.ttl, self.max_bytes, self._clock = redis, ttl, max_bytes, clock
         self._keys = [keys.RESPONSE_CACHE_LRU, keys.RESPONSE_CACHE_SIZES, keys.RESPONSE_CACHE_BYTES]
         self._prefix = keys.response_cache_entry("")
         self._lookup = redis.register_script(LOOKUP)
@@ -100,7 +101,7 @@ class ResponseCache:
 
     def lookup(self, fingerprint: str) -> dict[str, Any] | None:
         """The cached result of `fingerprint`, its TTL and recency renewed; None on a miss."""
-        raw = self._lookup(keys=self._keys, args=[self._prefix, fingerprint, time.time(), self.ttl])
+        raw = self._lookup(keys=self._keys, args=[self._prefix, fingerprint, self._clock(), self.ttl])
         return json.loads(raw) if raw else None
 
     def store(self, fingerprint: str, result: dict[str, Any]) -> int:
@@ -112,7 +113,7 @@ class ResponseCache:
         args: list[str | int | float] = [
             self._prefix,
             fingerprint,
-            time.time(),
+            self._clock(),
             self.ttl,
             self.max_bytes,
             value,

@@ -13,6 +13,7 @@ from shared import keys
 from shared.connection import connect
 from shared.heartbeat import SchedulerBeat, WorkerBeat, publish
 from shared.jobstore.rqstore import fetch_job, open_queue
+from tests.conftest import wait_for
 
 CHAT = {"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 8}
 
@@ -162,7 +163,8 @@ def test_readyz_needs_scheduler_and_a_worker_per_queue(client, redis: Redis) -> 
     assert response.status_code == 200
     assert response.get_json()["workers"] == {"gpu-single": 1, "gpu-multi": 1}
 
-    time.sleep(1.2)  # b's heartbeat expires: the queue has no live worker again
+    # b's heartbeat expires: the queue has no live worker again
+    wait_for(lambda: client.get("/readyz").status_code == 503, 10, "b's heartbeat to expire")
     response = client.get("/readyz")
     assert response.status_code == 503
     assert response.get_json()["reasons"] == ["no live worker heartbeat on queue gpu-multi"]

@@ -4,7 +4,6 @@ created finished, the API's hit path in-process, and the real processes end to e
 from __future__ import annotations
 
 import json
-import time
 import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from shared.normalise import canonical, canonical_json, deterministic, fingerpri
 from shared.prompts import load_prompt_tokenizer, prompt_token_ids
 from shared.registry import model_spec
 from shared.response_cache import ResponseCache, read_stats, store_finished, store_target
-from tests.conftest import Processes, http_ok, process_env, wait_for
+from tests.conftest import FakeClock, Processes, http_ok, process_env, wait_for
 
 CAFE_NFC = "Caf\u00e9 au lait?\r\nAnswer in one word."
 CAFE_NFD = unicodedata.normalize("NFD", "Caf\u00e9 au lait?") + "\nAnswer in one word."
@@ -158,11 +157,14 @@ def test_store_and_lookup_are_byte_identical_and_bounded_in_time(redis: Redis) -
 def test_entries_expire_after_their_idle_ttl(redis: Redis) -> None:
     cache = ResponseCache(redis, ttl=1, max_bytes=10_000)
     cache.store("old", result("x"))
-    time.sleep(0.6)
+    entry = keys.response_cache_entry("old")
+    redis.pexpire(entry, 400)  # most of its idle TTL gone
     assert cache.lookup("old") is not None  # a hit renews the TTL
-    time.sleep(0.6)
+    assert redis.pttl(entry) > 400
+    redis.pexpire(entry, 400)
     assert cache.lookup("old") is not None
-    time.sleep(1.2)
+    redis.pexpire(entry, 1)  # its idle TTL runs out
+    wait_for(lambda: not redis.exists(entry), 5, "the entry to expire")
     assert cache.lookup("old") is None
     assert read_stats(redis).entries == 0 and read_stats(redis).bytes == 0
 
@@ -170,7 +172,11 @@ def test_entries_expire_after_their_idle_ttl(redis: Redis) -> None:
 def test_expired_entries_leave_the_bookkeeping_at_the_next_store(redis: Redis) -> None:
     short = ResponseCache(redis, ttl=1, max_bytes=10_000)
     short.store("a", result("x"))
-    time.sleep(1.2)
+    written = (keys.response_cache_entry("a"), keys.RESPONSE_CACHE_LRU, keys.RESPONSE_CACHE_SIZES,
+               keys.RESPONSE_CACHE_BYTES)  # fmt: skip
+    for key in written:  # its one-second TTL runs out (Redis's clock, moved on)
+        redis.pexpire(key, 1)
+    wait_for(lambda: not redis.exists(*written), 5, "the entry and its bookkeeping to expire")
     ResponseCache(redis, ttl=60, max_bytes=10_000).store("b", result("y"))
     assert read_stats(redis).entries == 1
     assert read_stats(redis).bytes == entry_size(result("y"))
@@ -178,10 +184,11 @@ def test_expired_entries_leave_the_bookkeeping_at_the_next_store(redis: Redis) -
 
 def test_eviction_under_a_small_byte_budget_is_least_recently_used(redis: Redis) -> None:
     size = entry_size(result("0"))
-    cache = ResponseCache(redis, ttl=60, max_bytes=3 * size)
+    clock = FakeClock()
+    cache = ResponseCache(redis, ttl=60, max_bytes=3 * size, clock=clock)
     for name in ("a", "b", "c"):
         assert cache.store(name, result("0")) == 0
-        time.sleep(0.01)  # distinct last-use times
+        clock.advance(1)  # distinct last-use times
     assert cache.lookup("a") is not None  # now "b" is the least recently used
     assert cache.store("d", result("0")) == 1
     assert cache.lookup("b") is None

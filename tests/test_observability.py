@@ -7,7 +7,6 @@ import io
 import json
 import re
 import tarfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,8 +166,14 @@ def test_histograms_carry_exemplars_of_recorded_traces(observed: Observed) -> No
 
 def test_every_log_line_of_a_request_is_json_with_ids_and_no_prompt(observed: Observed) -> None:
     view = submit(observed.base, f"Repeat the word {SECRET_PROMPT}.", {"X-Request-ID": "req-observed-1"})
-    time.sleep(0.5)  # let the processes flush the job's last lines
-    lines = [line for path in observed.logs.glob("*.log") for line in path.read_text().splitlines()]
+
+    def read_lines() -> list[str]:
+        return [line for path in observed.logs.glob("*.log") for line in path.read_text().splitlines()]
+
+    # The job's last line: the worker's `job_finished` (or a cache hit's) names the job.
+    wait_for(lambda: any(view["id"] in line and ("job_finished" in line or "cache_hit" in line)
+                         for line in read_lines()), 30, "the job's last log line")  # fmt: skip
+    lines = read_lines()
     assert not [line for line in lines if SECRET_PROMPT in line], "prompt text reached a log"
     # The request's lines: those of its POST and of its job (polls are requests of their own).
     mine = [line for line in lines if "req-observed-1" in line or f'"job_id": "{view["id"]}"' in line]

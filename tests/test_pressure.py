@@ -15,6 +15,7 @@ from redis import Redis
 
 from cli.up import free_port
 from shared import keys
+from shared.heartbeat import WorkerBeat, read_live
 from shared.jobstore.rqstore import open_queue
 from tests.conftest import Processes, http_ok, poll_job, process_env, wait_for
 
@@ -126,14 +127,22 @@ def test_critical_holds_and_resumes_when_pressure_drops(healthy: Cluster) -> Non
     assert {w["level"] for w in capacity["workers"]} == {"critical"}
 
     # A critical worker takes nothing new, even a job put straight onto its queue.
-    time.sleep(1.5)  # an idle worker re-checks its memory at least once a second
+    worker_log = healthy.memory[keys.SINGLE_QUEUE].parent / f"{keys.SINGLE_QUEUE}.log"
+    wait_for(lambda: "memory_critical_paused" in worker_log.read_text(), 10, "the idle worker to pause")
     direct = open_queue(keys.SINGLE_QUEUE, healthy.redis).enqueue(
         keys.GENERATE_FUNC,
         {"prompt": "Hi", "max_tokens": 2, "temperature": 0},
         result_ttl=300,
         failure_ttl=300,
     )
-    time.sleep(2)
+    enqueued = time.time()
+
+    def beat_since(seconds: float) -> bool:
+        beats = read_live(healthy.redis, keys.WORKER_HEARTBEAT_PATTERN, WorkerBeat)
+        return any(b.queue == keys.SINGLE_QUEUE and b.at > enqueued + seconds for b in beats)
+
+    # The worker stays alive and beating (paused) for two seconds after the job arrived.
+    wait_for(lambda: beat_since(2.0), 10, "two seconds of heartbeats from the paused worker")
     assert direct.get_status(refresh=True) == "queued"
     assert view(healthy.base, held_id)["status"] == "held"
 
