@@ -7,6 +7,7 @@ import math
 import time
 
 from redis import Redis
+from redis.client import Pipeline
 
 from shared import keys
 
@@ -57,8 +58,9 @@ def enter_backlog(redis: Redis, tenant: str, job_id: str, at: float) -> None:
     pipe.execute()
 
 
-def leave_backlog(redis: Redis, tenant: str | None, job_id: str) -> None:
-    """`job_id` no longer waits: it started, or was rejected."""
+def leave_backlog(redis: Redis | Pipeline, tenant: str | None, job_id: str) -> None:
+    """`job_id` no longer waits: it started, or was rejected (`redis` may be the pipeline of the
+    transaction that says so)."""
     redis.zrem(keys.tenant_backlog(tenant or keys.DEFAULT_TENANT), job_id)
 
 

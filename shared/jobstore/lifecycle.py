@@ -22,6 +22,7 @@ from rq.job import Job
 
 from shared import keys
 from shared.cancellation import request_cancel
+from shared.drain import leave_backlog
 from shared.jobstore import events, ledger, rqstore
 from shared.jobstore.record import Ending, JobRecord
 
@@ -122,7 +123,7 @@ def end_unstarted(
         if not job.is_canceled:
             job.cancel(pipeline=pipe)
         pipe.expire(job.key, record.retention)
-        pipe.zrem(keys.tenant_backlog(record.tenant_or_default), job.id)
+        leave_backlog(pipe, record.tenant, job.id)
         pipe.execute()
 
 
@@ -152,7 +153,7 @@ def cancel(redis: Redis, job: Job, message: str) -> JobRecord | None:
                 if not job.is_canceled:
                     job.cancel(pipeline=pipe)
                 pipe.expire(job.key, record.retention)
-                pipe.zrem(keys.tenant_backlog(record.tenant_or_default), job.id)
+                leave_backlog(pipe, record.tenant, job.id)
                 pipe.execute()
                 return record
             except WatchError:

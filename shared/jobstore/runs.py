@@ -21,6 +21,7 @@ from rq.job import Job
 from rq.queue import Queue
 
 from shared import keys
+from shared.drain import leave_backlog
 from shared.jobstore import ledger, lifecycle, rqstore
 from shared.jobstore.events import DONE, ERROR, Fence
 from shared.jobstore.record import Ending, JobRecord
@@ -90,7 +91,7 @@ def start(redis: Redis, worker: Any, job: Job, record: JobRecord, queue: str) ->
     def also(pipe: Pipeline) -> None:
         pipe.hset(job.key, "meta", job.serializer.dumps(job.meta))
         pipe.hset(keys.RUNNING, job.id, ledger.entry(worker.name, queue))
-        pipe.zrem(keys.tenant_backlog(record.tenant_or_default), job.id)
+        leave_backlog(pipe, record.tenant, job.id)
 
     return rqstore.start_job(worker, job, also)
 
@@ -108,7 +109,7 @@ def refuse(
 
     def also(pipe: Pipeline) -> None:
         pipe.hset(job.key, "meta", job.serializer.dumps(job.meta))
-        pipe.zrem(keys.tenant_backlog(record.tenant_or_default), job.id)
+        leave_backlog(pipe, record.tenant, job.id)
 
     return rqstore.start_job(worker, job, also), token
 
