@@ -21,6 +21,7 @@ import requests
 from redis import Redis
 from redis.exceptions import RedisError
 
+from cli import redis_server
 from cli.up import free_port
 from shared import keys
 
@@ -67,21 +68,23 @@ def write_results(name: str, record: dict[str, Any]) -> Path:
 
 
 class Cluster:
-    """Redis (AOF, appendfsync always), the API, the scheduler and workers as child processes in one
-    folder, each started, signalled, replaced and stopped by name. `env` is added to every child's
-    environment (no GPTOSS_* variable of ours leaks in)."""
+    """Redis (AOF, appendfsync always, a password), the API, the scheduler and workers as child
+    processes in one folder, each started, signalled, replaced and stopped by name. `env` is added to
+    every child's environment (no GPTOSS_* variable of ours leaks in)."""
 
     def __init__(self, folder: Path, env: dict[str, str]):
         self.folder, self.port, self.api_port = folder, free_port(), free_port()
         self.base = f"http://127.0.0.1:{self.api_port}"
-        self.redis = Redis(port=self.port, socket_timeout=5, socket_connect_timeout=2)
+        # Locked as `gptoss up` locks its own: a kept password in a config file, private files.
+        self.redis_config, redis_url = redis_server.prepare(folder, self.port, "always")
+        self.redis = Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=2)
         self.children: dict[str, subprocess.Popen] = {}
         self.modules: dict[str, tuple[str, dict[str, str]]] = {}
         self.killed: set[str] = set()
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("GPTOSS_")}
         self.env.update(
             {
-                "GPTOSS_REDIS_URL": f"redis://127.0.0.1:{self.port}/0",
+                "GPTOSS_REDIS_URL": redis_url,
                 "GPTOSS_API_PORT": str(self.api_port),
                 "GPTOSS_LOG_FORMAT": "json",
                 "GPTOSS_SCHEDULER_METRICS_PORT": "0",
@@ -93,12 +96,10 @@ class Cluster:
 
     def start_redis(self, timeout: float = 30) -> None:
         """Start redis-server on the cluster's port and folder (its AOF replayed); wait until it answers."""
-        argv = [
-            shutil.which("redis-server") or "redis-server",
-            *("--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder)),
-            *("--appendonly", "yes", "--appendfsync", "always", "--save", ""),
-        ]
-        self.children["redis"] = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
+        argv = [shutil.which("redis-server") or "redis-server", str(self.redis_config)]
+        self.children["redis"] = subprocess.Popen(
+            argv, stdout=subprocess.DEVNULL, umask=redis_server.PRIVATE_UMASK
+        )
         self.killed.discard("redis")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -16,6 +16,8 @@ from pathlib import Path
 import click
 import redis as redis_py
 
+from cli import redis_server
+from cli.redis_server import masked_url, private_dir, write_private
 from shared import keys
 from shared.apikeys import authenticate, create_key
 from shared.settings import Settings
@@ -25,6 +27,9 @@ STOP_GRACE = 20.0
 
 REDIS_START_TIMEOUT = 10.0
 """Seconds to wait for our own redis-server to answer."""
+
+REDIS_FOLDER = "redis"
+"""Our own Redis's folder in the data dir: its data, config, log and kept password."""
 
 
 def free_port() -> int:
@@ -40,9 +45,10 @@ class Stack:
 
     children: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
 
-    def start(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
+    def start(self, name: str, argv: list[str], env: dict[str, str], umask: int = -1) -> subprocess.Popen:
+        """Start child `name` (under `umask` when it is not -1)."""
         # Each child in its own session: Ctrl-C reaches only `up`, which stops them in order.
-        child = subprocess.Popen(argv, env=env, start_new_session=True)
+        child = subprocess.Popen(argv, env=env, start_new_session=True, umask=umask)
         self.children.append((name, child))
         return child
 
@@ -67,25 +73,28 @@ class Stack:
 
 
 def start_redis(stack: Stack, data_dir: Path, fsync: str = "everysec") -> str:
-    """Start a redis-server from PATH on a free port with its own data dir and AOF persistence
-    (`fsync`: everysec or always); its URL."""
+    """Start a redis-server from PATH on a free port, locked (see cli/redis_server.py), its data and
+    AOF persistence (`fsync`: everysec or always) in `data_dir`/redis; its URL, password included."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise click.ClickException("redis-server is not on PATH; install it or set GPTOSS_REDIS_URL")
-    data_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(data_dir)
+    folder = data_dir / REDIS_FOLDER
     port = free_port()
-    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir),
-            "--appendonly", "yes", "--appendfsync", fsync, "--save", "",
-            "--logfile", str(data_dir / "redis.log")]  # fmt: skip
-    stack.start("redis", argv, dict(os.environ))
-    url = f"redis://127.0.0.1:{port}/0"
+    config, url = redis_server.prepare(folder, port, fsync)
+    server = stack.start("redis", [binary, str(config)], dict(os.environ), umask=redis_server.PRIVATE_UMASK)
     client = redis_py.Redis.from_url(url, socket_connect_timeout=1)
     deadline = time.monotonic() + REDIS_START_TIMEOUT
     while True:
         try:
             client.ping()
+            client.close()
             return url
         except redis_py.ConnectionError:
+            if server.poll() is not None:
+                raise click.ClickException(
+                    f"redis-server exited with code {server.returncode}; see {folder / redis_server.LOG_FILE}"
+                ) from None
             if time.monotonic() > deadline:
                 raise click.ClickException(f"redis-server did not answer on port {port}") from None
             time.sleep(0.05)
@@ -99,9 +108,8 @@ def client_key(redis_url: str, settings: Settings) -> str:
     if kept.exists() and authenticate(client, kept.read_text().strip()) is not None:
         return kept.read_text().strip()
     key, _ = create_key(client, keys.DEFAULT_TENANT, name="gptoss up")
-    kept.parent.mkdir(parents=True, exist_ok=True)
-    kept.write_text(key)
-    kept.chmod(0o600)
+    private_dir(kept.parent)
+    write_private(kept, key)
     return key
 
 
@@ -117,9 +125,7 @@ def run_stack(settings: Settings) -> int:
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
     try:
-        redis_url = settings.redis_url or start_redis(
-            stack, settings.data_dir / "redis", settings.redis_appendfsync
-        )
+        redis_url = settings.redis_url or start_redis(stack, settings.data_dir, settings.redis_appendfsync)
         admin_key = settings.admin_key.get_secret_value() if settings.admin_key else secrets.token_urlsafe(24)
         env = {
             **os.environ,
@@ -146,8 +152,12 @@ def run_stack(settings: Settings) -> int:
         api_key = client_key(redis_url, settings) if settings.auth else None
         key_env = f"GPTOSS_API_KEY={api_key} " if api_key else ""
         metrics = ", ".join(f":{p}/metrics" for p in worker_ports.values() if p)
+        # The password never reaches the terminal; our own Redis's full URL is in a file of this user's.
+        url_file = settings.data_dir / REDIS_FOLDER / redis_server.URL_FILE
+        kept_url = "" if settings.redis_url else f"   (the URL with its password: {url_file})"
         click.echo(
-            f"\ngptoss is starting: model {settings.model}, Redis {redis_url}\n"
+            f"\ngptoss is starting: model {settings.model}\n"
+            f"  Redis      {masked_url(redis_url)}{kept_url}\n"
             f"  API        {base}   (POST /v1/jobs, GET /v1/jobs/<id>)\n"
             f"  ready when {base}/readyz answers 200\n"
             f"  API key    {api_key or 'none needed (GPTOSS_AUTH=false)'}   (Authorization: Bearer …)\n"

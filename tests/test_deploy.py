@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 from functools import cache
@@ -12,6 +13,7 @@ from typing import Any
 
 import pytest
 import yaml
+from redis.connection import parse_url
 
 from shared import keys
 from shared.settings import Settings
@@ -22,6 +24,8 @@ MAIN = COMPOSE / "docker-compose.yml"
 CPU = COMPOSE / "docker-compose.cpu.yml"
 SERVICES = {"redis", "api", "scheduler", "worker-single", "worker-multi", "prometheus", "grafana", "jaeger"}
 GPTOSS_SERVICES = ("api", "scheduler", "worker-single", "worker-multi")
+REDIS_PASSWORD = "0123abcd" * 8
+"""What the tests set GPTOSS_REDIS_PASSWORD to (hex, as the docs say to make it)."""
 
 
 @cache
@@ -33,11 +37,17 @@ def compose_binary() -> Path:
     return Path(found[0])
 
 
-def compose(*args: str, files: tuple[Path, ...] = (MAIN,)) -> subprocess.CompletedProcess:
+def compose(
+    *args: str, files: tuple[Path, ...] = (MAIN,), redis_password: str | None = REDIS_PASSWORD
+) -> subprocess.CompletedProcess:
+    """docker compose on `files`, with GPTOSS_REDIS_PASSWORD set to `redis_password` (None: unset)."""
     argv = [str(compose_binary())]
     for file in files:
         argv += ["-f", str(file)]
-    return subprocess.run([*argv, *args], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    env = {k: v for k, v in os.environ.items() if k != "GPTOSS_REDIS_PASSWORD"}
+    if redis_password is not None:
+        env["GPTOSS_REDIS_PASSWORD"] = redis_password
+    return subprocess.run([*argv, *args], capture_output=True, text=True, timeout=60, cwd=ROOT, env=env)
 
 
 def config(*files: Path) -> dict[str, Any]:
@@ -76,7 +86,7 @@ def test_gpu_stack_shape() -> None:
     for name in GPTOSS_SERVICES:
         env = services[name]["environment"]
         assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://jaeger:4318"
-        assert env["GPTOSS_REDIS_URL"] == "redis://redis:6379/0"
+        assert env["GPTOSS_REDIS_URL"] == f"redis://:{REDIS_PASSWORD}@redis:6379/0"
         assert env["GPTOSS_MODEL"] == "gpt-oss-20b"
         assert env["GPTOSS_METRICS_HOST"] == "0.0.0.0"
     assert services["api"]["environment"]["GPTOSS_API_HOST"] == "0.0.0.0"
@@ -91,6 +101,32 @@ def test_gpu_stack_shape() -> None:
 def test_admin_key_is_never_empty() -> None:
     """Unset in the shell, the key is left unset (admin refused), never set to an empty string."""
     assert config(MAIN)["services"]["api"]["environment"].get("GPTOSS_ADMIN_KEY") is None
+
+
+@pytest.mark.parametrize("files", [(MAIN,), (MAIN, CPU)], ids=["gpu", "cpu"])
+def test_compose_refuses_to_start_without_a_redis_password(files: tuple[Path, ...]) -> None:
+    for password in (None, ""):
+        done = compose("config", "-q", files=files, redis_password=password)
+        assert done.returncode != 0
+        assert "GPTOSS_REDIS_PASSWORD" in done.stderr and "openssl rand -hex 32" in done.stderr
+
+
+@pytest.mark.parametrize("files", [(MAIN,), (MAIN, CPU)], ids=["gpu", "cpu"])
+def test_compose_redis_requires_the_password_every_process_sends(files: tuple[Path, ...]) -> None:
+    model = config(*files)
+    redis = model["services"]["redis"]
+    (mounted,) = redis["configs"]
+    conf = model["configs"][mounted["source"]]["content"]
+    assert conf.splitlines() == [f'requirepass "{REDIS_PASSWORD}"']
+    # redis-server reads that file (its first argument); the password is not on its command line.
+    assert redis["command"][:2] == ["redis-server", mounted["target"]]
+    assert not any(REDIS_PASSWORD in arg for arg in redis["command"])
+    # The healthcheck authenticates (REDISCLI_AUTH) and needs PONG: NOAUTH would count as healthy.
+    assert redis["environment"]["REDISCLI_AUTH"] == REDIS_PASSWORD
+    assert redis["healthcheck"]["test"] == ["CMD-SHELL", "redis-cli ping | grep -q PONG"]
+    for name in GPTOSS_SERVICES:
+        url = parse_url(model["services"][name]["environment"]["GPTOSS_REDIS_URL"])
+        assert (url["password"], url["host"], url["port"]) == (REDIS_PASSWORD, "redis", 6379), name
 
 
 def test_cpu_variant_runs_the_embedded_default() -> None:
@@ -271,3 +307,68 @@ def test_k8s_prometheus_finds_every_process() -> None:
             for name in sd["names"]:
                 assert name.split(".")[0] in headless, name
     assert jobs == {"gptoss-api": 8000, "gptoss-scheduler": 9101, "gptoss-worker": 9102}
+
+
+# --- the Redis password on Kubernetes -----------------------------------------------------------
+
+REDIS_SECRET = {"gptoss-redis": {"password": REDIS_PASSWORD}}
+"""The Secret the docs say to create by hand."""
+
+
+def container_env(container: dict[str, Any], secrets: dict[str, dict[str, str]]) -> dict[str, str]:
+    """A container's `env` as the kubelet resolves it: Secrets read (a missing required one is an
+    error, as the pod would not start), `$(NAME)` expanded from the variables defined before it."""
+    env: dict[str, str] = {}
+    for entry in container.get("env", []):
+        if "valueFrom" in entry:
+            ref = entry["valueFrom"]["secretKeyRef"]
+            value = secrets.get(ref["name"], {}).get(ref["key"])
+            if value is None:
+                if ref.get("optional"):
+                    continue
+                raise LookupError(f"secret {ref['name']}/{ref['key']} is required")
+            env[entry["name"]] = value
+        else:
+            env[entry["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env.get(m[1], m[0]), entry["value"])
+    return env
+
+
+def only_container(name: str) -> dict[str, Any]:
+    (workload,) = [w for w in workloads() if w["metadata"]["name"] == name]
+    (container,) = workload["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def test_k8s_gptoss_processes_reach_redis_with_the_secret_password() -> None:
+    configmap = next(d for d in of_kind("ConfigMap") if d["metadata"]["name"] == "gptoss-env")["data"]
+    assert "GPTOSS_REDIS_URL" not in configmap, "a URL without the password would be used"
+    for name in GPTOSS_SERVICES:
+        container = only_container(name)
+        assert container["envFrom"] == [{"configMapRef": {"name": "gptoss-env"}}]
+        url = parse_url(container_env(container, REDIS_SECRET)["GPTOSS_REDIS_URL"])
+        assert (url["password"], url["host"], url["port"]) == (REDIS_PASSWORD, "redis", 6379), name
+        with pytest.raises(LookupError, match="gptoss-redis/password"):
+            container_env(container, {})
+
+
+def test_k8s_redis_requires_the_secret_password() -> None:
+    container = only_container("redis")
+    env = container_env(container, REDIS_SECRET)
+    args = [re.sub(r"\$\((\w+)\)", lambda m: env[m[1]], arg) for arg in container["args"]]
+    assert args[args.index("--requirepass") + 1] == REDIS_PASSWORD
+    assert "--appendonly" in args
+    # The probe's redis-cli authenticates (REDISCLI_AUTH) and needs PONG: NOAUTH is not ready.
+    assert env["REDISCLI_AUTH"] == REDIS_PASSWORD
+    assert container["readinessProbe"]["exec"]["command"] == ["sh", "-c", "redis-cli ping | grep -q PONG"]
+    with pytest.raises(LookupError):
+        container_env(container, {})
+
+
+def test_keda_reads_the_queues_with_the_secret_password() -> None:
+    auths = {a["metadata"]["name"]: a["spec"] for a in of_kind("TriggerAuthentication")}
+    for scaled in of_kind("ScaledObject"):
+        (trigger,) = [t for t in scaled["spec"]["triggers"] if t["type"] == "redis"]
+        spec = auths[trigger["authenticationRef"]["name"]]
+        assert spec["secretTargetRef"] == [
+            {"parameter": "password", "name": "gptoss-redis", "key": "password"}
+        ]
