@@ -31,6 +31,7 @@ class TenantLimits:
 
     def charge(self, tenant: str, tokens: int) -> None:
         """Count one request of `tokens` tokens for `tenant`, or raise RateLimited (429, Retry-After)."""
+        tenant = keys.rate_limit_identity(tenant)  # the windows' keys: never another tenant's
         if not self._limiter.hit(self._requests, tenant, "requests"):
             self._refuse(self._requests, tenant, "requests", "requests")
         if not self._limiter.hit(self._tokens, tenant, "tokens", cost=max(1, tokens)):

@@ -121,8 +121,24 @@ def keys_group() -> None:
     """Manage API keys (stored hashed in Redis, each bound to a tenant)."""
 
 
+def _tenant_name(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
+    """The --tenant value if it is a valid tenant name, else a usage error naming the rule."""
+    from shared.apikeys import check_tenant
+    from shared.errors import InvalidTenant
+
+    try:
+        return check_tenant(value)
+    except InvalidTenant as exc:
+        raise click.BadParameter(exc.message) from None
+
+
 @keys_group.command("create")
-@click.option("--tenant", required=True, help="Tenant the key acts for.")
+@click.option(
+    "--tenant",
+    required=True,
+    callback=_tenant_name,
+    help="Tenant the key acts for: 1 to 64 letters, digits, `_`, `.` or `-`.",
+)
 @click.option("--admin", is_flag=True, help="Admin role: /admin/*, the debug bundle, rq-dashboard.")
 @click.option("--name", default="", help="A note to recognise the key by.")
 def keys_create(tenant: str, admin: bool, name: str) -> None:

@@ -8,6 +8,7 @@ GitHub and Stripe tokens are stored); a slow password hash would only slow every
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 import time
 from typing import Literal
@@ -16,9 +17,26 @@ from pydantic import BaseModel
 from redis import Redis
 
 from shared import keys
+from shared.errors import InvalidTenant
 
 KEY_PREFIX = "gptoss"
 """First part of every API key, so leaked keys are easy to recognise and scan for."""
+
+
+TENANT_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+"""Tenant names: 1 to 64 ASCII letters, digits, `_`, `.` or `-`. No `:` (the separator of Redis key
+parts) nor `/`; keys built from a tenant encode it all the same (shared.keys.key_part), which
+leaves these names unchanged and keeps tenants created before this rule apart."""
+
+
+def check_tenant(tenant: str) -> str:
+    """`tenant` if it is a valid tenant name; InvalidTenant (422 `invalid_tenant`) otherwise."""
+    if TENANT_PATTERN.fullmatch(tenant) is None:
+        raise InvalidTenant(
+            f"Tenant {tenant!r} is not a valid name: use 1 to 64 letters, digits, `_`, `.` or `-`.",
+            details=[{"loc": ["tenant"], "pattern": TENANT_PATTERN.pattern}],
+        )
+    return tenant
 
 
 class ApiKey(BaseModel):
@@ -44,7 +62,9 @@ def _digest(presented: str) -> str:
 def create_key(
     redis: Redis, tenant: str, role: Literal["user", "admin"] = "user", name: str = ""
 ) -> tuple[str, ApiKey]:
-    """A new key for `tenant`: (the key, shown once; its stored record)."""
+    """A new key for `tenant`: (the key, shown once; its stored record). Raises InvalidTenant for a
+    name outside TENANT_PATTERN."""
+    check_tenant(tenant)
     key_id = secrets.token_hex(4)
     plaintext = f"{KEY_PREFIX}_{key_id}_{secrets.token_urlsafe(32)}"
     record = ApiKey(id=key_id, tenant=tenant, role=role, name=name, created_at=time.time())

@@ -2,8 +2,26 @@
 
 from __future__ import annotations
 
+from urllib.parse import quote
+
 PREFIX = "gptoss:"
 """Prefix of every Redis key the project writes itself (RQ keeps its own `rq:` keys)."""
+
+
+def key_part(value: str) -> str:
+    """One tenant- or client-given part of a key, percent-encoded (everything but letters, digits
+    and `_.-~`): it never holds the `:` that separates parts, and two values never give one part.
+    Tenant names (shared.apikeys.TENANT_PATTERN) pass unchanged, so their keys keep their names."""
+    # `%` is encoded too, so the encoding is reversible; surrogatepass keeps a lone surrogate (JSON
+    # allows one) from raising, and its bytes are no valid UTF-8 sequence, so it cannot collide.
+    return quote(value, safe="", errors="surrogatepass")
+
+
+def scoped(*parts: str) -> str:
+    """`parts` encoded (key_part) and joined by `:`: two different tuples of one length never give
+    one string. Every key built from a tenant or a client's string goes through here or key_part."""
+    return ":".join(key_part(part) for part in parts)
+
 
 INCOMING_QUEUE = "incoming"
 """RQ queue the API enqueues on; only the scheduler takes jobs from it."""
@@ -76,7 +94,7 @@ DEFAULT_TENANT = "default"
 
 def tenant_backlog(tenant: str) -> str:
     """Sorted set of one tenant's accepted, not yet started job ids (score: when received)."""
-    return f"{PREFIX}backlog:tenant:{tenant}"
+    return f"{PREFIX}backlog:tenant:{key_part(tenant)}"
 
 
 ADMISSION_LOCK = PREFIX + "admission:lock"
@@ -150,12 +168,12 @@ TOMBSTONE_TTL = 7 * 24 * 3600
 
 def tenant_jobs(tenant: str) -> str:
     """Sorted set of one tenant's jobs (score: when received), what `GET /v1/jobs` pages through."""
-    return f"{PREFIX}jobs:tenant:{tenant}"
+    return f"{PREFIX}jobs:tenant:{key_part(tenant)}"
 
 
 def idempotency(tenant: str, digest: str) -> str:
     """Key of one tenant's Idempotency-Key (by its SHA-256): the job it created and the body's hash."""
-    return f"{PREFIX}idempotency:{tenant}:{digest}"
+    return f"{PREFIX}idempotency:{scoped(tenant, digest)}"
 
 
 RUNNING = PREFIX + "running"
@@ -178,9 +196,21 @@ RESPONSE_CACHE_BYTES = PREFIX + "cache:response:bytes"
 """Bytes all cached responses take now (the sum of RESPONSE_CACHE_SIZES)."""
 
 
+def session_scope(tenant: str, session_id: str) -> str:
+    """One tenant's session, as a worker's in-memory session store and the affinity key name it:
+    another tenant's same id is another session, whatever either contains."""
+    return scoped(tenant, session_id)
+
+
 def session_affinity(tenant: str, session_id: str) -> str:
     """Key naming the worker that holds one tenant's session's KV cache (with the session's TTL)."""
-    return f"{PREFIX}session:{tenant}:{session_id}"
+    return f"{PREFIX}session:{session_scope(tenant, session_id)}"
+
+
+def rate_limit_identity(tenant: str) -> str:
+    """The tenant as a `limits` identifier (the library joins identifiers with `/`, which
+    key_part encodes along with `:`)."""
+    return key_part(tenant)
 
 
 def decoding(fingerprint: str) -> str:

@@ -205,7 +205,8 @@ class JobRun:
         sender, url = self.bound.webhooks, self.record.webhook
         if sender is None or url is None or not sender.has_outbox:
             return None
-        return sender.entry(url, build_view(self.job.id, self.record, status, result))
+        view = build_view(self.job.id, self.record, status, result)
+        return sender.entry(url, view, self.record.tenant_or_default)
 
     @property
     def fingerprint(self) -> str | None:
@@ -275,12 +276,13 @@ class JobRun:
 
     def _end_early(self, kind: Ending, exc: GptossError) -> NoReturn:
         """End the started job without a result (cancelled mid-run): recorded, then raise `exc`; the
-        session settles it."""
+        session settles it. The client chose this ending: its spans carry it as an event, not as an
+        error with a traceback."""
         self.record.end(kind, exc.code, exc.message)
-        self._end_chat(None, exc)
-        if self._span is not None:
-            self._span.record_exception(exc)
-            self._span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+        for span in (self._chat, self._span):
+            if span is not None:
+                span.add_event(f"job.{kind}", {"code": exc.code, "message": exc.message})
+        self._end_chat(None)
         raise exc
 
     def _count(self, outcome: str) -> None:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from shared import keys
+
 DEFAULT_SHARE = 0.10
 """Share of the device's memory session caches may take when no budget is configured."""
 
@@ -20,8 +22,9 @@ Layers = list[tuple[torch.Tensor, torch.Tensor]]
 
 
 def session_key(tenant: str, session_id: str) -> str:
-    """One tenant's session: another tenant's same id is another session."""
-    return f"{tenant}:{session_id}"
+    """One tenant's session: another tenant's same id is another session (keys.session_scope, so a
+    tenant named `T:x` with session `s1` is never tenant `T`'s session `x:s1`)."""
+    return keys.session_scope(tenant, session_id)
 
 
 def reusable_prefix(cached: Sequence[int], prompt: Sequence[int]) -> int:
