@@ -9,6 +9,7 @@ from flask import Blueprint, Response, jsonify
 
 from api.auth import admin_required
 from api.bundle import build_bundle
+from api.metrics import exposition
 from api.services import services
 from shared.capacity import capacity_view
 
@@ -21,7 +22,7 @@ log = structlog.get_logger()
 def debug_bundle() -> Response:
     """A .tar.gz with settings (redacted), versions, queues, workers, failures, decisions, metrics."""
     svc = services()
-    content = build_bundle(svc.settings, svc.redis, svc.metrics)
+    content = build_bundle(svc.settings, svc.redis, exposition())
     log.info("debug_bundle_built", bytes=len(content))
     name = time.strftime("gptoss-debug-%Y%m%dT%H%M%SZ.tar.gz", time.gmtime())
     return Response(

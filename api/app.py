@@ -14,8 +14,10 @@ from redis import Redis
 from api import admin, completions, dashboard, errors, events, health, jobs, metrics, openapi
 from api.ratelimit import TenantLimits
 from api.services import Services, services
+from api.streams import StreamSlots
 from api.tenancy import authenticate_request
 from shared.connection import close_budget, connect, open_budget
+from shared.jobstore.hub import StreamHub
 from shared.settings import Settings
 from shared.tracing import FORCE_TRACE_HEADER, current_ids, exemplar, forced
 
@@ -23,6 +25,8 @@ log = structlog.get_logger()
 
 REQUEST_ID_HEADER = "X-Request-ID"
 TRACE_ID_HEADER = "X-Trace-ID"
+REDIS_CONNECTIONS = 32
+"""Connections of each of the API process's two Redis clients, shared by all its requests."""
 QUIET_PATHS = ("/healthz", "/readyz", "/metrics")
 """Probes and scrapes: neither logged nor traced."""
 
@@ -30,7 +34,7 @@ QUIET_PATHS = ("/healthz", "/readyz", "/metrics")
 def create_app(settings: Settings | None = None, redis: Redis | None = None) -> Flask:
     """Build the API app from `settings` (read from the environment when not given)."""
     settings = settings or Settings()
-    redis = redis or connect(settings.redis_url_or_default(), budgeted=True)
+    redis = redis or connect(settings.redis_url_or_default(), budgeted=True, shared=REDIS_CONNECTIONS)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     if settings.observability:
@@ -38,12 +42,15 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
 
         # First, so the request span is open when our own hooks log.
         FlaskInstrumentor().instrument_app(app, excluded_urls=",".join(p.strip("/") for p in QUIET_PATHS))
+    stream_redis = connect(settings.redis_url_or_default(), shared=REDIS_CONNECTIONS)
     app.extensions["gptoss"] = Services(
         settings=settings,
         redis=redis,
-        metrics=metrics.api_metrics(redis, settings.model),
+        metrics=metrics.api_metrics(settings.model),
         limits=TenantLimits(settings, redis),
-        stream_redis=connect(settings.redis_url_or_default()),
+        stream_redis=stream_redis,
+        hub=StreamHub(stream_redis),
+        streams=StreamSlots(settings.api_streams_per_tenant),
     )
     errors.init_app(app)
     app.register_blueprint(health.bp)

@@ -14,12 +14,12 @@ from urllib.parse import urlsplit, urlunsplit
 
 import requests
 from prometheus_client import generate_latest
+from prometheus_client.registry import Collector
 from redis import Redis
 
 from shared import decisions, keys
 from shared.heartbeat import SchedulerBeat, WorkerBeat, read_live
 from shared.jobstore import lifecycle, rqstore
-from shared.metrics import ApiMetrics
 from shared.settings import Settings
 
 FAILURES_PER_QUEUE = 20
@@ -36,8 +36,9 @@ PACKAGES = ("gpt-oss-hf-server", "torch", "transformers", "rq", "redis", "flask"
 """Versions reported (read from package metadata, so the API never imports torch)."""
 
 
-def build_bundle(settings: Settings, redis: Redis, metrics: ApiMetrics) -> bytes:
-    """The bundle as gzip-compressed tar bytes; a section that cannot be read says why instead."""
+def build_bundle(settings: Settings, redis: Redis, metrics: Collector) -> bytes:
+    """The bundle as gzip-compressed tar bytes (`metrics`: what the API's /metrics serves); a section
+    that cannot be read says why instead."""
     sections: dict[str, Any] = {
         "settings.json": lambda: redacted_settings(settings),
         "versions.json": lambda: versions(redis),
@@ -53,7 +54,7 @@ def build_bundle(settings: Settings, redis: Redis, metrics: ApiMetrics) -> bytes
             files[name] = json.dumps(read(), indent=2, default=str).encode()
         except Exception as exc:  # the bundle is for bad days: report, never fail
             problems[name] = f"{type(exc).__name__}: {exc}"
-    files["metrics/api.txt"] = generate_latest(metrics.registry)
+    files["metrics/api.txt"] = generate_latest(metrics)
     files.update(_scrape_others(redis, problems))
     manifest = {"generated_at": time.time(), "files": sorted(files), "problems": problems}
     files["manifest.json"] = json.dumps(manifest, indent=2).encode()

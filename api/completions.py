@@ -17,9 +17,10 @@ from flask import Blueprint, Response, jsonify, request, stream_with_context
 from pydantic import BaseModel
 from redis import Redis
 
+from api.body import parse_body, read_json
 from api.disconnect import client_socket, gone
 from api.following import ClientGone, follow, job_error
-from api.jobs import cancel_job, parse_body, read_json
+from api.jobs import cancel_job
 from api.openai_types import (
     ChatCompletionRequest,
     ChunkMaker,
@@ -31,9 +32,11 @@ from api.openai_types import (
 )
 from api.services import services
 from api.submission import submit, webhooks
+from api.tenancy import current_tenant
 from shared.contract import JobResult
 from shared.errors import ModelNotFound
 from shared.jobstore import events, lifecycle
+from shared.jobstore.hub import StreamHub
 from shared.registry import canonical_name, model_spec
 from shared.webhooks import WebhookSender
 
@@ -86,18 +89,33 @@ def _card(name: str) -> ModelCard:
 
 
 def _answer(params: Any, submission: Any, route: str, body: Any, chat: bool) -> Response:
+    held, tenant = services(), current_tenant()
+    held.streams.take(tenant)  # before the job exists: a refused request leaves nothing behind
+    try:
+        response = _submit_and_answer(params, submission, route, body, chat)
+    except BaseException:
+        held.streams.give(tenant)
+        raise
+    if params.stream:
+        response.call_on_close(lambda: held.streams.give(tenant))
+    else:
+        held.streams.give(tenant)
+    return response
+
+
+def _submit_and_answer(params: Any, submission: Any, route: str, body: Any, chat: bool) -> Response:
     submitted = submit(submission, route, body)
-    redis, sender = services().stream_redis, webhooks()
+    redis, hub, sender = services().stream_redis, services().hub, webhooks()
     sock = client_socket(request.environ)
     created = int(time.time())
     headers = {JOB_ID_HEADER: submitted.job_id}
     if params.stream:
         maker = ChunkMaker(submitted.job_id, created, submitted.model, chat, params.include_usage())
-        stream = _stream(redis, submitted.job_id, maker, lambda: gone(sock), sender)
+        stream = _stream(redis, hub, submitted.job_id, maker, lambda: gone(sock), sender)
         headers |= {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return Response(stream_with_context(stream), mimetype="text/event-stream", headers=headers)
     try:
-        result = _wait(redis, submitted.job_id, lambda: gone(sock))
+        result = _wait(redis, hub, submitted.job_id, lambda: gone(sock))
     except ClientGone:
         _cancel(redis, submitted.job_id, sender)
         return Response(status=CLIENT_CLOSED, headers=headers)
@@ -107,9 +125,9 @@ def _answer(params: Any, submission: Any, route: str, body: Any, chat: bool) -> 
     return response
 
 
-def _wait(redis: Redis, job_id: str, client_gone: Any) -> JobResult:
+def _wait(redis: Redis, hub: StreamHub, job_id: str, client_gone: Any) -> JobResult:
     """The job's result once it is done; raises the job's error, or ClientGone."""
-    for event in follow(redis, job_id, client_gone, relay=False):
+    for event in follow(redis, hub, job_id, client_gone, relay=False):
         if event is None:
             continue
         if event.kind == events.DONE:
@@ -120,14 +138,14 @@ def _wait(redis: Redis, job_id: str, client_gone: Any) -> JobResult:
 
 
 def _stream(
-    redis: Redis, job_id: str, maker: ChunkMaker, client_gone: Any, sender: WebhookSender
+    redis: Redis, hub: StreamHub, job_id: str, maker: ChunkMaker, client_gone: Any, sender: WebhookSender
 ) -> Iterator[str]:
     """The response body of a streamed completion. Leaving early (the client closed the connection:
     a failed write closes this generator, or the socket is seen closed) cancels the job."""
     ended = False
     try:
         yield from (_data(chunk) for chunk in maker.opening())
-        for event in follow(redis, job_id, client_gone):
+        for event in follow(redis, hub, job_id, client_gone):
             if event is None:
                 yield ": keep-alive\n\n"
             elif event.kind == events.TOKEN:

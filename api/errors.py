@@ -5,9 +5,11 @@ from __future__ import annotations
 import structlog
 from flask import Flask, jsonify
 from redis.exceptions import RedisError
+from werkzeug import exceptions as http
 from werkzeug.exceptions import HTTPException
 
 from shared.errors import (
+    ClientClosedRequest,
     GptossError,
     InvalidJson,
     MethodNotAllowed,
@@ -15,6 +17,7 @@ from shared.errors import (
     RouteNotFound,
     ServiceUnavailable,
 )
+from shared.jobstore.events import ClientGone
 
 log = structlog.get_logger()
 
@@ -27,6 +30,7 @@ def init_app(app: Flask) -> None:
     app.register_error_handler(GptossError, _domain_error)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(RedisError, _redis_error)
+    app.register_error_handler(ClientGone, _client_gone)
     app.register_error_handler(Exception, _unexpected_error)
 
 
@@ -45,6 +49,9 @@ def _http_error(exc: HTTPException):  # type: ignore[no-untyped-def]
         413: RequestTooLarge("The request body is over the size limit."),
     }
     error = by_status.get(exc.code)
+    if isinstance(exc, http.MethodNotAllowed) and exc.valid_methods:
+        allowed = ", ".join(sorted(exc.valid_methods))  # RFC 9110: a 405 must say what is allowed
+        error = MethodNotAllowed(f"This endpoint accepts only {allowed}.", headers={"Allow": allowed})
     if error is None:
         error = GptossError(exc.description or "HTTP error")
         error.status, error.code = exc.code or 500, f"http_{exc.code}"
@@ -57,6 +64,12 @@ def _redis_error(exc: RedisError):  # type: ignore[no-untyped-def]
         "The job store is unreachable; retry shortly.", headers={"Retry-After": REDIS_RETRY_AFTER}
     )
     return _domain_error(error)
+
+
+def _client_gone(exc: ClientGone):  # type: ignore[no-untyped-def]
+    # The client's own ending, like a cancel: logged at info, without a traceback.
+    log.info("client_gone", job_id=str(exc))
+    return _domain_error(ClientClosedRequest("The client closed the connection."))
 
 
 def _unexpected_error(exc: Exception):  # type: ignore[no-untyped-def]

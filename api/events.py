@@ -12,8 +12,9 @@ from redis import Redis
 from api.following import follow
 from api.jobs import JOB_ID
 from api.services import services
-from api.tenancy import owned_job
-from shared.errors import JobNotFound, ValidationFailed
+from api.tenancy import current_tenant, owned_job
+from shared.errors import InvalidEventId, JobNotFound
+from shared.jobstore.hub import StreamHub
 
 bp = Blueprint("events", __name__, url_prefix="/v1/jobs")
 
@@ -28,21 +29,29 @@ def events(job_id: str) -> Response:
     until `done` or `error`."""
     if not JOB_ID.match(job_id):
         raise JobNotFound(f"No job `{job_id}`.")
-    redis = services().stream_redis
     owned_job(job_id)  # another tenant's job answers 404, as an unknown one
     after = request.headers.get("Last-Event-ID") or request.args.get("last_event_id") or "0-0"
-    if not STREAM_ID.match(after):
-        raise ValidationFailed("Last-Event-ID must be an event id this stream sent.")
-    body = stream_with_context(_follow(redis, job_id, after))
-    return Response(
-        body,
+    if not STREAM_ID.match(after) or not _in_range(after):
+        raise InvalidEventId("Last-Event-ID must be an event id this stream sent (like `1700000000000-0`).")
+    held = services()
+    tenant = current_tenant()
+    held.streams.take(tenant)
+    response = Response(
+        stream_with_context(_follow(held.stream_redis, held.hub, job_id, after)),
         mimetype="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},  # proxies must not buffer it
     )
+    response.call_on_close(lambda: held.streams.give(tenant))
+    return response
 
 
-def _follow(redis: Redis, job_id: str, after: str) -> Iterator[str]:
-    for event in follow(redis, job_id, lambda: False, after):
+def _in_range(event_id: str) -> bool:
+    """Both parts of a stream entry id are unsigned 64-bit numbers."""
+    return all(int(part) < 2**64 for part in event_id.split("-"))
+
+
+def _follow(redis: Redis, hub: StreamHub, job_id: str, after: str) -> Iterator[str]:
+    for event in follow(redis, hub, job_id, lambda: False, after):
         yield ": keep-alive\n\n" if event is None else sse(event.kind, json.dumps(event.data), event.id)
 
 

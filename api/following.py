@@ -10,27 +10,37 @@ from redis import Redis
 
 from shared.contract import JobStatus, JobView
 from shared.errors import GptossError
-from shared.jobstore import events, lifecycle
+from shared.jobstore import events, lifecycle, rqstore
 from shared.jobstore.events import ClientGone, JobEvent
+from shared.jobstore.hub import StreamHub
 from shared.jobstore.views import build_view
 
 __all__ = ["ClientGone", "JobEvent", "follow", "job_error"]
 
 
 def follow(
-    redis: Redis, job_id: str, client_gone: Callable[[], bool], after: str = "0-0", relay: bool = True
+    redis: Redis,
+    hub: StreamHub | None,
+    job_id: str,
+    client_gone: Callable[[], bool],
+    after: str = "0-0",
+    relay: bool = True,
 ) -> Iterator[JobEvent | None]:
-    """The job's events after stream entry `after` through the jobstore's reader, one consistent run
-    across retries (`events.AttemptRelay`), ending with the job's own ending when it ended without
-    (more) events (rejected, cancelled or expired while waiting). Without `relay`, the raw events
-    (for a reader that only waits for the ending)."""
+    """The job's events after stream entry `after` through the jobstore's reader (the process's
+    `hub` when given, else a blocking read on `redis`), one consistent run across retries
+    (`events.AttemptRelay`), ending with the job's own ending when it ended without (more) events
+    (rejected, cancelled or expired while waiting). Without `relay`, the raw events (for a reader
+    that only waits for the ending)."""
     ending = lambda: _ending_without_stream(redis, job_id)  # noqa: E731
+    source = hub or redis
     if not relay:
-        return events.follow(redis, job_id, client_gone, ending, after)
-    return events.follow_runs(redis, job_id, client_gone, ending, after)
+        return events.follow(source, job_id, client_gone, ending, after)
+    return events.follow_runs(source, job_id, client_gone, ending, after)
 
 
 def _ending_without_stream(redis: Redis, job_id: str) -> JobEvent | None:
+    if not rqstore.may_have_ended(job_id, redis):
+        return None
     job = lifecycle.fetch(redis, job_id)
     if job is None:
         return JobEvent(events.ERROR, {"code": "job_expired", "message": "The job expired."})

@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-import json
 import re
-from typing import Any, TypeVar
+from typing import Any
 
 import structlog
 from flask import Blueprint, jsonify, request
-from pydantic import BaseModel, ValidationError
 from redis import Redis
 
+from api.body import parse_body, read_json
 from api.services import services
 from api.submission import submit, webhooks
 from api.tenancy import current_tenant, owned_job
 from shared.cancellation import cancel_requested
 from shared.contract import TERMINAL_STATUSES, JobList, JobStatus, JobSubmission, JobView
-from shared.errors import InvalidJson, JobEnded, JobNotFound, ValidationFailed
+from shared.errors import JobEnded, JobNotFound, ValidationFailed
 from shared.jobstore import lifecycle, rqstore
 from shared.jobstore.views import build_view
 from shared.retention import recent_ids
@@ -30,8 +29,6 @@ JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 LIST_LIMIT, LIST_LIMIT_MAX = 20, 100
 """Jobs per page of `GET /v1/jobs` by default, and at most."""
-
-Model = TypeVar("Model", bound=BaseModel)
 
 
 @bp.post("")
@@ -61,10 +58,9 @@ def create():  # type: ignore[no-untyped-def]
 @bp.get("")
 def index():  # type: ignore[no-untyped-def]
     """The caller's recent jobs, newest first: `limit` per page, the next page `after` the last id."""
-    try:
-        limit = int(request.args.get("limit", LIST_LIMIT))
-    except ValueError:
-        limit = 0
+    given = request.args.get("limit", str(LIST_LIMIT))
+    # ASCII digits only: int() would also take " 1_0 " or other scripts' digits
+    limit = int(given) if given.isascii() and given.isdigit() and len(given) <= 3 else 0
     if not 1 <= limit <= LIST_LIMIT_MAX:
         raise ValidationFailed(f"limit must be an integer from 1 to {LIST_LIMIT_MAX}.")
     after = request.args.get("after")
@@ -133,26 +129,3 @@ def job_view(job: Any) -> JobView:
     if view.status not in TERMINAL_STATUSES and cancel_requested(services().redis, job.id):
         view = view.model_copy(update={"status": JobStatus.CANCELLING})
     return view
-
-
-def read_json() -> Any:
-    """The request body as JSON (400 when it is not)."""
-    raw = request.get_data(cache=False)  # over MAX_CONTENT_LENGTH this raises 413
-    try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidJson(f"The request body is not valid JSON: {exc}.") from None
-
-
-def parse_body(body: Any, model: type[Model]) -> Model:
-    """`body` validated as `model` (422 with each field's problem)."""
-    if not isinstance(body, dict):
-        raise InvalidJson("The request body must be a JSON object.")
-    try:
-        return model.model_validate(body)
-    except ValidationError as exc:
-        details = [
-            {"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]}
-            for e in exc.errors(include_url=False, include_input=False)
-        ]
-        raise ValidationFailed("The request has invalid fields.", details=details) from None

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import structlog
 
-from api.app import create_app
 from api.server import ApiServer
 from shared.logging import configure_logging
 from shared.settings import Settings
@@ -16,6 +15,11 @@ def main(settings: Settings | None = None) -> None:
     settings = settings or Settings()
     configure_logging(settings, "api")
     configure_tracing(settings, "api")
-    app = create_app(settings)
-    structlog.get_logger().info("api_starting", host=settings.api_host, port=settings.api_port)
-    ApiServer(app, settings).run()
+    structlog.get_logger().info(
+        "api_starting",
+        host=settings.api_host,
+        port=settings.api_port,
+        worker_class=settings.api_worker_class,
+        processes=settings.api_processes,
+    )
+    ApiServer(settings).run()

@@ -1,10 +1,14 @@
-"""`GET /metrics`: the API's own metrics plus queue, registry and liveness gauges read at scrape time."""
+"""`GET /metrics`: the API's own metrics plus queue, registry and liveness gauges read at scrape time.
+
+With several API processes on the host (`api_processes`), the own metrics are every process's,
+each labelled with its slot (`api/process_metrics.py`); the gauges read from Redis appear once.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
-from flask import Blueprint, Response, request
+from flask import Blueprint, Response, current_app, request
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
@@ -12,6 +16,7 @@ from prometheus_client.registry import Collector
 from redis import Redis
 from redis.exceptions import RedisError
 
+from api.process_metrics import EXTENSION
 from api.services import services
 from shared import keys
 from shared.heartbeat import SchedulerBeat, WorkerBeat, read_live
@@ -70,19 +75,37 @@ class RedisStateCollector(Collector):
         yield from (waiting, registry, live, schedulers, cache_bytes, cache_entries, up)
 
 
-def api_metrics(redis: Redis, model: str) -> ApiMetrics:
-    """The API's metrics in a registry of its own, with the Redis state collector attached."""
-    registry = CollectorRegistry()
-    registry.register(RedisStateCollector(redis))
-    metrics = ApiMetrics(registry)
+def api_metrics(model: str) -> ApiMetrics:
+    """The API process's own metrics, in a registry of their own."""
+    metrics = ApiMetrics(CollectorRegistry())
     # Series of the served model exist from the start (at 0), so rates and alerts have a baseline.
     for counter in (metrics.jobs_submitted, metrics.cache_hits, metrics.cache_misses):
         counter.labels(model)
     return metrics
 
 
+class Exposition(Collector):
+    """What one scrape serves: each source's families, in order."""
+
+    def __init__(self, *sources: Collector | CollectorRegistry):
+        self._sources = sources
+
+    def collect(self) -> Iterator[Metric]:
+        for source in self._sources:
+            families: Iterable[Metric] = source.collect()
+            yield from families
+
+
+def exposition() -> Exposition:
+    """The current app's metrics as `/metrics` serves them: the Redis state once, then the API's own
+    series (every API process's, each labelled with its slot, when there are several)."""
+    svc = services()
+    own: Collector | CollectorRegistry = current_app.extensions.get(EXTENSION) or svc.metrics.registry
+    return Exposition(RedisStateCollector(svc.redis), own)
+
+
 @bp.get("/metrics")
 def scrape() -> Response:
     """Prometheus exposition; OpenMetrics (with exemplars) when the scraper asks for it."""
     encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
-    return Response(encoder(services().metrics.registry), content_type=content_type)
+    return Response(encoder(exposition()), content_type=content_type)

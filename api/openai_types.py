@@ -1,20 +1,41 @@
 """OpenAI's wire format: request models for chat completions and completions, the response objects
 (chat.completion, chat.completion.chunk, text_completion, model list), and pure conversions from our
-job contract. Unknown request fields are ignored, as OpenAI-compatible servers do."""
+job contract. A request is refused (422) rather than partly ignored: unknown fields are
+`extra_forbidden`, and OpenAI parameters this server does not implement are accepted only at their
+defaults (null, or e.g. `n: 1`, `frequency_penalty: 0`, `tools: []`), else `unsupported_parameter`."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
-from shared.contract import MAX_MESSAGES, MAX_TEXT_CHARS, ChatMessage, JobResult, JobSubmission, Usage
+from api.openai_params import (
+    CHAT_MESSAGE_UNSUPPORTED,
+    CHAT_UNSUPPORTED,
+    COMPLETION_UNSUPPORTED,
+    SAMPLING_UNSUPPORTED,
+    Defaults,
+    refuse_unsupported,
+)
+from shared.contract import (
+    MAX_MESSAGES,
+    MAX_NAME_CHARS,
+    MAX_TEXT_CHARS,
+    ChatMessage,
+    JobResult,
+    JobSubmission,
+    Usage,
+)
 from shared.errors import ValidationFailed
 from shared.harmony import FINAL_CHANNEL
 
 
 class TextPart(BaseModel):
     """One part of a message's content; only text is understood."""
+
+    model_config = ConfigDict(extra="forbid")
 
     type: Literal["text"]
     text: str = Field(max_length=MAX_TEXT_CHARS)
@@ -23,10 +44,31 @@ class TextPart(BaseModel):
 class OpenAIMessage(BaseModel):
     """A chat message as OpenAI clients send it: content a string or a list of text parts."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] = Field(max_length=MAX_TEXT_CHARS)
+    reasoning_content: str | None = Field(
+        default=None,
+        max_length=MAX_TEXT_CHARS,
+        description="An earlier answer's reasoning, as sent back by clients: not used, since gpt-oss "
+        "drops the reasoning of earlier turns",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _implemented(cls, data: object) -> object:
+        return refuse_unsupported(data, CHAT_MESSAGE_UNSUPPORTED)
+
+    @model_validator(mode="after")
+    def _parts_fit(self) -> OpenAIMessage:
+        if isinstance(self.content, list) and sum(len(p.text) for p in self.content) > MAX_TEXT_CHARS:
+            raise PydanticCustomError(
+                "string_too_long",
+                "The text parts together should have at most {max_length} characters",
+                {"max_length": MAX_TEXT_CHARS},
+            )
+        return self
 
     def plain(self) -> ChatMessage:
         """Our message: the text parts joined."""
@@ -37,30 +79,44 @@ class OpenAIMessage(BaseModel):
 class StreamOptions(BaseModel):
     """`stream_options`: whether the stream ends with a chunk carrying usage."""
 
-    include_usage: bool = False
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = Field(default=False, strict=True)
 
 
 class SamplingFields(BaseModel):
-    """What both endpoints accept besides the input."""
+    """What both endpoints accept besides the input (numbers and flags strict, as in JobRequest)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
-    model: str | None = Field(default=None, max_length=128, description="Served model (name or alias)")
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    UNSUPPORTED_PARAMS: ClassVar[dict[str, Defaults]] = SAMPLING_UNSUPPORTED
+
+    model: str | None = Field(
+        default=None, max_length=MAX_NAME_CHARS, description="Served model (name or alias)"
+    )
+    max_tokens: int | None = Field(default=None, ge=1, strict=True)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0, strict=True, allow_inf_nan=False)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0, strict=True, allow_inf_nan=False)
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1, strict=True)
     stop: str | list[str] | None = None
-    stream: bool = False
+    stream: bool = Field(default=False, strict=True)
     stream_options: StreamOptions | None = None
-    n: int = Field(default=1, ge=1, le=1, description="Only 1 is supported")
-    user: str | None = None
-    profile: str | None = Field(default=None, max_length=128, description="Extension: the serving profile")
+    user: str | None = Field(default=None, max_length=256, description="The end user (accepted, not used)")
+    profile: str | None = Field(
+        default=None, max_length=MAX_NAME_CHARS, description="Extension: the serving profile"
+    )
     priority: Literal["high", "normal", "low"] = Field(default="normal", description="Extension")
-    cache: bool = Field(default=True, description="Extension: false never uses the response cache")
+    cache: bool = Field(
+        default=True, strict=True, description="Extension: false never uses the response cache"
+    )
     session_id: str | None = Field(
         default=None, max_length=128, description="Extension: the multi-turn session this turn belongs to"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _implemented(cls, data: object) -> object:
+        return refuse_unsupported(data, cls.UNSUPPORTED_PARAMS)
 
     def include_usage(self) -> bool:
         """The stream should end with a usage chunk."""
@@ -81,8 +137,12 @@ class SamplingFields(BaseModel):
 class ChatCompletionRequest(SamplingFields):
     """`POST /v1/chat/completions`."""
 
+    UNSUPPORTED_PARAMS: ClassVar[dict[str, Defaults]] = CHAT_UNSUPPORTED
+
     messages: list[OpenAIMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
-    max_completion_tokens: int | None = Field(default=None, ge=1, description="Preferred over max_tokens")
+    max_completion_tokens: int | None = Field(
+        default=None, ge=1, strict=True, description="Preferred over max_tokens"
+    )
     reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = Field(
         default=None, description="gpt-oss reasoning effort (minimal is taken as low)"
     )
@@ -99,8 +159,9 @@ class ChatCompletionRequest(SamplingFields):
 class CompletionRequest(SamplingFields):
     """`POST /v1/completions` (legacy text completion)."""
 
+    UNSUPPORTED_PARAMS: ClassVar[dict[str, Defaults]] = COMPLETION_UNSUPPORTED
+
     prompt: str | list[str] = Field(max_length=MAX_TEXT_CHARS)
-    echo: bool = Field(default=False, description="Only false is supported")
 
     def submission(self) -> JobSubmission:
         """The job this request runs as."""
@@ -109,8 +170,6 @@ class CompletionRequest(SamplingFields):
             if len(prompt) != 1:
                 raise ValidationFailed("prompt must be one string (batches of prompts are not supported).")
             prompt = prompt[0]
-        if self.echo:
-            raise ValidationFailed("echo is not supported.")
         return self._submission(prompt=prompt)
 
 

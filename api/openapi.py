@@ -61,14 +61,16 @@ class Readiness(BaseModel):
 
 
 ERRORS = {
-    400: "The body is not JSON",
+    400: "The body is not JSON: invalid_json, invalid_encoding (not UTF-8), json_too_deep (over 64 levels), "
+    "non_finite_number (NaN, Infinity), duplicate_key",
     401: "No valid API key (when keys are required)",
     403: "Admin endpoints are off",
     404: "Unknown job, route or model",
     409: "Idempotency-Key reused with another body, or the job already ended",
     410: "The job expired (past its retention)",
     413: "Body or prompt too large",
-    422: "Invalid fields",
+    422: "Invalid fields: validation_error (details per field; unknown fields are extra_forbidden), "
+    "lone_surrogate, unsupported_parameter (an OpenAI parameter set beyond its default)",
     429: "Backlog full or rate limited (see Retry-After)",
     500: "The job failed",
     503: "Job store unreachable, admission busy, or the job was rejected",

@@ -8,6 +8,8 @@ from flask import current_app
 from redis import Redis
 
 from api.ratelimit import TenantLimits
+from api.streams import StreamSlots
+from shared.jobstore.hub import StreamHub
 from shared.metrics import ApiMetrics
 from shared.settings import Settings
 
@@ -23,8 +25,12 @@ class Services:
     metrics: ApiMetrics
     limits: TenantLimits
     stream_redis: Redis
-    """Outside any budget: for following a job's event stream (XREAD BLOCK), which a streamed or
-    synchronous answer waits on for as long as the job runs."""
+    """Outside any budget: for reading what a streamed or synchronous answer waits on, for as long
+    as the job runs."""
+    hub: StreamHub
+    """The process's one reader of job event streams (over `stream_redis`)."""
+    streams: StreamSlots
+    """Each tenant's open streams in this process, capped."""
 
 
 def services() -> Services:

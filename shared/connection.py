@@ -17,7 +17,7 @@ from contextvars import ContextVar
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from redis import Redis
+from redis import BlockingConnectionPool, ConnectionPool, Redis
 from redis.backoff import AbstractBackoff, ExponentialBackoff
 from redis.connection import AbstractConnection, Connection, SSLConnection, UnixDomainSocketConnection
 from redis.exceptions import RedisError
@@ -27,6 +27,9 @@ T = TypeVar("T")
 
 SOCKET_TIMEOUT = 5.0
 """Seconds a non-blocking client waits on one socket operation when no budget is open."""
+
+POOL_WAIT = 2.0
+"""Seconds a caller of a `shared` client waits for a free connection (then a ConnectionError)."""
 
 SHORTEST_WAIT = 0.001
 """Seconds a socket wait is given when the budget is spent mid-command: the command fails on its
@@ -38,9 +41,11 @@ BLOCKING_COMMANDS = frozenset(
 """Commands that wait on the server by design (XREAD and XREADGROUP too, with BLOCK)."""
 
 
-def connect(url: str, *, blocking: bool = False, budgeted: bool = False) -> Redis:
+def connect(url: str, *, blocking: bool = False, budgeted: bool = False, shared: int | None = None) -> Redis:
     """A Redis client for `url`; `blocking` clients wait on BLMOVE/BLPOP, so reads never time out;
-    `budgeted` clients keep each request within its Redis budget (see `open_budget`).
+    `budgeted` clients keep each request within its Redis budget (see `open_budget`); with `shared`,
+    at most that many connections, which callers wait for (up to POOL_WAIT seconds) when all are
+    busy: thousands of greenlets share a few connections instead of opening one each.
 
     redis-py 8 defaults socket_timeout to 5 s, which would cut RQ's and the scheduler's long
     blocking reads; short calls keep a timeout so a dead server is noticed.
@@ -52,7 +57,9 @@ def connect(url: str, *, blocking: bool = False, budgeted: bool = False) -> Redi
     if budgeted:
         scheme = urlsplit(url).scheme
         options["connection_class"] = BUDGETED_CONNECTIONS.get(scheme, BudgetedConnection)
-    return Redis.from_url(
+    if shared is not None:
+        options |= {"max_connections": shared, "timeout": POOL_WAIT}
+    pool = (BlockingConnectionPool if shared is not None else ConnectionPool).from_url(
         url,
         socket_timeout=None if blocking else SOCKET_TIMEOUT,
         socket_connect_timeout=5.0,
@@ -61,6 +68,9 @@ def connect(url: str, *, blocking: bool = False, budgeted: bool = False) -> Redi
         retry=BudgetedRetry(backoff, retries=3) if budgeted else Retry(backoff, retries=3),
         **options,
     )
+    client = Redis(connection_pool=pool)
+    client.auto_close_connection_pool = True  # as Redis.from_url's client: closing it closes its pool
+    return client
 
 
 class BudgetSpent(RedisError):

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from enum import StrEnum
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_STOP_SEQUENCES = 4
 """OpenAI's limit on stop sequences per request."""
@@ -47,7 +46,9 @@ class ChatMessage(BaseModel):
 
 
 class JobRequest(BaseModel):
-    """A generation request: chat `messages` or a raw `prompt`, and sampling parameters."""
+    """A generation request: chat `messages` or a raw `prompt`, and sampling parameters. Numbers and
+    flags are strict: a string or a bool is no integer, a string no bool, and floats are finite (an
+    integer is still a float: JSON clients send `temperature: 1`)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -56,14 +57,16 @@ class JobRequest(BaseModel):
     )
     messages: list[ChatMessage] | None = Field(default=None, min_length=1, max_length=MAX_MESSAGES)
     prompt: str | None = Field(default=None, min_length=1, max_length=MAX_TEXT_CHARS)
-    max_tokens: int | None = Field(default=None, ge=1, description="New tokens at most")
+    max_tokens: int | None = Field(default=None, ge=1, strict=True, description="New tokens at most")
     temperature: float | None = Field(
-        default=None, ge=0.0, le=2.0, description="0 means greedy, else at least 0.01; unset: the profile's"
-    )
+        default=None, ge=0.0, le=2.0, strict=True, allow_inf_nan=False,
+        description="0 means greedy, else at least 0.01; unset: the profile's",
+    )  # fmt: skip
     top_p: float | None = Field(
-        default=None, ge=MIN_TOP_P, le=1.0, description="At least 1e-6; unset: the profile's"
-    )
-    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+        default=None, ge=MIN_TOP_P, le=1.0, strict=True, allow_inf_nan=False,
+        description="At least 1e-6; unset: the profile's",
+    )  # fmt: skip
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1, strict=True)
     stop: list[str] | None = Field(default=None, description="Up to 4 stop sequences")
     profile: str | None = Field(
         default=None,
@@ -79,7 +82,7 @@ class JobRequest(BaseModel):
         description="Multi-turn chat session: its turns go to the worker that keeps its KV cache",
     )
     cache: bool = Field(
-        default=True, description="false: never answer from, nor store into, the response cache"
+        default=True, strict=True, description="false: never answer from, nor store into, the response cache"
     )
 
     @field_validator("stop", mode="before")
@@ -172,18 +175,27 @@ class JobSubmission(JobRequest):
     """`POST /v1/jobs`: a generation request and how the job should be run and reported."""
 
     priority: Priority = Field(default="normal", description="high, normal or low")
-    deadline: datetime | None = Field(
+    deadline: AwareDatetime | None = Field(
         default=None,
-        description="Latest start (ISO 8601 or unix seconds); not started by then: the job ends `expired`",
+        description="Latest start (ISO 8601 with a time zone, or unix seconds as a number); not started "
+        "by then: the job ends `expired`",
     )
     cancel_after: float | None = Field(
-        default=None, gt=0, description="Seconds after submission by which the job must start"
-    )
+        default=None, gt=0, strict=True, allow_inf_nan=False,
+        description="Seconds after submission by which the job must start",
+    )  # fmt: skip
     webhook: str | None = Field(
         default=None,
         max_length=2048,
         description="https URL POSTed the job when it ends (Standard Webhooks signature)",
     )
+
+    @field_validator("deadline", mode="before")
+    @classmethod
+    def _deadline_not_numeric_text(cls, value: object) -> object:
+        if isinstance(value, str) and value.strip().lstrip("+-").replace(".", "", 1).isdigit():
+            raise ValueError("unix seconds must be a JSON number, not a string")
+        return value
 
     def request(self) -> JobRequest:
         """The generation request alone: what the scheduler counts and the worker runs."""

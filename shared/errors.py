@@ -30,8 +30,50 @@ class InvalidJson(GptossError):
     code, status, kind = "invalid_json", 400, "invalid_request_error"
 
 
+class InvalidEncoding(InvalidJson):
+    """A body that is not UTF-8 (RFC 8259 JSON is UTF-8 only)."""
+
+    code = "invalid_encoding"
+
+
+class JsonTooDeep(InvalidJson):
+    """Arrays and objects nested past the limit (api.body.MAX_JSON_DEPTH), refused before parsing."""
+
+    code = "json_too_deep"
+
+
+class NonFiniteNumber(InvalidJson):
+    """`NaN`, `Infinity`, or a number literal too large for a float: not JSON numbers."""
+
+    code = "non_finite_number"
+
+
+class DuplicateKey(InvalidJson):
+    """One object holding a key twice: parsers disagree on which value applies."""
+
+    code = "duplicate_key"
+
+
 class ValidationFailed(GptossError):
     code, status, kind = "validation_error", 422, "invalid_request_error"
+
+
+class LoneSurrogate(ValidationFailed):
+    """A string holding an unpaired UTF-16 surrogate escape: not Unicode text."""
+
+    code = "lone_surrogate"
+
+
+class UnsupportedParameter(ValidationFailed):
+    """A known (OpenAI) parameter set to something this server does not implement."""
+
+    code = "unsupported_parameter"
+
+
+class InvalidTenant(ValidationFailed):
+    """A tenant name outside the tenant alphabet (shared.apikeys.TENANT_PATTERN)."""
+
+    code = "invalid_tenant"
 
 
 class RequestTooLarge(GptossError):
@@ -94,6 +136,14 @@ class TenantBacklogFull(GptossError):
 
 class RateLimited(GptossError):
     code, status, kind = "rate_limited", 429, "rate_limit_error"
+
+
+class InvalidEventId(GptossError):
+    code, status, kind = "invalid_last_event_id", 400, "invalid_request_error"
+
+
+class TooManyStreams(GptossError):
+    code, status, kind = "too_many_streams", 429, "rate_limit_error"
 
 
 class JobExpired(GptossError):

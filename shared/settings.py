@@ -24,7 +24,10 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GPTOSS_", frozen=True, extra="ignore")
 
     redis_url: str | None = Field(
-        default=None, description="Redis URL; unset: `gptoss up` starts its own, others use localhost"
+        default=None,
+        description="Redis URL with any credentials (redis://:password@host:port/0, redis://user:password@…"
+        " for an ACL user, rediss:// for TLS); unset: `gptoss up` starts its own, locked with a password,"
+        " others use localhost",
     )
     redis_appendfsync: Literal["everysec", "always"] = Field(
         default="everysec",
@@ -54,7 +57,37 @@ class Settings(BaseSettings):
 
     api_host: str = Field(default="127.0.0.1", description="Address the API binds")
     api_port: int = Field(default=8000, description="Port the API binds")
-    api_threads: int = Field(default=16, description="Request threads of the API process")
+    api_processes: int = Field(
+        default=1,
+        ge=1,
+        description="API processes (gunicorn workers) on this host; more where the CPU allows",
+    )
+    api_worker_class: Literal["gevent", "gthread"] = Field(
+        default="gevent",
+        description="gunicorn worker of the API: gevent (a stream or a waiting request costs a greenlet) "
+        "or gthread (a thread each, at most api_threads at once)",
+    )
+    api_connections: int = Field(
+        default=4000, ge=1, description="Connections one API process serves at once (gevent worker)"
+    )
+    api_threads: int = Field(
+        default=16, ge=1, description="Request threads of the API process (gthread worker)"
+    )
+    api_head_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        description="Seconds a client may take to send a request's head, or stay idle between requests",
+    )
+    api_idle_timeout: float = Field(
+        default=60.0,
+        gt=0,
+        description="Seconds a socket read or write of a request's body or answer may wait on the client",
+    )
+    api_streams_per_tenant: int = Field(
+        default=256,
+        ge=1,
+        description="Streams (SSE, streamed or waiting completions) one tenant may hold open per API process",
+    )
     api_redis_budget: float = Field(
         default=1.5,
         gt=0,

@@ -86,7 +86,9 @@ def test_unknown_job_and_bad_event_id(streaming_stack) -> None:  # type: ignore[
     app = streaming_stack[1]
     assert app.get("/v1/jobs/nope/events").status_code == 404
     job_id = app.post("/v1/jobs", json={"prompt": "hi"}).get_json()["id"]
-    assert app.get(f"/v1/jobs/{job_id}/events", headers={"Last-Event-ID": "x; DROP"}).status_code == 422
+    for bad in ("x; DROP", "1-2-3", "-", "9" * 25, f"{2**64}-0"):
+        answer = app.get(f"/v1/jobs/{job_id}/events", headers={"Last-Event-ID": bad})
+        assert (answer.status_code, answer.get_json()["error"]["code"]) == (400, "invalid_last_event_id"), bad
 
 
 def test_stream_groups_pieces_and_breaks_at_channel_changes(redis: Redis) -> None:

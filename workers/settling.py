@@ -75,6 +75,8 @@ class Settler:
         run = started.run
         if not recorded:
             run.fail(exc_info[1])
+        if run.record.cancelled is not None or run.record.expired is not None:
+            exc_info = (exc_info[0], exc_info[1], None)  # an ending the client chose: no traceback
         event, data = runs.error_event(run.record)
         assert run.fence is not None  # taken as the run started (or was refused)
         ending, held = run.stream.ending(event, data), (started.job, started.queue, started.execution)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,7 @@ from redis import Redis
 from redis.exceptions import RedisError
 
 from shared import keys
+from shared.jobstore.hub import StreamHub
 from shared.response_cache import channel_texts
 
 log = structlog.get_logger()
@@ -227,7 +229,7 @@ class JobEvent:
 
 
 def follow(
-    redis: Redis,
+    source: Redis | StreamHub,
     job_id: str,
     client_gone: Callable[[], bool],
     ending: Callable[[], JobEvent | None],
@@ -235,26 +237,47 @@ def follow(
 ) -> Iterator[JobEvent | None]:
     """The job's events after stream entry `after` (from its first by default), until `done` or
     `error`; None after each empty block (a chance to send a keep-alive), after which `ending()` says
-    whether the job ended without (more) events. Raises ClientGone once `client_gone()` is true."""
+    whether the job ended without (more) events. Raises ClientGone once `client_gone()` is true.
+
+    `source` is a Redis client (this follower blocks one of its connections) or the process's
+    `StreamHub` (one connection reads for every follower)."""
     key = keys.job_stream(job_id)
-    while True:
-        if client_gone():
-            raise ClientGone(job_id)
-        read: Any = redis.xread({key: after}, count=BATCH, block=BLOCK_MS)
-        entries = read[0][1] if read else []
-        for entry_id, fields in entries:
-            after = _text(entry_id)
-            event = JobEvent(_text(fields[b"event"]), json.loads(fields[b"data"]), after)
-            yield event
-            if event.kind in ENDINGS:
+    with _reading(source, key, after) as read:
+        while True:
+            if client_gone():
+                raise ClientGone(job_id)
+            entries = read()
+            for entry_id, fields in entries:
+                event = JobEvent(_text(fields[b"event"]), json.loads(fields[b"data"]), _text(entry_id))
+                yield event
+                if event.kind in ENDINGS:
+                    return
+            if entries:
+                continue
+            last = ending()
+            if last is not None:
+                yield last
                 return
+            yield None
+
+
+@contextmanager
+def _reading(source: Redis | StreamHub, key: str, after: str) -> Iterator[Callable[[], list[Any]]]:
+    """A function giving the stream's next entries (empty after a block of BLOCK_MS without any)."""
+    if isinstance(source, StreamHub):
+        with source.subscribe(key, after) as subscription:
+            yield lambda: subscription.take(BLOCK_MS / 1000)
+        return
+    cursor = [after]
+
+    def read() -> list[Any]:
+        got: Any = source.xread({key: cursor[0]}, count=BATCH, block=BLOCK_MS)
+        entries = got[0][1] if got else []
         if entries:
-            continue
-        last = ending()
-        if last is not None:
-            yield last
-            return
-        yield None
+            cursor[0] = _text(entries[-1][0])
+        return list(entries)
+
+    yield read
 
 
 DIVERGED = "attempt_diverged"
@@ -323,7 +346,7 @@ class AttemptRelay:
 
 
 def follow_runs(
-    redis: Redis,
+    source: Redis | StreamHub,
     job_id: str,
     client_gone: Callable[[], bool],
     ending: Callable[[], JobEvent | None],
@@ -332,7 +355,7 @@ def follow_runs(
     """`follow` through an `AttemptRelay`: the job's events as one consistent run, resumable after
     a stream entry id `after` (the relay reads from the first entry and skips what was sent)."""
     relay, skip = AttemptRelay(), _entry_id(after)
-    for event in follow(redis, job_id, client_gone, ending):
+    for event in follow(source, job_id, client_gone, ending):
         if event is None:
             yield None
             continue

@@ -92,6 +92,20 @@ def job_key(job_id: str) -> str:
     return Job.redis_job_namespace_prefix + job_id
 
 
+WAITING_OR_RUNNING = frozenset({"queued", "deferred", "scheduled", "started"})
+"""RQ statuses of a job that has not ended."""
+
+
+def may_have_ended(job_id: str, redis: Redis) -> bool:
+    """Job `job_id` is gone or its RQ status is not a waiting or running one: one HGET, so the many
+    followers of waiting jobs can ask every second without reading whole jobs."""
+    status: Any = redis.hget(job_key(job_id), "status")
+    return (
+        status is None
+        or (status.decode() if isinstance(status, bytes) else str(status)) not in WAITING_OR_RUNNING
+    )
+
+
 def own_queue_names(redis: Redis) -> list[str]:
     """The workers' own queues (`worker:<name>`) registered in RQ now, sorted."""
     prefix = Queue.redis_queue_namespace_prefix
