@@ -10,7 +10,6 @@ import tarfile
 import time
 from importlib import metadata
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import requests
 from prometheus_client import generate_latest
@@ -18,6 +17,7 @@ from prometheus_client.registry import Collector
 from redis import Redis
 
 from shared import decisions, keys
+from shared.connection import masked_url
 from shared.heartbeat import SchedulerBeat, WorkerBeat, read_live
 from shared.jobstore import lifecycle, rqstore
 from shared.settings import Settings
@@ -66,19 +66,8 @@ def redacted_settings(settings: Settings) -> dict[str, Any]:
     values = settings.model_dump(mode="json")  # SecretStr dumps as "**********"
     for name, value in values.items():
         if isinstance(value, str) and "://" in value:
-            values[name] = redact_url(value)
+            values[name] = masked_url(value)
     return values
-
-
-def redact_url(url: str) -> str:
-    """The URL with any password replaced by ***."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def versions(redis: Redis) -> dict[str, Any]:

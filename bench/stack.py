@@ -58,6 +58,15 @@ def settled_view(client: Any, base: str, job: dict[str, Any], timeout: float = 3
     return view
 
 
+def cpu_flags() -> dict[str, bool]:
+    """Which of the CPU features that decide a CPU model's speed this machine has (Linux)."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        flags = set()
+    return {name: name in flags for name in ("avx2", "avx512f", "avx512_bf16", "amx_bf16")}
+
+
 def write_results(name: str, record: dict[str, Any]) -> Path:
     """`record` written as bench/results/<name>.json (the folder made if missing); the file."""
     out = Path(__file__).resolve().parent / "results" / f"{name}.json"
@@ -70,13 +79,14 @@ def write_results(name: str, record: dict[str, Any]) -> Path:
 class Cluster:
     """Redis (AOF, appendfsync always, a password), the API, the scheduler and workers as child
     processes in one folder, each started, signalled, replaced and stopped by name. `env` is added to
-    every child's environment (no GPTOSS_* variable of ours leaks in)."""
+    every child's environment (no GPTOSS_* variable of ours leaks in); `fsync` is the AOF's policy
+    (`everysec` is what `gptoss up` runs by default)."""
 
-    def __init__(self, folder: Path, env: dict[str, str]):
+    def __init__(self, folder: Path, env: dict[str, str], fsync: str = "always"):
         self.folder, self.port, self.api_port = folder, free_port(), free_port()
         self.base = f"http://127.0.0.1:{self.api_port}"
         # Locked as `gptoss up` locks its own: a kept password in a config file, private files.
-        self.redis_config, redis_url = redis_server.prepare(folder, self.port, "always")
+        self.redis_config, redis_url = redis_server.prepare(folder, self.port, fsync)
         self.redis = Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=2)
         self.children: dict[str, subprocess.Popen] = {}
         self.modules: dict[str, tuple[str, dict[str, str]]] = {}

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import secrets
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 PASSWORD_FILE = "password"
 """The kept password, in the Redis folder."""
@@ -112,12 +111,3 @@ def prepare(folder: Path, port: int, fsync: str) -> tuple[Path, str]:
     url = server_url(port, password)
     write_private(folder / URL_FILE, url + "\n")
     return config, url
-
-
-def masked_url(url: str) -> str:
-    """`url` with its password, if any, shown as ***."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))

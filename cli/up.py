@@ -17,9 +17,10 @@ import click
 import redis as redis_py
 
 from cli import redis_server
-from cli.redis_server import masked_url, private_dir, write_private
+from cli.redis_server import private_dir, write_private
 from shared import keys
 from shared.apikeys import authenticate, create_key
+from shared.connection import masked_url
 from shared.settings import Settings
 
 STOP_GRACE = 20.0

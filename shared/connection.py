@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from redis import BlockingConnectionPool, ConnectionPool, Redis
 from redis.backoff import AbstractBackoff, ExponentialBackoff
@@ -71,6 +71,15 @@ def connect(url: str, *, blocking: bool = False, budgeted: bool = False, shared:
     client = Redis(connection_pool=pool)
     client.auto_close_connection_pool = True  # as Redis.from_url's client: closing it closes its pool
     return client
+
+
+def masked_url(url: str) -> str:
+    """`url` with its password, if any, shown as *** (for logs, banners and the debug bundle)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
 
 
 class BudgetSpent(RedisError):

@@ -17,8 +17,9 @@ from redis import Redis
 from redis.exceptions import AuthenticationError
 
 from cli import redis_server
-from cli.redis_server import kept_password, masked_url, server_config
+from cli.redis_server import kept_password, server_config
 from cli.up import Stack, free_port, start_redis
+from shared.connection import masked_url
 from shared.settings import Settings
 from tests.conftest import ROOT, http_ok, process_env, wait_for
 
