@@ -11,7 +11,8 @@ import structlog
 from flask import Flask, Response, current_app, g, request
 from redis import Redis
 
-from api import admin, completions, dashboard, errors, events, health, jobs, metrics, openapi
+from api import active, admin, completions, dashboard, errors, events, health, jobs, metrics, openapi
+from api.active import ActiveRequests
 from api.ratelimit import TenantLimits
 from api.services import Services, services
 from api.streams import StreamSlots
@@ -51,8 +52,10 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
         stream_redis=stream_redis,
         hub=StreamHub(stream_redis),
         streams=StreamSlots(settings.api_streams_per_tenant),
+        active=ActiveRequests(settings.api_active_requests),
     )
     errors.init_app(app)
+    active.init_app(app)
     app.register_blueprint(health.bp)
     app.register_blueprint(metrics.bp)
     app.register_blueprint(jobs.bp)

@@ -17,6 +17,7 @@ from flask import Blueprint, Response, jsonify, request, stream_with_context
 from pydantic import BaseModel
 from redis import Redis
 
+from api.active import set_aside
 from api.body import parse_body, read_json
 from api.disconnect import client_socket, gone
 from api.following import ClientGone, follow, job_error
@@ -115,7 +116,8 @@ def _submit_and_answer(params: Any, submission: Any, route: str, body: Any, chat
         headers |= {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return Response(stream_with_context(stream), mimetype="text/event-stream", headers=headers)
     try:
-        result = _wait(redis, hub, submitted.job_id, lambda: gone(sock))
+        with set_aside():  # waiting for the job is no work: it holds no slot
+            result = _wait(redis, hub, submitted.job_id, lambda: gone(sock))
     except ClientGone:
         _cancel(redis, submitted.job_id, sender)
         return Response(status=CLIENT_CLOSED, headers=headers)

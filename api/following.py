@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from redis import Redis
+from redis.exceptions import RedisError
 
 from shared.contract import JobStatus, JobView
 from shared.errors import GptossError
@@ -39,7 +40,10 @@ def follow(
 
 
 def _ending_without_stream(redis: Redis, job_id: str) -> JobEvent | None:
-    if not rqstore.may_have_ended(job_id, redis):
+    try:
+        if not rqstore.may_have_ended(job_id, redis):
+            return None
+    except RedisError:  # busy or briefly unreachable: asked again after the next block
         return None
     job = lifecycle.fetch(redis, job_id)
     if job is None:

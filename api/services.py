@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from flask import current_app
 from redis import Redis
 
+from api.active import ActiveRequests
 from api.ratelimit import TenantLimits
 from api.streams import StreamSlots
 from shared.jobstore.hub import StreamHub
@@ -30,6 +31,8 @@ class Services:
     hub: StreamHub
     """The process's one reader of job event streams (over `stream_redis`)."""
     streams: StreamSlots
+    active: ActiveRequests
+    """The requests at work at once in this process, bounded."""
     """Each tenant's open streams in this process, capped."""
 
 

@@ -42,6 +42,8 @@ from shared.apikeys import create_key  # noqa: E402
 TENANTS = 10
 MODEL = "smollm2-135m"
 JOB = {"messages": [{"role": "user", "content": "Hold this line."}], "max_tokens": 8, "temperature": 0}
+HOLD = 20.0
+"""Seconds the connections are held at least (the API's head timeout is 10 s)."""
 TRICKLE_EVERY = 2.0
 """Seconds between two header lines of a slow head (the API's head timeout closes it first)."""
 
@@ -230,6 +232,8 @@ def run_mode(mode: str, streams: int, waits: int, heads: int, samples: int) -> d
         opened_s = time.perf_counter() - opening
         time.sleep(2)  # let the API take them all in before measuring
         loaded = measure(cluster.base, tenant_keys[0], samples, 5 if mode == "gevent" else 3)
+        while time.perf_counter() - opening < HOLD:  # long enough for the head timeout to cut some
+            time.sleep(0.5)
         footprint = api_footprint(cluster, cluster.port)
         statuses = holder.statuses()
         return {

@@ -83,6 +83,12 @@ class Settings(BaseSettings):
         gt=0,
         description="Seconds a socket read or write of a request's body or answer may wait on the client",
     )
+    api_active_requests: int = Field(
+        default=32,
+        ge=1,
+        description="Requests one API process works on at once; others wait their turn (streams and "
+        "waiting completions hold none while they wait)",
+    )
     api_streams_per_tenant: int = Field(
         default=256,
         ge=1,

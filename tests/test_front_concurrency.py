@@ -116,7 +116,7 @@ def test_held_connections_do_not_freeze_the_api(start_api: Callable[..., Api]) -
     """Far more held connections than the thread worker had threads: streams, a waiting completion
     and unfinished request heads; /healthz and submissions still answer, and the streams share the
     process's few Redis connections."""
-    api = start_api(GPTOSS_API_THREADS=2)
+    api = start_api(GPTOSS_API_THREADS=2, GPTOSS_API_ACTIVE_REQUESTS=2)  # streams and waits hold no slot
     streams = 40
     for job_id in [api.submit() for _ in range(streams)]:
         assert status_of(api.hold(raw("GET", f"/v1/jobs/{job_id}/events"))) == 200
