@@ -191,4 +191,15 @@ class ApiServer(BaseApplication):  # type: ignore[misc]
         from api.submission import warm_prompt_tokenizer
 
         args = (worker.wsgi, self.settings.model)
-        threading.Thread(target=warm_prompt_tokenizer, args=args, name="gptoss-warm", daemon=True).start()
+        native_thread(target=warm_prompt_tokenizer, args=args, name="gptoss-warm", daemon=True).start()
+
+
+def native_thread(**kwargs: Any) -> threading.Thread:
+    """An operating-system thread even under gevent: loading a tokenizer is seconds of CPU work, which
+    in a greenlet would hold every connection of the process until it ends."""
+    from gevent import monkey
+
+    if monkey.is_module_patched("threading"):
+        thread_class: type[threading.Thread] = monkey.get_original("threading", "Thread")
+        return thread_class(**kwargs)
+    return threading.Thread(**kwargs)

@@ -204,13 +204,11 @@ def run_mode(mode: str, streams: int, waits: int, heads: int, samples: int) -> d
         cluster.start_redis()
         tenant_keys = [create_key(cluster.redis, f"bench-{i}")[0] for i in range(TENANTS)]
         cluster.start("api", "api")
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(f"{cluster.base}/healthz", timeout=1).status_code == 200:
-                    break
-            except requests.RequestException:
-                time.sleep(0.2)
+        deadline, log = time.monotonic() + 120, folder / "api.log"
+        while time.monotonic() < deadline:  # up, with the prompt tokenizer it warms as it starts
+            if log.exists() and "prompt_tokenizer_loaded" in log.read_text(errors="replace"):
+                break
+            time.sleep(0.2)
         baseline = measure(cluster.base, tenant_keys[0], 50, 5)
 
         def submit(i: int) -> str:
