@@ -6,6 +6,7 @@ replicas) cannot all pass the check and overshoot the budget together.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -56,9 +57,20 @@ ADMISSION_LOCK_WAIT = 2.0
 """Seconds a submission waits for the admission lock before answering 503."""
 
 
+TURN_WAIT = 30.0
+"""Seconds a submission waits for its process's turn at admission (the turns are served in order,
+so this is a queue that moves, not contention)."""
+
+
 @contextmanager
-def admitted(redis: Redis, settings: Settings, metrics: ApiMetrics, tenant: str) -> Iterator[None]:
-    """Within the block the backlog has room for one more job: enqueue it there."""
+def admitted(
+    redis: Redis, settings: Settings, metrics: ApiMetrics, tenant: str, turn: threading.Lock
+) -> Iterator[None]:
+    """Within the block the backlog has room for one more job: enqueue it there. The process's
+    submissions take `turn` first, so one of them at a time polls the Redis lock that the API
+    processes share: under gevent, hundreds of greenlets polling it would starve one another."""
+    if not turn.acquire(timeout=TURN_WAIT):
+        raise ServiceUnavailable("Admission is busy; retry shortly.", headers={"Retry-After": "1"})
     try:
         with redis.lock(
             keys.ADMISSION_LOCK, timeout=ADMISSION_LOCK_TIMEOUT, blocking_timeout=ADMISSION_LOCK_WAIT
@@ -67,3 +79,5 @@ def admitted(redis: Redis, settings: Settings, metrics: ApiMetrics, tenant: str)
             yield
     except LockError:
         raise ServiceUnavailable("Admission is busy; retry shortly.", headers={"Retry-After": "1"}) from None
+    finally:
+        turn.release()

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 
 from flask import current_app
 from redis import Redis
@@ -33,6 +34,8 @@ class Services:
     streams: StreamSlots
     active: ActiveRequests
     """The requests at work at once in this process, bounded."""
+    admission_turn: threading.Lock = field(default_factory=threading.Lock)
+    """This process's submissions take it in turn before the shared admission lock."""
     """Each tenant's open streams in this process, capped."""
 
 

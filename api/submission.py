@@ -150,7 +150,7 @@ def _enqueue(
 ) -> str:
     settings = services().settings
     tenant = record.tenant_or_default
-    with admitted(redis, settings, services().metrics, tenant):
+    with admitted(redis, settings, services().metrics, tenant, services().admission_turn):
         if fingerprint is not None:  # the worker stores the result there
             record.cache_key = CacheTarget(fingerprint=fingerprint, ttl=settings.response_cache_ttl,
                                            max_bytes=settings.response_cache_max_bytes)  # fmt: skip
