@@ -19,6 +19,11 @@ from shared.jobstore.hub import StreamHub
 bp = Blueprint("events", __name__, url_prefix="/v1/jobs")
 
 
+KEEPALIVE_MS = 5000
+"""Milliseconds between keep-alives of an idle stream (also how soon a job that ended without an
+event is noticed). Longer than the OpenAI streams' 1 s: this relay cancels nothing when its client
+leaves, so it need not notice that soon, and a thousand idle streams wake a fifth as often."""
+
 STREAM_ID = re.compile(r"^[0-9]{1,19}(-[0-9]{1,19})?$")
 """What an event id this stream sent looks like (a Redis stream entry id)."""
 
@@ -51,7 +56,7 @@ def _in_range(event_id: str) -> bool:
 
 
 def _follow(redis: Redis, hub: StreamHub, job_id: str, after: str) -> Iterator[str]:
-    for event in follow(redis, hub, job_id, lambda: False, after):
+    for event in follow(redis, hub, job_id, lambda: False, after, idle_ms=KEEPALIVE_MS):
         yield ": keep-alive\n\n" if event is None else sse(event.kind, json.dumps(event.data), event.id)
 
 

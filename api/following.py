@@ -26,6 +26,7 @@ def follow(
     client_gone: Callable[[], bool],
     after: str = "0-0",
     relay: bool = True,
+    idle_ms: int = events.BLOCK_MS,
 ) -> Iterator[JobEvent | None]:
     """The job's events after stream entry `after` through the jobstore's reader (the process's
     `hub` when given, else a blocking read on `redis`), one consistent run across retries
@@ -35,8 +36,8 @@ def follow(
     ending = lambda: _ending_without_stream(redis, job_id)  # noqa: E731
     source = hub or redis
     if not relay:
-        return events.follow(source, job_id, client_gone, ending, after)
-    return events.follow_runs(source, job_id, client_gone, ending, after)
+        return events.follow(source, job_id, client_gone, ending, after, idle_ms)
+    return events.follow_runs(source, job_id, client_gone, ending, after, idle_ms)
 
 
 def _ending_without_stream(redis: Redis, job_id: str) -> JobEvent | None:

@@ -228,7 +228,14 @@ def run_mode(mode: str, streams: int, waits: int, heads: int, samples: int) -> d
             holder.open(http_request("POST", "/v1/chat/completions", tenant_keys[i % TENANTS], JOB))
         holder.keep_heads(heads)
         opened_s = time.perf_counter() - opening
-        time.sleep(2)  # let the API take them all in before measuring
+        # Measure while they are held, once the API has taken every one in (each waiting
+        # completion's job submitted, every stream answered): the storm of arrivals is timed apart.
+        expected = 50 + streams + waits  # the baseline's submissions, the streams' jobs, the waits'
+        deadline = time.monotonic() + 300
+        submitted = lambda: log.read_text(errors="replace").count('"job_submitted"')  # noqa: E731
+        while time.monotonic() < deadline and submitted() < expected:
+            time.sleep(0.2)
+        absorbed_s = time.perf_counter() - opening
         loaded = measure(cluster.base, tenant_keys[0], samples, 5 if mode == "gevent" else 3)
         while time.perf_counter() - opening < HOLD:  # long enough for the head timeout to cut some
             time.sleep(0.5)
@@ -238,6 +245,7 @@ def run_mode(mode: str, streams: int, waits: int, heads: int, samples: int) -> d
             "mode": mode,
             "held": {"streams": streams, "sync_waits": waits, "slow_heads": heads},
             "opened_s": round(opened_s, 2),
+            "absorbed_s": round(absorbed_s, 2),
             "baseline": baseline,
             "under_load": loaded,
             "held_statuses": statuses,
@@ -270,7 +278,8 @@ def main(streams: int, waits: int, heads: int, samples: int, modes: tuple[str, .
             f"(failed {load['healthz']['failed']}); submit p50 {load['submit']['p50_ms']} ms "
             f"p99 {load['submit']['p99_ms']} ms (failed {load['submit']['failed']}); "
             f"API {record['api_rss_mib']} MiB, {record['api_redis_connections']} Redis connections; "
-            f"held answered {record['held_statuses']}; slow heads closed {record['slow_heads_closed_by_api']}"
+            f"held answered {record['held_statuses']} (taken in within {record['absorbed_s']} s); "
+            f"slow heads closed {record['slow_heads_closed_by_api']}"
         )
     path = write_results("connections", {"cpu_flags": flags, "cores": psutil.cpu_count(), "runs": runs})
     print(f"wrote {path}")

@@ -234,15 +234,17 @@ def follow(
     client_gone: Callable[[], bool],
     ending: Callable[[], JobEvent | None],
     after: str = "0-0",
+    idle_ms: int = BLOCK_MS,
 ) -> Iterator[JobEvent | None]:
     """The job's events after stream entry `after` (from its first by default), until `done` or
-    `error`; None after each empty block (a chance to send a keep-alive), after which `ending()` says
-    whether the job ended without (more) events. Raises ClientGone once `client_gone()` is true.
+    `error`; None after each block of `idle_ms` without any (a chance to send a keep-alive), after
+    which `ending()` says whether the job ended without (more) events. Raises ClientGone once
+    `client_gone()` is true.
 
     `source` is a Redis client (this follower blocks one of its connections) or the process's
     `StreamHub` (one connection reads for every follower)."""
     key = keys.job_stream(job_id)
-    with _reading(source, key, after) as read:
+    with _reading(source, key, after, idle_ms) as read:
         while True:
             if client_gone():
                 raise ClientGone(job_id)
@@ -262,16 +264,18 @@ def follow(
 
 
 @contextmanager
-def _reading(source: Redis | StreamHub, key: str, after: str) -> Iterator[Callable[[], list[Any]]]:
-    """A function giving the stream's next entries (empty after a block of BLOCK_MS without any)."""
+def _reading(
+    source: Redis | StreamHub, key: str, after: str, idle_ms: int
+) -> Iterator[Callable[[], list[Any]]]:
+    """A function giving the stream's next entries (empty after a block of `idle_ms` without any)."""
     if isinstance(source, StreamHub):
         with source.subscribe(key, after) as subscription:
-            yield lambda: subscription.take(BLOCK_MS / 1000)
+            yield lambda: subscription.take(idle_ms / 1000)
         return
     cursor = [after]
 
     def read() -> list[Any]:
-        got: Any = source.xread({key: cursor[0]}, count=BATCH, block=BLOCK_MS)
+        got: Any = source.xread({key: cursor[0]}, count=BATCH, block=idle_ms)
         entries = got[0][1] if got else []
         if entries:
             cursor[0] = _text(entries[-1][0])
@@ -351,11 +355,12 @@ def follow_runs(
     client_gone: Callable[[], bool],
     ending: Callable[[], JobEvent | None],
     after: str = "0-0",
+    idle_ms: int = BLOCK_MS,
 ) -> Iterator[JobEvent | None]:
     """`follow` through an `AttemptRelay`: the job's events as one consistent run, resumable after
     a stream entry id `after` (the relay reads from the first entry and skips what was sent)."""
     relay, skip = AttemptRelay(), _entry_id(after)
-    for event in follow(source, job_id, client_gone, ending):
+    for event in follow(source, job_id, client_gone, ending, idle_ms=idle_ms):
         if event is None:
             yield None
             continue
