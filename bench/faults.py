@@ -352,12 +352,7 @@ def main(
     receiver = WebhookReceiver()
     cluster = Cluster(Path(tempfile.mkdtemp(prefix="gptoss-faults-")), env)
     try:
-        cluster.start_redis()
-        cluster.start("api", "api")
-        cluster.start("scheduler", "scheduler")
-        for queue in keys.WORKER_QUEUES:
-            cluster.start_worker(queue)
-        wait_ready(cluster.base, 240)
+        cluster.start_all(240)
         for name in chosen:
             healed = cluster.heal()
             if healed:

@@ -130,6 +130,16 @@ class Cluster:
         self.killed.discard(name)
         return child
 
+    def start_all(self, ready_timeout: float = 240) -> None:
+        """Redis, the API, the scheduler and a worker per worker queue, as `gptoss up` runs them;
+        returns once the API says it is ready."""
+        self.start_redis()
+        self.start("api", "api")
+        self.start("scheduler", "scheduler")
+        for queue in keys.WORKER_QUEUES:
+            self.start_worker(queue)
+        wait_ready(self.base, ready_timeout)
+
     def start_worker(self, queue: str) -> str:
         """Start one more worker of `queue`; its child's name."""
         self._serial[queue] += 1
@@ -240,3 +250,18 @@ class WebhookReceiver:
     def close(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+def start_transformers_serve(folder: Path, dtype: str, work: Path) -> tuple[subprocess.Popen, str]:
+    """`transformers serve --continuous-batching` on the weights in `folder`, offline, its log in
+    `work`: (the process, its base URL). The caller waits for it (`wait_ready(..., path="/health")`)."""
+    port = free_port()
+    binary = Path(sys.executable).parent / "transformers"
+    log = open(work / "serve.log", "wb")  # noqa: SIM115
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    serve = subprocess.Popen(
+        [str(binary), "serve", str(folder), "--continuous-batching", "--port", str(port),
+         "--cb-max-memory-percent", "0.1", "--dtype", dtype],
+        stdout=log, stderr=log, env=env, start_new_session=True,
+    )  # fmt: skip
+    return serve, f"http://localhost:{port}"

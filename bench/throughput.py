@@ -34,7 +34,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.stack import settled_view, wait_ready, write_results  # noqa: E402
+from bench.stack import settled_view, start_transformers_serve, wait_ready, write_results  # noqa: E402
 from cli.up import free_port  # noqa: E402
 
 MODEL = "smollm2-135m"
@@ -219,16 +219,7 @@ def concurrent_rounds(base: str, tokens: int, concurrent: int) -> dict[str, Any]
 def transformers_serve(folder: Path, tokens: int, concurrent: int, work: Path, dtype: str) -> dict[str, Any]:
     """16 concurrent chat requests against `transformers serve --continuous-batching`, computing in
     the worker's dtype."""
-    port = free_port()
-    binary = Path(sys.executable).parent / "transformers"
-    log = open(work / "serve.log", "wb")  # noqa: SIM115
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    serve = subprocess.Popen(
-        [str(binary), "serve", str(folder), "--continuous-batching", "--port", str(port),
-         "--cb-max-memory-percent", "0.1", "--dtype", dtype],
-        stdout=log, stderr=log, env=env, start_new_session=True,
-    )  # fmt: skip
-    base = f"http://localhost:{port}"
+    serve, base = start_transformers_serve(folder, dtype, work)
     try:
         try:
             wait_ready(base, 180, serve, path="/health")
