@@ -58,11 +58,12 @@ class Outcome:
         return (self.e2e - self.ttft) / (self.tokens() - 1)
 
     def record(self, start: float) -> dict[str, Any]:
-        """The request as kept in the JSON record: times relative to `start`, chunk times dropped."""
+        """The request as kept in the JSON record: times in seconds from `start`, each chunk's time
+        from the request's send (to the 0.1 ms)."""
         fields = asdict(self)
-        del fields["chunks"]
         fields.update(sent=self.sent - start, ended=None if self.ended is None else self.ended - start,
-                      ttft=self.ttft, e2e=self.e2e, chunks=len(self.chunks))  # fmt: skip
+                      ttft=self.ttft, e2e=self.e2e,
+                      chunks=[round(t - self.sent, 4) for t in self.chunks])  # fmt: skip
         return fields
 
 

@@ -14,6 +14,7 @@ output tokens/s, one curve per server).
 
     .venv/bin/python bench/serving.py [--rates 0.1,0.2,0.3,0.4,0.6] [--requests 100]
     .venv/bin/python bench/serving.py --quick          # a smoke: 2 rates, 10 requests each
+    .venv/bin/python bench/serving.py --concurrency 1,4,16 --output-cap 64   # closed loop
 
 Ours runs as `gptoss up` does (Redis with its AOF fsynced every second, the API, the scheduler and
 one worker per worker queue, `--batch-size` rows a worker decodes at once), asked with `cache:

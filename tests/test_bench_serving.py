@@ -49,6 +49,8 @@ def test_a_stream_read_chunk_by_chunk() -> None:
     assert (outcome.output_tokens, outcome.prompt_tokens) == (2, 9)
     outcome.ended = 15.0
     assert outcome.ok and outcome.ttft == 2.0 and outcome.e2e == 5.0 and outcome.tpot() == 3.0
+    kept = outcome.record(start=4.0)
+    assert (kept["sent"], kept["ended"], kept["chunks"], kept["ttft"]) == (6.0, 11.0, [2.0, 3.0], 2.0)
 
 
 def test_an_error_chunk_ends_the_stream_as_failed() -> None:
