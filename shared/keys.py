@@ -133,6 +133,17 @@ ALL_QUEUES = INCOMING_QUEUES + tuple(q for base in WORKER_QUEUES for q in queues
 SCHEDULER_WAKE = PREFIX + "scheduler:wake"
 """List the API pushes to after enqueueing, so a scheduler waiting on several queues wakes at once."""
 
+WAKE_TOKENS = 64
+"""Most wake-ups a worker queue's wake list keeps (one per job pushed; a worker that finds none
+left to take waits again)."""
+
+
+def worker_wake(queue: str) -> str:
+    """List pushed to whenever a job is put on worker queue `queue`, so an idle worker blocked on
+    the wake lists of its queues takes it at once (Redis cannot block on several lists and move
+    atomically into the running ledger)."""
+    return f"{PREFIX}wake:{queue}"
+
 
 def cancel_flag(job_id: str) -> str:
     """Key set when a client cancels the job; the scheduler and the worker (every decode step) read it."""

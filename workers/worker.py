@@ -41,11 +41,10 @@ from workers.turns import SessionTurns
 
 log = structlog.get_logger()
 
-TAKE_POLL = 0.025
-"""Seconds between looks at empty queues (the most an idle worker adds to a job's wait)."""
-
 PRESSURE_CHECK = 1
-"""Seconds between memory checks (and renewals of RQ's worker key) while waiting for a job."""
+"""Seconds between memory checks (and renewals of RQ's worker key) while waiting for a job; also the
+longest a job put on a queue without a wake-up (by hand, or by RQ's own tools) waits for an idle
+worker."""
 
 SAME_STOP = 1.0
 """Seconds within which a second stop signal is the first one delivered twice (RQ's own rule)."""
@@ -124,9 +123,11 @@ class GenerationWorker(SimpleWorker):
     def _wait_for_job(self, timeout: int | None, max_idle_time: int | None) -> tuple[Job, Queue] | None:
         """The next job of the worker's queues (in their order), taken through the job store: popped
         and recorded as this worker's in one step, so no job is ever nowhere (RQ's BLPOP records
-        nothing). It looks every TAKE_POLL s (once in burst mode: `timeout` None); every
+        nothing). Between looks it blocks on the wake lists of its queues (`keys.worker_wake`), so a
+        job is taken as soon as it is put there (it looks once in burst mode: `timeout` None); every
         PRESSURE_CHECK s it checks memory (pausing while critical) and renews RQ's worker key."""
         queues = {q.name: q for q in self.queues}
+        wakes = [keys.worker_wake(name) for name in queues]
         self.set_state(WorkerStatus.IDLE)
         self._pause_while_critical()
         idle_since = checked = time.monotonic()
@@ -143,7 +144,7 @@ class GenerationWorker(SimpleWorker):
                 self.heartbeat()
                 if self.should_run_maintenance_tasks:
                     self.run_maintenance_tasks()
-            time.sleep(TAKE_POLL)
+            self.connection.blpop(wakes, timeout=max(0.01, PRESSURE_CHECK - (time.monotonic() - checked)))
         return None
 
     def _pause_while_critical(self) -> None:

@@ -79,7 +79,7 @@ class Intake:
         """Enqueue `job` (with its updated record) on queue `target` and forget it here, atomically."""
         job.meta = record.to_meta()
         pipe = self._redis.pipeline()
-        rqstore.open_queue(target, self._redis).enqueue_job(job, pipeline=pipe)
+        rqstore.enqueue(job, target, pipe)
         self._forget(pipe, job.id)
         pipe.execute()
 

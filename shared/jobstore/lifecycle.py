@@ -163,10 +163,9 @@ def cancel(redis: Redis, job: Job, message: str) -> JobRecord | None:
 def requeue_front(redis: Redis, job: Job, queue_name: str, *, leaving: str | None = None) -> None:
     """Put `job` at the front of queue `queue_name`, taking it out of the list `leaving` (a queue's
     key, or RQ's intermediate list) in the same transaction."""
-    queue = rqstore.open_queue(queue_name, redis)
     pipe = redis.pipeline()
     # enqueue_job first: it WATCHes dependencies, which must come before any queued command.
-    queue.enqueue_job(job, pipeline=pipe, at_front=True)
+    rqstore.enqueue(job, queue_name, pipe, at_front=True)
     if leaving is not None:
         pipe.lrem(leaving, 0, job.id)
     pipe.execute()
@@ -238,7 +237,7 @@ def _hand_back(
         pipe.hset(job.key, "meta", job.serializer.dumps(job.meta))
         rqstore.record_failure(job, message, pipe)
     else:
-        rqstore.open_queue(target, job.connection).enqueue_job(job, pipeline=pipe, at_front=not count_attempt)
+        rqstore.enqueue(job, target, pipe, at_front=not count_attempt)
     rqstore.forget_execution(job, executions, pipe)
     events.add_to(pipe, job.id, event, data, record.retention)
     pipe.execute()

@@ -67,6 +67,18 @@ def open_queue(name: str, redis: Redis) -> Queue:
     return Queue(name, connection=redis, serializer=SERIALIZER)
 
 
+def enqueue(job: Job, queue: str, pipe: Pipeline, at_front: bool = False) -> None:
+    """Put `job` on `queue` (at its back, or `at_front`) in `pipe`, and wake a worker blocked on it."""
+    open_queue(queue, job.connection).enqueue_job(job, pipeline=pipe, at_front=at_front)
+    wake_workers(pipe, queue)
+
+
+def wake_workers(pipe: Pipeline, queue: str) -> None:
+    """Tell a worker blocked on `queue`'s wake list that a job is there (in `pipe`)."""
+    pipe.lpush(keys.worker_wake(queue), 1)
+    pipe.ltrim(keys.worker_wake(queue), 0, keys.WAKE_TOKENS - 1)
+
+
 def fetch_job(job_id: str, redis: Redis) -> Job:
     """The RQ job `job_id` (raises rq.exceptions.NoSuchJobError)."""
     return Job.fetch(job_id, connection=redis, serializer=SERIALIZER)

@@ -64,6 +64,7 @@ def give_back(redis: Redis, job: Job, queue: str) -> None:
     pipe = redis.pipeline()
     pipe.lpush(rqstore.queue_key(queue), job.id)
     pipe.hdel(keys.RUNNING, job.id)
+    rqstore.wake_workers(pipe, queue)
     pipe.execute()
 
 
