@@ -5,7 +5,7 @@ once, and `transformers serve --continuous-batching` on the same model and promp
 installs and starts: `pip install "transformers[serving]"`). Prints tokens/s and the ratios, and
 writes JSON to bench/results/throughput.json.
 
-    .venv/bin/python bench/throughput.py [--tokens 64] [--concurrent 16] [--single-runs 6]
+    .venv/bin/python bench/throughput.py [--tokens 64] [--concurrent 16] [--single-runs 6] [--pairs 3]
 
 Pipeline tokens/s use the job's own stage stamps (received -> finished), so how the client waits
 does not count; raw generate is timed around the call. Single streams run in turns, raw then
@@ -193,27 +193,35 @@ def single_streams(
     }  # fmt: skip
 
 
-def concurrent_rounds(base: str, tokens: int, concurrent: int) -> dict[str, Any]:
-    """`concurrent` requests at once, ROUNDS times; the best round, with every round kept. Rates are
-    server-side (first received -> last finished) and client-side (first POST -> last answer, as
-    transformers serve is timed)."""
-    rounds = []
-    for _ in range(ROUNDS):
-        started = time.perf_counter()
-        with ThreadPoolExecutor(concurrent) as pool:
-            views = list(pool.map(lambda i: run_job(base, i, tokens), range(concurrent)))
-        client = time.perf_counter() - started
-        made = sum(v["result"]["usage"]["completion_tokens"] for v in views)
-        span = max(v["timestamps"]["finished"] for v in views) - min(
-            v["timestamps"]["received"] for v in views
-        )
-        rounds.append({"tokens": made, "seconds": span, "tokens_per_second": made / span,
-                       "client_seconds": client, "client_tokens_per_second": made / client,
-                       "stages_s": stages(views), "received_spread_s": spread(views, "received"),
-                       "start_spread_s": spread(views, "started"),
-                       "finish_spread_s": spread(views, "finished")})  # fmt: skip
+def concurrent_round(base: str, tokens: int, concurrent: int) -> dict[str, Any]:
+    """`concurrent` requests at once. Rates are server-side (first received -> last finished) and
+    client-side (first POST -> last answer, as transformers serve is timed)."""
+    started = time.perf_counter()
+    with ThreadPoolExecutor(concurrent) as pool:
+        views = list(pool.map(lambda i: run_job(base, i, tokens), range(concurrent)))
+    client = time.perf_counter() - started
+    made = sum(v["result"]["usage"]["completion_tokens"] for v in views)
+    span = max(v["timestamps"]["finished"] for v in views) - min(v["timestamps"]["received"] for v in views)
+    return {"tokens": made, "seconds": span, "tokens_per_second": made / span,
+            "client_seconds": client, "client_tokens_per_second": made / client,
+            "stages_s": stages(views), "received_spread_s": spread(views, "received"),
+            "start_spread_s": spread(views, "started"),
+            "finish_spread_s": spread(views, "finished")}  # fmt: skip
+
+
+def knee(raw: RawGenerate, base: str, tokens: int, concurrent: int, pairs: int) -> dict[str, Any]:
+    """The knee, in `pairs` paired runs: the model's own left-padded batch of `concurrent` (the stack
+    idle), then the pipeline with `concurrent` requests at once; the median of the paired ratios,
+    and the best of each with every run kept."""
+    raw_rates, rounds = [], []
+    for _ in range(pairs):
+        raw_rates.append(raw.batch_rate(concurrent, tokens))
+        rounds.append(concurrent_round(base, tokens, concurrent))
+    ratios = [r["tokens_per_second"] / b for r, b in zip(rounds, raw_rates, strict=True)]
     best = max(rounds, key=lambda r: r["tokens_per_second"])
-    return {**best, "requests": concurrent, "rounds": rounds}
+    return {"raw_batch_runs_tokens_per_second": raw_rates, "raw_batch_tokens_per_second": max(raw_rates),
+            "pipeline": {**best, "requests": concurrent, "rounds": rounds}, "paired_ratios": ratios,
+            "paired_ratio_median": statistics.median(ratios)}  # fmt: skip
 
 
 def transformers_serve(folder: Path, tokens: int, concurrent: int, work: Path, dtype: str) -> dict[str, Any]:
@@ -256,8 +264,9 @@ def transformers_serve(folder: Path, tokens: int, concurrent: int, work: Path, d
 @click.option(
     "--single-runs", default=6, help="Single requests timed, for raw generate and the pipeline each"
 )
+@click.option("--pairs", default=3, show_default=True, help="Paired runs of the knee (raw batch, pipeline)")
 @click.option("--skip-serve", is_flag=True, help="Do not try transformers serve")
-def main(tokens: int, concurrent: int, single_runs: int, skip_serve: bool) -> None:
+def main(tokens: int, concurrent: int, single_runs: int, pairs: int, skip_serve: bool) -> None:
     folder = model_folder()
     device, dtype, bf16_path, stored_dtype = worker_dtypes(folder, concurrent)
     raw_model = RawGenerate(folder, dtype, device, bf16_path)
@@ -268,8 +277,8 @@ def main(tokens: int, concurrent: int, single_runs: int, skip_serve: bool) -> No
         try:
             single = single_streams(raw_model, stored_model, base, tokens, single_runs)
             # The model's own batched rate, the stack idle: how far batching can go on this machine.
-            raw_batch = max(raw_model.batch_rate(concurrent, tokens) for _ in range(ROUNDS))
-            together = concurrent_rounds(base, tokens, concurrent)
+            knees = knee(raw_model, base, tokens, concurrent, pairs)
+            raw_batch, together = knees["raw_batch_tokens_per_second"], knees["pipeline"]
         finally:
             up.send_signal(signal.SIGINT)
             up.wait(60)
@@ -303,6 +312,9 @@ def main(tokens: int, concurrent: int, single_runs: int, skip_serve: bool) -> No
         # The most the 16-concurrent ratio can be here, and how much of it the pipeline reaches.
         "raw_batch_vs_raw_single": raw_batch / base_rate,
         "pipeline_concurrent_vs_raw_batch": together["tokens_per_second"] / raw_batch,
+        # The knee: the median of the paired runs' ratios (each pipeline round against the raw batch
+        # measured just before it).
+        "pipeline_concurrent_vs_raw_batch_paired_median": knees["paired_ratio_median"],
     }
     if stored_raw is not None:  # against the faster single stream of the stored dtype, too
         ratios["pipeline_single_vs_raw_stored_dtype"] = (
@@ -321,7 +333,9 @@ def main(tokens: int, concurrent: int, single_runs: int, skip_serve: bool) -> No
         "model": MODEL, "tokens": tokens, "concurrent": concurrent, "cpu_count": os.cpu_count(),
         "load_average": os.getloadavg(), "device": device, "raw_generate": raw,
         "raw_generate_stored_dtype": stored_raw,
-        "raw_generate_batch": {"rows": concurrent, "tokens_per_second": raw_batch}, "pipeline": piped,
+        "raw_generate_batch": {"rows": concurrent, "tokens_per_second": raw_batch,
+                               "runs_tokens_per_second": knees["raw_batch_runs_tokens_per_second"]},
+        "knee_paired_ratios": knees["paired_ratios"], "pipeline": piped,
         "transformers_serve": serve, "ratios": ratios, "at": time.time(),
     }  # fmt: skip
     write_results("throughput", record)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from typing import Literal, TypeVar
 
@@ -52,14 +53,40 @@ class SchedulerBeat(BaseModel):
     metrics_url: str | None = None
 
 
+INDEX_SLACK = 60.0
+"""Seconds past its expiry an index entry is kept (clocks of several hosts may differ that much)."""
+
+
+def index_of(key: str) -> str:
+    """The sorted set listing the heartbeats of `key`'s kind (`key` one heartbeat's key or its kind's
+    SCAN pattern): readers look there instead of scanning the whole keyspace for every decision."""
+    return key.rsplit(":", 1)[0].replace(":heartbeat:", ":heartbeat-index:", 1)
+
+
 def publish(redis: Redis, key: str, beat: BaseModel, ttl: int) -> None:
-    """Write one heartbeat that expires after `ttl` seconds unless renewed."""
-    redis.set(key, beat.model_dump_json(), ex=ttl)
+    """Write one heartbeat that expires after `ttl` seconds unless renewed, listed in its kind's index
+    (entries long expired leave it)."""
+    now = time.time()
+    pipe = redis.pipeline(transaction=False)
+    pipe.set(key, beat.model_dump_json(), ex=ttl)
+    pipe.zadd(index_of(key), {key: now + ttl})
+    pipe.zremrangebyscore(index_of(key), "-inf", now - INDEX_SLACK)
+    pipe.expire(index_of(key), ttl + int(INDEX_SLACK))
+    pipe.execute()
+
+
+def withdraw(redis: Redis, key: str) -> None:
+    """Remove one heartbeat and its index entry (its process stops)."""
+    pipe = redis.pipeline(transaction=False)
+    pipe.delete(key)
+    pipe.zrem(index_of(key), key)
+    pipe.execute()
 
 
 def read_live(redis: Redis, pattern: str, kind: type[Beat]) -> list[Beat]:
-    """Every heartbeat matching `pattern` that has not expired."""
-    found = list(redis.scan_iter(match=pattern, count=200))
+    """Every heartbeat of `pattern`'s kind that has not expired (two round trips, however many keys
+    Redis holds)."""
+    found = redis.zrange(index_of(pattern), 0, -1)
     if not found:
         return []
     return [kind.model_validate_json(raw) for raw in redis.mget(found) if raw is not None]
@@ -98,7 +125,7 @@ class Heartbeat:
         if self._thread.is_alive():
             self._thread.join(timeout=self._interval + 1)
         try:
-            self._redis.delete(self._key)
+            withdraw(self._redis, self._key)
         except RedisError:
             pass
 

@@ -54,10 +54,10 @@ def worker_heartbeat(name: str) -> str:
 
 
 WORKER_HEARTBEAT_PATTERN = PREFIX + "heartbeat:worker:*"
-"""SCAN pattern matching every worker heartbeat."""
+"""Pattern of every worker heartbeat's key (its index: `shared.heartbeat.index_of`)."""
 
 SCHEDULER_HEARTBEAT_PATTERN = PREFIX + "heartbeat:scheduler:*"
-"""SCAN pattern matching every scheduler heartbeat."""
+"""Pattern of every scheduler heartbeat's key (its index: `shared.heartbeat.index_of`)."""
 
 
 def scheduler_heartbeat(name: str) -> str:
@@ -137,6 +137,10 @@ WAKE_TOKENS = 64
 """Most wake-ups a worker queue's wake list keeps (one per job pushed; a worker that finds none
 left to take waits again)."""
 
+WAKE_TTL = 600
+"""Seconds a wake list outlives its last push (an idle worker looks at its queues every second
+anyway)."""
+
 
 def worker_wake(queue: str) -> str:
     """List pushed to whenever a job is put on worker queue `queue`, so an idle worker blocked on
@@ -190,6 +194,34 @@ def idempotency(tenant: str, digest: str) -> str:
 RUNNING = PREFIX + "running"
 """Hash of job id -> the worker running it (JSON), so the jobs of a dead worker can be found.
 Bounded: entries leave when jobs end or are handed back."""
+
+FAIR_TTL = 24 * 3600
+"""Seconds the fair-queuing state (queued tenants, tags, clocks) outlives its last use."""
+
+TENANT_WEIGHTS = PREFIX + "fair:weights"
+"""Hash of tenant -> weight in fair sharing, as the workers' settings last gave it (configuration)."""
+
+
+def queued_tenants(queue: str) -> str:
+    """Hash of job id -> tenant of the jobs waiting in worker queue `queue` (what the fair take reads;
+    emptied with the queue)."""
+    return f"{PREFIX}fair:tenants:{queue}"
+
+
+def fair_tags(base: str) -> str:
+    """Hash of tenant -> virtual finish tag in the fair take of worker queue `base`'s queues."""
+    return f"{PREFIX}fair:tags:{base}"
+
+
+def fair_clock(base: str) -> str:
+    """The virtual time of the fair take of worker queue `base`'s queues (the last start tag)."""
+    return f"{PREFIX}fair:clock:{base}"
+
+
+def fair_base(queue: str) -> str | None:
+    """The worker queue whose fair take orders `queue` (one of its priority queues); None for a
+    queue taken in arrival order (a worker's own queue, `incoming`)."""
+    return next((base for base in WORKER_QUEUES if queue in queues_by_priority(base)), None)
 
 
 def response_cache_entry(fingerprint: str) -> str:

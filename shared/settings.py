@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PRODUCTION_SAMPLE_RATIO = 0.03
 """Share of new traces sampled in production (a request can still force its own)."""
@@ -156,6 +156,11 @@ class Settings(BaseSettings):
     tenant_backlog_budget: int = Field(
         default=200, description="Jobs one tenant may have waiting before the API answers it 429"
     )
+    tenant_weights: Annotated[dict[str, float], NoDecode] = Field(
+        default_factory=dict,
+        description="Weights of tenants in fair sharing of queue order and batch slots, as"
+        " `acme=3,free=1`; a tenant not named weighs 1",
+    )
     result_ttl: int = Field(
         default=24 * 3600, ge=1, description="Seconds a job, its result and its event stream are kept"
     )
@@ -249,6 +254,24 @@ class Settings(BaseSettings):
     )
     log_level: str = Field(default="info", description="Lowest level logged")
     log_content: bool = Field(default=False, description="Log prompt and completion text (off: never logged)")
+
+    @field_validator("tenant_weights", mode="before")
+    @classmethod
+    def _parse_weights(cls, value: Any) -> Any:
+        # `acme=3,free=1` from the environment; a mapping given in code passes as it is.
+        if not isinstance(value, str):
+            return value
+        pairs = [part.partition("=") for part in value.split(",") if part.strip()]
+        if any(not sep or not name.strip() for name, sep, _ in pairs):
+            raise ValueError(f"tenant weights must read `tenant=weight,...`, not {value!r}")
+        return {name.strip(): weight.strip() for name, _, weight in pairs}
+
+    @field_validator("tenant_weights")
+    @classmethod
+    def _positive_weights(cls, value: dict[str, float]) -> dict[str, float]:
+        if bad := sorted(t for t, w in value.items() if not 0 < w < float("inf")):
+            raise ValueError(f"tenant weights must be positive and finite: {', '.join(bad)}")
+        return value
 
     @model_validator(mode="before")
     @classmethod

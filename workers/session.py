@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
+from functools import partial
 from typing import Any
 
 import structlog
@@ -21,8 +22,9 @@ from rq.worker import BaseWorker
 from shared.affinity import mark_decoding, unmark_decoding
 from shared.cancellation import CANCEL_POLL, cancels_requested
 from shared.contract import JobRequest
-from shared.jobstore import lifecycle, rqstore, runs
+from shared.jobstore import fair_queue, lifecycle, rqstore, runs
 from shared.jobstore.events import EventBuffer
+from workers import fair_share
 from workers.batch import Decoder, Row
 from workers.context import WorkerContext
 from workers.guard import MemoryGuard
@@ -96,12 +98,21 @@ class BatchSession:
             self._keep_alive()
 
     def _take_more(self) -> list[Slot]:
-        """Jobs waiting in the worker's queues, while there is room and the worker may take them."""
+        """Jobs waiting in the worker's queues, while there is room and the worker may take them: tenants
+        under their fair share of the slots first, and only they in a full batch, up to its row limit
+        (workers/fair_share.py); a free slot goes to anyone."""
         joining: list[Slot] = []
-        if self.held >= self.size or self._full or not rqstore.jobs_waiting(self.worker):
+        limit, names = fair_share.row_limit(self.size), [*self._queues]
+        if self.held >= limit or self._full or not (waiting := fair_queue.waiting_tenants(self.redis, names)):
             return joining
-        while self.held < self.size and not self._full and not self.worker.stopping and self.guard.may_take():
-            taken = runs.take(self.redis, self.worker.name, list(self._queues))
+        weights = self.worker.settings.tenant_weights
+        take = partial(runs.take, self.redis, self.worker.name, names, weights=weights)
+        while self.held < limit and not self._full and not self.worker.stopping and self.guard.may_take():
+            holding = [s.run.record.tenant_or_default for s in (*self.slots.values(), *self.followers.all())]
+            skip = fair_share.at_share(holding, waiting, weights, self.size)
+            taken = take(skip_tenants=skip) if waiting - skip else None
+            if taken is None and skip and self.held < self.size:  # a free slot: anyone's
+                taken = take()
             if taken is None:
                 break
             joining += self._admit(taken[0], self._queues[taken[1]])

@@ -68,8 +68,12 @@ def open_queue(name: str, redis: Redis) -> Queue:
 
 
 def enqueue(job: Job, queue: str, pipe: Pipeline, at_front: bool = False) -> None:
-    """Put `job` on `queue` (at its back, or `at_front`) in `pipe`, and wake a worker blocked on it."""
+    """Put `job` on `queue` (at its back, or `at_front`) in `pipe`, and wake a worker blocked on it.
+    On a worker's queue its tenant is noted for the fair take (shared/jobstore/fair_queue.py)."""
     open_queue(queue, job.connection).enqueue_job(job, pipeline=pipe, at_front=at_front)
+    if queue not in keys.INCOMING_QUEUES:  # the scheduler takes those in arrival order
+        pipe.hset(keys.queued_tenants(queue), job.id, job.meta.get("tenant") or keys.DEFAULT_TENANT)
+        pipe.expire(keys.queued_tenants(queue), keys.FAIR_TTL)
     wake_workers(pipe, queue)
 
 
@@ -77,6 +81,7 @@ def wake_workers(pipe: Pipeline, queue: str) -> None:
     """Tell a worker blocked on `queue`'s wake list that a job is there (in `pipe`)."""
     pipe.lpush(keys.worker_wake(queue), 1)
     pipe.ltrim(keys.worker_wake(queue), 0, keys.WAKE_TOKENS - 1)
+    pipe.expire(keys.worker_wake(queue), keys.WAKE_TTL)
 
 
 def fetch_job(job_id: str, redis: Redis) -> Job:

@@ -11,6 +11,7 @@ the record, the terminal event and the running ledger together, or nothing.
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
 from typing import Any, Literal
 
 from redis import Redis
@@ -22,36 +23,32 @@ from rq.queue import Queue
 
 from shared import keys
 from shared.drain import leave_backlog
-from shared.jobstore import ledger, lifecycle, rqstore
+from shared.jobstore import fair_queue, ledger, lifecycle, rqstore
 from shared.jobstore.events import DONE, ERROR, Fence
 from shared.jobstore.record import Ending, JobRecord
 
 Settled = Literal["settled", "superseded"]
 
-_TAKE = """
-for i = 2, #KEYS do
-  local id = redis.call('LPOP', KEYS[i])
-  if id then
-    redis.call('HSET', KEYS[1], id, ARGV[i - 1])
-    return {id, i - 2}
-  end
-end
-return false
-"""
 
-
-def take(redis: Redis, worker: str, queues: list[str]) -> tuple[Job, str] | None:
-    """The next job of `queues` (in their order), taken by `worker`: popped and recorded in the
-    running ledger in one step, so a worker that dies before starting it leaves it where the reaper
-    finds it. None when every queue is empty."""
+def take(
+    redis: Redis,
+    worker: str,
+    queues: list[str],
+    *,
+    weights: Mapping[str, float] | None = None,
+    skip_tenants: Collection[str] = (),
+) -> tuple[Job, str] | None:
+    """The next job of `queues` (in their order; within a priority queue, the job of the tenant most
+    behind in weighted service: shared/jobstore/fair_queue.py), taken by `worker`: out of its queue
+    and recorded in the running ledger in one step, so a worker that dies before starting it leaves
+    it where the reaper finds it. None when no queue holds a job of a tenant outside `skip_tenants`.
+    `weights`: tenant -> weight (1 when unnamed); None: the weights a take last gave."""
     entries = [ledger.entry(worker, name) for name in queues]
-    names = [keys.RUNNING, *(rqstore.queue_key(name) for name in queues)]
     while True:
-        taken = redis.eval(_TAKE, len(names), *names, *entries)
-        if not taken:
+        taken = fair_queue.pick(redis, queues, entries, weights, skip_tenants)
+        if taken is None:
             return None
-        raw, index = taken[0], int(taken[1])
-        job_id = raw.decode() if isinstance(raw, bytes) else str(raw)
+        job_id, index = taken
         job = lifecycle.fetch(redis, job_id)
         if job is not None:
             return job, queues[index]
