@@ -15,6 +15,7 @@ output tokens/s, one curve per server).
     .venv/bin/python bench/serving.py [--rates 0.1,0.2,0.3,0.4,0.6] [--requests 100]
     .venv/bin/python bench/serving.py --quick          # a smoke: 2 rates, 10 requests each
     .venv/bin/python bench/serving.py --concurrency 1,4,16 --output-cap 64   # closed loop
+    .venv/bin/python bench/serving.py --tenants        # a light tenant alone, then beside a flood
 
 Ours runs as `gptoss up` does (Redis with its AOF fsynced every second, the API, the scheduler and
 one worker per worker queue, `--batch-size` rows a worker decodes at once), asked with `cache:
@@ -199,6 +200,12 @@ def parse_points(text: str) -> list[float]:
 @click.option("--output-cap", type=int, default=None,
               help="Cap every prompt's target output length (slow machines); unset: the data's")  # fmt: skip
 @click.option("--quick", is_flag=True, help=f"A smoke: rates {QUICK_RATES}, {QUICK_REQUESTS} requests each")
+@click.option("--tenants", is_flag=True, help="Instead: a light tenant alone, then beside a flooding one")
+@click.option("--light-rate", default=0.5, show_default=True, help="--tenants: light requests/s (Poisson)")
+@click.option("--light-requests", default=30, show_default=True, help="--tenants: light requests per phase")
+@click.option("--light-tokens", default=16, show_default=True, help="--tenants: light output tokens")
+@click.option("--flood-clients", default=None, type=int, help="--tenants: flood clients; unset: 2x batch")
+@click.option("--flood-tokens", default=128, show_default=True, help="--tenants: flood output tokens at most")
 def main(
     rates: str,
     concurrency: str | None,
@@ -208,8 +215,22 @@ def main(
     slo_profile: str,
     output_cap: int | None,
     quick: bool,
+    tenants: bool,
+    light_rate: float,
+    light_requests: int,
+    light_tokens: int,
+    flood_clients: int | None,
+    flood_tokens: int,
 ) -> None:
     """Sweep each server in turn, print and write the figures, plot the curves."""
+    if tenants:
+        from bench.tenants import run_tenants
+
+        clients = flood_clients or 2 * batch_size
+        run_tenants(MODEL, load_prompts(), slo_of(MODEL, slo_profile), batch_size=batch_size,
+                    light_rate=light_rate, light_requests=light_requests, light_tokens=light_tokens,
+                    flood_clients=clients, flood_tokens=flood_tokens, seed=SEED)  # fmt: skip
+        return
     chosen = [s.strip() for s in servers.split(",") if s.strip()]
     if unknown := sorted(set(chosen) - {"ours", "transformers"}):
         raise click.BadParameter(f"unknown servers {unknown}; known: ours, transformers")

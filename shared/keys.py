@@ -199,7 +199,8 @@ FAIR_TTL = 24 * 3600
 """Seconds the fair-queuing state (queued tenants, tags, clocks) outlives its last use."""
 
 TENANT_WEIGHTS = PREFIX + "fair:weights"
-"""Hash of tenant -> weight in fair sharing, as the workers' settings last gave it (configuration)."""
+"""Hash of tenant -> weight in fair sharing, as a worker's settings last gave it (for takes that give
+none: an idle worker's), for FAIR_TTL after that."""
 
 
 def queued_tenants(queue: str) -> str:

@@ -127,6 +127,11 @@ class Settings(BaseSettings):
     max_batch_size: int | None = Field(
         default=None, ge=1, description="Requests a worker decodes at once; unset: the profile's, else 8"
     )
+    prefill_chunk: int = Field(
+        default=256,
+        ge=0,
+        description="Prompt tokens a worker prefills per step beside its decoding rows; 0: all at once",
+    )
     kv_cache_budget_bytes: int | None = Field(
         default=None, ge=1, description="Bytes a worker's batch KV cache may reach; unset: 25% of its memory"
     )

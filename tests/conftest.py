@@ -351,18 +351,21 @@ def sentence_request(topic: str, max_tokens: int = 8, **extra: object) -> Any:
     )
 
 
-def run_batch(runtime: Any, requests: list[Any], stagger: int = 0) -> list[tuple[int, ...]]:
-    """Decode `requests` in one batch (the second half joining `stagger` steps late); their tokens."""
+def run_batch(
+    runtime: Any, requests: list[Any], stagger: int = 0, prefill_chunk: int = 0
+) -> list[tuple[int, ...]]:
+    """Decode `requests` in one batch (the second half joining `stagger` steps late, prompts over
+    `prefill_chunk` tokens prefilled a chunk per step); their tokens."""
     from workers.batch import Row
     from workers.sampling import sampler_for
 
-    batch = runtime.new_batch()
+    batch = runtime.new_batch(prefill_chunk)
     rows = [Row(str(i), runtime.completion(r), sampler_for(r, "cpu")) for i, r in enumerate(requests)]
     late = len(rows) // 2 if stagger else len(rows)
     batch.join(rows[:late])
     done: dict[str, tuple[int, ...]] = {}
     steps = 0
-    while batch.rows or late < len(rows):
+    while len(batch) or late < len(rows):
         if late < len(rows) and steps >= stagger:
             batch.join(rows[late:])
             late = len(rows)

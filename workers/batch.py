@@ -1,6 +1,7 @@
 """Continuous batching: many requests decoded together in one model pass per step, over one
 left-padded KV cache. New requests join between steps (prefilled together, then merged into the
-cache); ended ones leave, and columns that only padding fills are trimmed away."""
+cache); a long prompt is prefilled a chunk per step beside the decoding rows (chunked prefill) and
+merged once whole; ended ones leave, and columns that only padding fills are trimmed away."""
 
 from __future__ import annotations
 
@@ -71,23 +72,38 @@ class Decoder(Protocol):
         ...
 
 
+@dataclass
+class Prefilling:
+    """A row whose long prompt is prefilled a chunk per step, in a cache of its own."""
+
+    row: Row
+    ids: list[int]
+    cache: DynamicCache
+    done: int = 0
+    """Tokens of `ids` in the cache."""
+
+
 class DecodeBatch:
     """The rows decoding together, their shared cache, attention mask and positions.
 
     Every row's tokens sit contiguously at the right end of the cache (left padding), so one decode
     step appends one column for all rows, and causal and sliding-window masks hold per row.
+    A cold row with more than `prefill_chunk` tokens to prefill (0: no limit) waits in `prefilling`
+    and gets one chunk per step, so neither the decoding rows nor a short newcomer wait for its whole
+    prefill; it joins the rows with its first token once its prompt is in.
     """
 
-    def __init__(self, model: Any, device: str, pad_id: int):
-        self.model, self.device, self.pad_id = model, device, pad_id
+    def __init__(self, model: Any, device: str, pad_id: int, prefill_chunk: int = 0):
+        self.model, self.device, self.pad_id, self.chunk = model, device, pad_id, prefill_chunk
         self.rows: list[Row] = []
+        self.prefilling: list[Prefilling] = []
         self._cache: DynamicCache | None = None
         self._mask = torch.zeros((0, 0), dtype=torch.long, device=device)
         self._positions = torch.zeros((0, 1), dtype=torch.long, device=device)
         self._last = torch.zeros((0,), dtype=torch.long, device=device)
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.rows) + len(self.prefilling)
 
     @property
     def length(self) -> int:
@@ -100,14 +116,17 @@ class DecodeBatch:
         A row that has tokens already (taken out after a failed step) is prefilled with them too, so
         it gets the token that step owed it."""
         cold = [r for r in rows if r.prefix is None]
-        if cold:
-            self._join_cold(cold)
+        long = [r for r in cold if self.chunk and _prefill_length(r) > self.chunk]
+        for row in long:
+            self.prefilling.append(Prefilling(row, _prefill_ids(row), DynamicCache()))
+        if short := [r for r in cold if r not in long]:
+            self._join_cold(short)
         for row in rows:
             if row.prefix is not None:
                 self._join_warm(row, row.prefix)
 
     def _join_cold(self, rows: list[Row]) -> None:
-        sequences = [r.completion.prompt_ids + r.completion.token_ids for r in rows]
+        sequences = [_prefill_ids(r) for r in rows]
         width = max(len(s) for s in sequences)
         ids = torch.tensor([[self.pad_id] * (width - len(s)) + s for s in sequences], device=self.device)
         mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in sequences], device=self.device)
@@ -161,7 +180,33 @@ class DecodeBatch:
         return token_ids, layers
 
     def step(self) -> None:
-        """One decode step: every row gets its next token."""
+        """One decode step: every row gets its next token; then the oldest long prompt's next chunk
+        (a row whose chunk fails keeps the error; the batch is untouched)."""
+        self._decode()
+        if self.prefilling:
+            self._prefill_chunk(self.prefilling[0])
+
+    def _prefill_chunk(self, waiting: Prefilling) -> None:
+        end = min(waiting.done + self.chunk, len(waiting.ids))
+        ids = torch.tensor([waiting.ids[waiting.done : end]], device=self.device)
+        mask = torch.ones((1, end), dtype=torch.long, device=self.device)
+        positions = torch.arange(waiting.done, end, device=self.device)[None, :]
+        try:
+            logits = self._forward(ids, mask, positions, waiting.cache)
+        except Exception as exc:
+            self.prefilling.remove(waiting)
+            waiting.row.error = exc
+            return
+        waiting.done = end
+        if end < len(waiting.ids):
+            return
+        self.prefilling.remove(waiting)
+        first = choose(logits, [waiting.row.sampler])
+        self._merge(waiting.cache, mask, positions[:, -1:], first)
+        self.rows.append(waiting.row)
+        waiting.row.add(int(first[0]))
+
+    def _decode(self) -> None:
         if not self.rows:
             return
         assert self._cache is not None
@@ -174,7 +219,13 @@ class DecodeBatch:
             row.add(int(token))
 
     def drop(self, keys: set[str]) -> list[Row]:
-        """Take the rows of `keys` out of the batch; the rows taken out."""
+        """Take the rows of `keys` out of the batch (decoding or still prefilling); the rows taken
+        out."""
+        waiting = [w.row for w in self.prefilling if w.row.key in keys]
+        self.prefilling = [w for w in self.prefilling if w.row.key not in keys]
+        return waiting + self._drop_rows(keys)
+
+    def _drop_rows(self, keys: set[str]) -> list[Row]:
         gone = [r for r in self.rows if r.key in keys]
         if not gone:
             return []
@@ -226,6 +277,15 @@ class DecodeBatch:
         self._mask = torch.cat([_pad_left(self._mask, width, 1), _pad_left(mask, width, 1)], dim=0)
         self._positions = torch.cat([self._positions, positions], dim=0)
         self._last = torch.cat([self._last, last], dim=0)
+
+
+def _prefill_ids(row: Row) -> list[int]:
+    """What a cold prefill of `row` computes: its prompt and any tokens it has already."""
+    return row.completion.prompt_ids + row.completion.token_ids
+
+
+def _prefill_length(row: Row) -> int:
+    return len(row.completion.prompt_ids) + len(row.completion.token_ids)
 
 
 def _pad_left(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:

@@ -251,17 +251,18 @@ class ModelRuntime:
             ids, max_tokens, eos, output, decode, on_first_token, on_text, self.chat is not None
         )
 
-    def decoder(self) -> Decoder:
-        """Where a worker's session decodes its rows: one batch, or one row at a time where requests
-        cannot share decode steps."""
-        return self.new_batch() if self.can_batch else SerialDecoder(self)
+    def decoder(self, prefill_chunk: int = 0) -> Decoder:
+        """Where a worker's session decodes its rows: one batch (long prompts prefilled
+        `prefill_chunk` tokens per step), or one row at a time where requests cannot share decode
+        steps."""
+        return self.new_batch(prefill_chunk) if self.can_batch else SerialDecoder(self)
 
-    def new_batch(self) -> DecodeBatch:
+    def new_batch(self, prefill_chunk: int = 0) -> DecodeBatch:
         """An empty batch on this model."""
         pad = self.model.config.pad_token_id
         if pad is None and self.tokenizer is not None:
             pad = self.tokenizer.pad_token_id
-        return DecodeBatch(self.model, self.device, int(pad if pad is not None else 0))
+        return DecodeBatch(self.model, self.device, int(pad if pad is not None else 0), prefill_chunk)
 
     def kv_bytes_per_token(self) -> int:
         """Bytes of KV cache one token takes in a batch (every layer kept whole)."""

@@ -29,6 +29,7 @@ from workers.batch import Decoder, Row
 from workers.context import WorkerContext
 from workers.guard import MemoryGuard
 from workers.kv_budget import KvBudget
+from workers.prefill import prefill_groups, tokens_to_prefill
 from workers.run import JobRun
 from workers.sampling import sampler_for
 from workers.settling import Settler
@@ -230,10 +231,17 @@ class BatchSession:
         slot.keep = lambda: turns.keep(key, tenant, session_id, state)
 
     def _join(self, joining: list[Slot]) -> None:
+        """Prefill the joining rows, shortest first, in groups of similar length (workers/prefill.py),
+        each group's first tokens sent before the next group's prefill."""
+        groups = prefill_groups(joining, [tokens_to_prefill(s.row) for s in joining])
+        for index, group in enumerate(groups):
+            if index:
+                self.events.flush()
+            self._join_group(group)
+
+    def _join_group(self, joining: list[Slot]) -> None:
         """Prefill the joining rows together. When that fails, one row may be the cause (its sampler,
         its prompt): each row not in yet is prefilled alone, and only a row that fails alone fails."""
-        if not joining:
-            return
         try:
             self.decoder.join([s.row for s in joining])
             return
@@ -253,7 +261,7 @@ class BatchSession:
         """One decode step of every row. When it fails, the batch's cache is not to be trusted and one
         row may be the cause: every row leaves and joins again alone, prefilled with the tokens it
         has (which gives it the step's token), so only a row that fails alone fails."""
-        if not self.decoder.rows:
+        if not len(self.decoder):  # no row decoding or prefilling
             return
         try:
             self.decoder.step()

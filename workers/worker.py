@@ -211,7 +211,7 @@ class GenerationWorker(SimpleWorker):
         """A session on the bound model: a batch of up to the batch size, or one row at a time where
         the model cannot batch (its KV cache then lives only inside each generation)."""
         runtime = bound.runtime
-        decoder = runtime.decoder()
+        decoder = runtime.decoder(self.settings.prefill_chunk)
         if not runtime.can_batch:
             return BatchSession(self, bound, decoder, 1, KvBudget(0, 0), self.report, self.guard)
         store = self.guard.session_store()

@@ -26,6 +26,16 @@ from shared.jobstore.record import Ending, JobRecord
 
 log = structlog.get_logger()
 
+_TAKE_NOW = """
+for i = 2, #KEYS do
+  local id = redis.call('LMOVE', KEYS[i], KEYS[1], 'LEFT', 'RIGHT')
+  if id then return id end
+end
+return false
+"""
+"""The first id of the first non-empty `incoming` list (KEYS[2..], highest priority first), moved to
+the in-flight list (KEYS[1]): one round trip however many priorities are empty."""
+
 
 class Intake:
     """The scheduler's side of the `incoming` queue."""
@@ -36,6 +46,7 @@ class Intake:
         self._redis = redis
         self._incoming = [rqstore.queue_key(name) for name in keys.INCOMING_QUEUES]
         self._inflight, self._held = inflight_key, held_key
+        self._take_script = redis.register_script(_TAKE_NOW)
 
     def recover(self) -> int:
         """Put ids a previous scheduler left in flight back at the head of their `incoming` queue."""
@@ -70,10 +81,7 @@ class Intake:
         return job
 
     def _take_now(self) -> Any:
-        for key in self._incoming:
-            if (raw := self._redis.lmove(key, self._inflight, "LEFT", "RIGHT")) is not None:
-                return raw
-        return None
+        return self._take_script(keys=[self._inflight, *self._incoming]) or None
 
     def hand_over(self, job: Job, record: JobRecord, target: str) -> None:
         """Enqueue `job` (with its updated record) on queue `target` and forget it here, atomically."""
