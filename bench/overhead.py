@@ -9,7 +9,10 @@ turns, `--requests` times, the machine otherwise idle. Prints the p50s, the pipe
 from the job's stamps (GET /v1/jobs/<id>: received, scheduled, started, first_token, finished) and
 the client's send and answer times, as medians. Writes bench/results/overhead.json.
 
-    .venv/bin/python bench/overhead.py [--requests 50]
+    .venv/bin/python bench/overhead.py [--requests 50] [--without-observability]
+
+With `--without-observability` a second stack with GPTOSS_OBSERVABILITY=false (no spans, no
+metrics, no structured logs' trace ids) is asked in the same turns: what observability costs here.
 
 Redis runs as `gptoss up` runs it (AOF fsynced every second); the worker decodes up to the default
 batch size, so its dtype is the one a batching worker picks on this machine.
@@ -46,10 +49,10 @@ STAGES = ("sent", "received", "scheduled", "started", "first_token", "finished",
 """The client's send, the job's stamps in order, the client's answer."""
 
 
-def start_pipeline() -> Cluster:
+def start_pipeline(observability: bool = True) -> Cluster:
     """Redis, the API, the scheduler and one gpu-single worker; ready to answer."""
-    cluster = Cluster(Path(tempfile.mkdtemp(prefix="gptoss-overhead-")),
-                      {"GPTOSS_AUTH": "false", "GPTOSS_MODEL": MODEL}, fsync="everysec")  # fmt: skip
+    env = {"GPTOSS_AUTH": "false", "GPTOSS_MODEL": MODEL, "GPTOSS_OBSERVABILITY": str(observability).lower()}
+    cluster = Cluster(Path(tempfile.mkdtemp(prefix="gptoss-overhead-")), env, fsync="everysec")
     cluster.start_redis()
     cluster.start("api", "api")
     cluster.start("scheduler", "scheduler")
@@ -158,6 +161,19 @@ def stages(runs: list[dict[str, float]]) -> dict[str, float | None]:
     return gaps
 
 
+def first_answer(session: requests.Session, base: str) -> None:
+    """The first request, which waits for the worker to load."""
+    deadline = time.monotonic() + 240
+    while True:
+        try:
+            pipeline_once(session, base)
+            return
+        except requests.RequestException:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+
+
 def warm(call: Callable[[], Any]) -> None:
     for _ in range(WARM_UP):
         call()
@@ -165,36 +181,36 @@ def warm(call: Callable[[], Any]) -> None:
 
 @click.command()
 @click.option("--requests", "count", default=50, show_default=True, help="Requests of each kind")
-def main(count: int) -> None:
-    """Run the three in turns; print and write the figures."""
+@click.option("--without-observability", "dark", is_flag=True,
+              help="Also a stack with GPTOSS_OBSERVABILITY=false, asked in the same turns")  # fmt: skip
+def main(count: int, dark: bool) -> None:
+    """Run the three (four) in turns; print and write the figures."""
     raw = RawPrefill()
-    cluster = start_pipeline()
-    bare = BareRq(cluster.env["GPTOSS_REDIS_URL"], cluster.folder)
+    clusters = [start_pipeline(), *([start_pipeline(observability=False)] if dark else [])]
+    bare = BareRq(clusters[0].env["GPTOSS_REDIS_URL"], clusters[0].folder)
     session = requests.Session()
     try:
-        deadline = time.monotonic() + 240
-        while True:  # the first request waits for the worker to load
-            try:
-                pipeline_once(session, cluster.base)
-                break
-            except requests.RequestException:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(1)
-        once: Callable[[], Any] = lambda: pipeline_once(session, cluster.base)  # noqa: E731
+        for cluster in clusters:
+            first_answer(session, cluster.base)
+        once: Callable[[], Any] = lambda: pipeline_once(session, clusters[0].base)  # noqa: E731
         for call in (once, raw.forward, raw.generate, bare.round_trip):
             warm(call)
-        runs, forward, generate, rq = [], [], [], []
+        runs, forward, generate, rq, dark_runs = [], [], [], [], []
         for _ in range(count):  # in turns: each sees the machine as it is at that moment
             runs.append(once())
             forward.append(raw.forward())
             generate.append(raw.generate())
             rq.append(bare.round_trip())
+            if dark:
+                dark_runs.append(pipeline_once(session, clusters[1].base))
     finally:
         bare.stop()
-        cluster.stop()
+        for cluster in clusters:
+            cluster.stop()
     pipeline = [r["answered"] - r["sent"] for r in runs]
     samples = {"pipeline": pipeline, "raw_forward": forward, "raw_generate": generate, "bare_rq": rq}
+    if dark:
+        samples["pipeline_without_observability"] = [r["answered"] - r["sent"] for r in dark_runs]
     p50 = {name: percentile(values, 0.5) or 0.0 for name, values in samples.items()}
     added = p50["pipeline"] - p50["raw_forward"]
     added_generate = p50["pipeline"] - p50["raw_generate"]
@@ -208,6 +224,14 @@ def main(count: int) -> None:
           f" = {added / p50['bare_rq']:.1f}x bare RQ (target <= 2x)")  # fmt: skip
     print(f"added by the pipeline (a - b generate):    {1000 * added_generate:7.1f} ms"
           f" = {added_generate / p50['bare_rq']:.1f}x bare RQ")  # fmt: skip
+    if dark:
+        off = p50["pipeline_without_observability"] - p50["raw_forward"]
+        print(f"added with GPTOSS_OBSERVABILITY=false:   {1000 * off:7.1f} ms"
+              f" = {off / p50['bare_rq']:.1f}x bare RQ")  # fmt: skip
+        for gap, seconds in stages(dark_runs).items():
+            print(
+                f"  {gap:<24} {'-' if seconds is None else f'{1000 * seconds:7.1f} ms'} (observability off)"
+            )
     where = stages(runs)
     print("where the pipeline's time goes (medians):")
     for gap, seconds in where.items():
@@ -218,7 +242,8 @@ def main(count: int) -> None:
         "p95_s": {name: percentile(values, 0.95) for name, values in samples.items()},
         "added_s": added, "added_over_bare_rq": added / p50["bare_rq"],
         "added_generate_s": added_generate, "added_generate_over_bare_rq": added_generate / p50["bare_rq"],
-        "stages_p50_s": where, "samples": {"pipeline_stamps": runs, "raw_forward_s": forward,
+        "stages_p50_s": where, "without_observability": {"stages_p50_s": stages(dark_runs)} if dark else None,
+        "samples": {"pipeline_stamps": runs, "raw_forward_s": forward,
                                            "raw_generate_s": generate, "bare_rq_s": rq},
         "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }  # fmt: skip
