@@ -86,7 +86,7 @@ def withdraw(redis: Redis, key: str) -> None:
 def read_live(redis: Redis, pattern: str, kind: type[Beat]) -> list[Beat]:
     """Every heartbeat of `pattern`'s kind that has not expired (two round trips, however many keys
     Redis holds)."""
-    found = redis.zrange(index_of(pattern), 0, -1)
+    found: list[bytes] = redis.zrange(index_of(pattern), 0, -1)  # type: ignore[assignment]
     if not found:
         return []
     return [kind.model_validate_json(raw) for raw in redis.mget(found) if raw is not None]

@@ -65,16 +65,22 @@ def signal_handlers() -> Iterator[None]:
 
 
 class FlakyRedis:
-    """A Redis whose first `fails` SETs raise ConnectionError (the rest go to `redis`)."""
+    """A Redis whose first `fails` pipelines raise ConnectionError when executed (the rest go to
+    `redis`): a heartbeat is written in one pipeline."""
 
     def __init__(self, redis: Redis, fails: int):
         self._redis, self.fails = redis, fails
 
-    def set(self, *args: Any, **kwargs: Any) -> Any:
+    def pipeline(self, *args: Any, **kwargs: Any) -> Any:
+        pipe = self._redis.pipeline(*args, **kwargs)
         if self.fails > 0:
             self.fails -= 1
-            raise RedisConnectionError("Redis went away")
-        return self._redis.set(*args, **kwargs)
+
+            def went_away() -> Any:
+                raise RedisConnectionError("Redis went away")
+
+            pipe.execute = went_away  # type: ignore[method-assign]
+        return pipe
 
     def delete(self, *names: str) -> Any:
         return self._redis.delete(*names)
