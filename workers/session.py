@@ -20,12 +20,12 @@ from rq.timeouts import JobTimeoutException
 from rq.worker import BaseWorker
 
 from shared.affinity import mark_decoding, unmark_decoding
-from shared.cancellation import CANCEL_POLL, cancels_requested
 from shared.contract import JobRequest
 from shared.jobstore import fair_queue, lifecycle, rqstore, runs
 from shared.jobstore.events import EventBuffer
 from workers import fair_share
 from workers.batch import Decoder, Row
+from workers.cancels import CancelReader
 from workers.context import WorkerContext
 from workers.guard import MemoryGuard
 from workers.kv_budget import KvBudget
@@ -64,9 +64,10 @@ class BatchSession:
         self.followers = Followers()
         self._promoted: list[Slot] = []  # followers whose leader failed: they join as rows
         self._full = False  # a job did not fit the KV budget: take none until a row leaves
-        self._beat = self._cancels_read = time.monotonic()
+        self._beat = time.monotonic()
         self.events = EventBuffer(self.redis)  # every row's token events, one write per step
         self.settler = Settler(self.redis, worker, state)
+        self.cancels = CancelReader(self.redis, self.settler)
         self._queues = {q.name: q for q in worker.queues}  # in the order they are served
 
     @property
@@ -94,7 +95,8 @@ class BatchSession:
             self._settle()
             self._step()
             self.events.flush()
-            self._read_cancels()
+            if self.held:
+                self.cancels.read(self.slots, self.followers)
             self._settle()
             self._keep_alive()
 
@@ -374,30 +376,6 @@ class BatchSession:
             if not self.settler.finish(slot, result, keep=slot.keep):
                 return None
             return result
-
-    def _read_cancels(self) -> None:
-        """Mark the rows a client cancelled: every row's flag in one read, at most every CANCEL_POLL s."""
-        now = time.monotonic()
-        if now - self._cancels_read < CANCEL_POLL or not self.held:
-            return
-        self._cancels_read = now
-        waiting = {f.job.id: f for f in self.followers.all()}
-        try:
-            cancelled = cancels_requested(self.redis, [*self.slots, *waiting])
-        except RedisError:  # a lost read must not fail the session; the next one reads again
-            return
-        for job_id in cancelled:
-            if job_id in self.slots:
-                self.slots[job_id].run.cancel.cancelled = True
-            elif (f := waiting.get(job_id)) is not None:  # ends at once: it decodes nothing
-                self.followers.remove(f.run.fingerprint or "", f)
-                with f.run.logging():
-                    try:
-                        f.run.cancel_waiting()
-                    except RedisError:
-                        raise
-                    except Exception:
-                        self.settler.fail(f, sys.exc_info(), recorded=True)
 
     def _keep_alive(self) -> None:
         now = time.monotonic()

@@ -234,14 +234,6 @@ def record_failure(job: Job, message: str, pipe: Any) -> None:
 # --- one job's run in a worker, driven by hand (the steps of BaseWorker.perform_job) --------------
 
 
-def jobs_waiting(worker: BaseWorker) -> bool:
-    """Any job waits in the worker's queues (one round trip: cheaper than a pop per queue per step)."""
-    pipe = worker.connection.pipeline(transaction=False)
-    for queue in worker.queues:
-        pipe.llen(queue.key)
-    return any(int(n) for n in pipe.execute())
-
-
 def intermediate_key(queue: Queue) -> str:
     """RQ's intermediate list of `queue`."""
     return IntermediateQueue(queue.key, connection=queue.connection).key
