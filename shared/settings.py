@@ -128,7 +128,7 @@ class Settings(BaseSettings):
         default=None, ge=1, description="Requests a worker decodes at once; unset: the profile's, else 8"
     )
     prefill_chunk: int = Field(
-        default=256,
+        default=512,
         ge=0,
         description="Prompt tokens a worker prefills per step beside its decoding rows; 0: all at once",
     )
