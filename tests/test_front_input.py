@@ -234,7 +234,7 @@ def test_a_cancelled_job_ends_at_info_without_a_traceback(  # type: ignore[no-un
         request_cancel(redis, run.job.id, 3600)
 
     monkeypatch.setattr(JobRun, "first_token", cancel_at_first_token)
-    monkeypatch.setattr("workers.session.CANCEL_POLL", 0.0)  # the flag is read at the next step
+    monkeypatch.setattr("workers.cancels.CANCEL_POLL", 0.0)  # the flag is read at the next step
     caplog.set_level(logging.DEBUG)
     with structlog.testing.capture_logs() as lines:
         work(config, redis, runtime, keys.SINGLE_QUEUE)
