@@ -11,6 +11,7 @@ from typing import Any
 import structlog
 from flask import Flask, current_app, g, request
 from redis import Redis
+from redis.client import Pipeline
 
 from api.admission import admitted
 from api.caching import cache_key, finish_from_cache, open_cache
@@ -135,7 +136,9 @@ def _finish_cached(
     """The job of a cache hit, created finished (never queued), in the tenant's list."""
     settings = services().settings
     job_id, result = finish_from_cache(redis, payload, record, cached)
-    remember(redis, job_id, record.tenant_or_default, record.at("received") or 0.0, settings.result_ttl)
+    pipe = redis.pipeline(transaction=False)
+    remember(pipe, job_id, record.tenant_or_default, record.at("received") or 0.0, settings.result_ttl)
+    pipe.execute()
     if submission.webhook is not None:
         notify(webhooks(), build_view(job_id, record, "finished", result), record)
     return job_id
@@ -157,15 +160,19 @@ def _enqueue(
         received = time.time()
         record.stamp("received", received)
         _client_still_waiting()  # last, just before the job exists: the admission lock may have waited
+
+        def counted(pipe: Pipeline, job_id: str) -> None:  # in the transaction that creates the job
+            enter_backlog(pipe, tenant, job_id, received)
+            remember(pipe, job_id, tenant, received, settings.result_ttl)
+
         job = lifecycle.enqueue(
             redis,
             payload.model_dump(mode="json"),
             record,
             timeout=settings.job_timeout,
             description=f"generate {record.model}",
+            also=counted,
         )
-        enter_backlog(redis, tenant, job.id, received)
-    remember(redis, job.id, tenant, received, settings.result_ttl)
     return str(job.id)
 
 

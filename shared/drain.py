@@ -48,14 +48,13 @@ TENANT_BACKLOG_HORIZON = 24 * 3600
 """Seconds after which an entry of a tenant's backlog is dropped as stale (its job long gone)."""
 
 
-def enter_backlog(redis: Redis, tenant: str, job_id: str, at: float) -> None:
-    """Count `job_id` in `tenant`'s backlog until it starts or is rejected."""
+def enter_backlog(pipe: Pipeline, tenant: str, job_id: str, at: float) -> None:
+    """Count `job_id` in `tenant`'s backlog until it starts or is rejected (in `pipe`: the
+    transaction that creates the job)."""
     key = keys.tenant_backlog(tenant)
-    pipe = redis.pipeline(transaction=False)
     pipe.zadd(key, {job_id: at})
     pipe.zremrangebyscore(key, 0, at - TENANT_BACKLOG_HORIZON)
     pipe.expire(key, TENANT_BACKLOG_HORIZON)
-    pipe.execute()
 
 
 def leave_backlog(redis: Redis | Pipeline, tenant: str | None, job_id: str) -> None:

@@ -7,14 +7,15 @@ import json
 from typing import Any
 
 from redis import Redis
+from redis.client import Pipeline
 
 from shared import keys
 
 
-def remember(redis: Redis, job_id: str, tenant: str, received: float, retention: int) -> None:
-    """Record a new job: its tombstone (retention plus a week) and its place in the tenant's index."""
+def remember(pipe: Pipeline, job_id: str, tenant: str, received: float, retention: int) -> None:
+    """Record a new job: its tombstone (retention plus a week) and its place in the tenant's index
+    (in `pipe`: the transaction that creates the job)."""
     index = keys.tenant_jobs(tenant)
-    pipe = redis.pipeline(transaction=False)
     pipe.set(
         keys.tombstone(job_id),
         json.dumps({"tenant": tenant, "received": received, "retention": retention}),
@@ -23,7 +24,6 @@ def remember(redis: Redis, job_id: str, tenant: str, received: float, retention:
     pipe.zadd(index, {job_id: received})
     pipe.zremrangebyscore(index, 0, received - retention)  # jobs past retention are gone anyway
     pipe.expire(index, retention)
-    pipe.execute()
 
 
 def tombstone(redis: Redis, job_id: str) -> dict[str, Any] | None:

@@ -261,7 +261,9 @@ def test_a_job_cancelled_or_expired_on_its_way_is_refused_without_starting(
     late = queue.enqueue(keys.GENERATE_FUNC, body, failure_ttl=600, meta=JobRecord(deadline=1.0).to_meta())
     fine = queue.enqueue(keys.GENERATE_FUNC, body, result_ttl=600).id
     request_cancel(redis, cancelled.id, 600)
-    enter_backlog(redis, "t", cancelled.id, 1.0)
+    pipe = redis.pipeline()
+    enter_backlog(pipe, "t", cancelled.id, 1.0)
+    pipe.execute()
     worker, _ = build_worker(settings(model="smollm2-135m"), redis, "cpu")
     context.bind(fp32_runtime, worker.name, keys.SINGLE_QUEUE)
     worker.work(burst=True, logging_level=None)

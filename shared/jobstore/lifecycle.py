@@ -62,22 +62,27 @@ def enqueue(
     *,
     timeout: int,
     description: str,
+    also: Callable[[Pipeline, str], None] | None = None,
 ) -> Job:
     """A new job of `payload` on the `incoming` queue of its priority, its record as given; the
-    scheduler is woken to take it."""
+    scheduler is woken to take it. One transaction, with the writes of `also` (given the pipeline
+    and the job's id): the job never exists without them."""
     queue = rqstore.open_queue(keys.priority_queue(keys.INCOMING_QUEUE, record.priority), redis)
-    job = queue.enqueue(
+    job = queue.create_job(
         keys.GENERATE_FUNC,
-        payload,
+        args=(payload,),
         meta=record.to_meta(),
         description=description,  # RQ logs descriptions; the default would hold the prompt
-        job_timeout=timeout,
+        timeout=timeout,
         result_ttl=record.retention,
         failure_ttl=record.retention,
     )
-    pipe = redis.pipeline(transaction=False)
+    pipe = redis.pipeline()
+    queue.enqueue_job(job, pipeline=pipe)
     pipe.lpush(keys.SCHEDULER_WAKE, job.id)
     pipe.ltrim(keys.SCHEDULER_WAKE, 0, 0)
+    if also is not None:
+        also(pipe, job.id)
     pipe.execute()
     return job
 
@@ -263,11 +268,23 @@ def release_own_queue(redis: Redis, worker: str) -> list[str]:
     return moved
 
 
+_WAITING = """
+local total = redis.call('LLEN', KEYS[1]) + redis.call('ZCARD', KEYS[2])
+for i = 3, #KEYS do total = total + redis.call('LLEN', KEYS[i]) end
+for _, key in ipairs(redis.call('SMEMBERS', ARGV[1])) do
+  if string.sub(key, 1, #ARGV[2]) == ARGV[2] then total = total + redis.call('LLEN', key) end
+end
+return total
+"""
+"""Jobs in the scheduler's hands (KEYS[1], KEYS[2]), in the fixed queues (KEYS[3..]) and in the
+workers' own queues (those of RQ's queue set ARGV[1] whose key starts with ARGV[2])."""
+
+
 def waiting_count(redis: Redis) -> int:
-    """Jobs accepted but not yet started: in every queue, held, or in the scheduler's hands."""
-    pipe = redis.pipeline(transaction=False)
-    for name in rqstore.waiting_queues(redis):
-        pipe.llen(rqstore.queue_key(name))
-    pipe.llen(keys.SCHEDULER_INFLIGHT)
-    pipe.zcard(keys.SCHEDULER_HELD)
-    return sum(int(n) for n in pipe.execute())
+    """Jobs accepted but not yet started: in every queue, held, or in the scheduler's hands (one
+    round trip: every submission asks)."""
+    fixed = [rqstore.queue_key(name) for name in keys.ALL_QUEUES]
+    own = rqstore.queue_key(keys.OWN_QUEUE_PREFIX)
+    script = redis.register_script(_WAITING)
+    return int(script(keys=[keys.SCHEDULER_INFLIGHT, keys.SCHEDULER_HELD, *fixed],
+                      args=[rqstore.QUEUE_SET, own]))  # fmt: skip

@@ -123,10 +123,14 @@ def may_have_ended(job_id: str, redis: Redis) -> bool:
     )
 
 
+QUEUE_SET = Queue.redis_queues_keys
+"""RQ's set of every queue's key."""
+
+
 def own_queue_names(redis: Redis) -> list[str]:
     """The workers' own queues (`worker:<name>`) registered in RQ now, sorted."""
     prefix = Queue.redis_queue_namespace_prefix
-    names = (m.decode() if isinstance(m, bytes) else m for m in redis.smembers(Queue.redis_queues_keys))
+    names = (m.decode() if isinstance(m, bytes) else m for m in redis.smembers(QUEUE_SET))
     return sorted(n[len(prefix) :] for n in names if n.startswith(prefix + keys.OWN_QUEUE_PREFIX))
 
 
