@@ -31,6 +31,8 @@ class Outcome:
     output_tokens: int | None = None
     prompt_tokens: int | None = None
     error: str | None = None
+    response_id: str | None = None
+    """The `id` of the stream's chunks (ours: `chatcmpl-<job id>`)."""
 
     @property
     def ok(self) -> bool:

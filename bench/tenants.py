@@ -18,11 +18,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, cast
 
-import requests
-
 from bench.latency import Outcome, Slo, percentile, poisson_arrivals, summarise
 from bench.stack import Cluster, cpu_flags, write_results
-from bench.traffic import ChatServer, Prompt, draw, open_loop, read_chunk, sse_data
+from bench.traffic import ChatServer, Prompt, draw, open_loop, stream_chat
 from shared import keys
 from shared.apikeys import create_key
 from shared.jobstore.record import JobRecord
@@ -41,10 +39,13 @@ class TenantOutcome(Outcome):
     waiting in the worker's queue for a slot (scheduled → started: what fair sharing decides) and
     then for its first token (started → first_token)."""
 
-    job: str | None = None
     routing: float | None = None
     slot_wait: float | None = None
     to_first_token: float | None = None
+
+    @property
+    def job(self) -> str | None:
+        return (self.response_id or "").partition("-")[2] or None
 
 
 TARGET = 1.2
@@ -54,21 +55,7 @@ TARGET = 1.2
 def stream_as(server: ChatServer, prompt: Prompt, key: str, timeout: float = 900) -> TenantOutcome:
     """`prompt` as a streamed chat completion sent with API key `key`, timed chunk by chunk."""
     outcome = TenantOutcome(prompt.id, sent=time.perf_counter())
-    try:
-        headers = {"Authorization": f"Bearer {key}"}
-        with requests.post(f"{server.base}/v1/chat/completions", json=server.body(prompt), stream=True,
-                           headers=headers, timeout=timeout) as answer:  # fmt: skip
-            if answer.status_code != 200:
-                outcome.error = f"HTTP {answer.status_code}"
-                return outcome
-            for payload in sse_data(answer.iter_lines(decode_unicode=True)):
-                if outcome.job is None and payload.startswith("{"):
-                    outcome.job = str(json.loads(payload).get("id", "")).partition("-")[2] or None
-                if not read_chunk(outcome, payload, time.perf_counter()):
-                    break
-    except (requests.RequestException, ValueError) as exc:
-        outcome.error = type(exc).__name__
-    outcome.ended = time.perf_counter()
+    stream_chat(server, prompt, timeout, key=key, outcome=outcome)
     return outcome
 
 

@@ -73,6 +73,8 @@ def read_chunk(outcome: Outcome, payload: str, now: float) -> bool:
     if payload == "[DONE]":
         return False
     chunk = json.loads(payload)
+    if outcome.response_id is None and chunk.get("id"):
+        outcome.response_id = str(chunk["id"])
     if "error" in chunk:
         error = chunk["error"]
         outcome.error = str(error.get("code") or error.get("message") if isinstance(error, dict) else error)
@@ -86,12 +88,21 @@ def read_chunk(outcome: Outcome, payload: str, now: float) -> bool:
     return True
 
 
-def stream_chat(server: ChatServer, prompt: Prompt, timeout: float = 900) -> Outcome:
-    """Send `prompt` as a streamed chat completion and read it to its end, timing each chunk."""
-    outcome = Outcome(prompt.id, sent=time.perf_counter())
+def stream_chat(
+    server: ChatServer,
+    prompt: Prompt,
+    timeout: float = 900,
+    key: str | None = None,
+    outcome: Outcome | None = None,
+) -> Outcome:
+    """Send `prompt` as a streamed chat completion (with API key `key`, if given) and read it to its
+    end, timing each chunk into `outcome` (a new one unless given)."""
+    if outcome is None:
+        outcome = Outcome(prompt.id, sent=time.perf_counter())
+    headers = {"Authorization": f"Bearer {key}"} if key is not None else {}
     try:
         with requests.post(f"{server.base}/v1/chat/completions", json=server.body(prompt), stream=True,
-                           timeout=timeout) as answer:  # fmt: skip
+                           headers=headers, timeout=timeout) as answer:  # fmt: skip
             if answer.status_code != 200:
                 outcome.error = f"HTTP {answer.status_code}"
                 return outcome

@@ -198,10 +198,6 @@ Bounded: entries leave when jobs end or are handed back."""
 FAIR_TTL = 24 * 3600
 """Seconds the fair-queuing state (queued tenants, tags, clocks) outlives its last use."""
 
-TENANT_WEIGHTS = PREFIX + "fair:weights"
-"""Hash of tenant -> weight in fair sharing, as a worker's settings last gave it (for takes that give
-none: an idle worker's), for FAIR_TTL after that."""
-
 
 def queued_tenants(queue: str) -> str:
     """Hash of job id -> tenant of the jobs waiting in worker queue `queue` (what the fair take reads;

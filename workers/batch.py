@@ -115,11 +115,15 @@ class DecodeBatch:
         cached prefix are prefilled together; one with a prefix computes only the rest of its prompt.
         A row that has tokens already (taken out after a failed step) is prefilled with them too, so
         it gets the token that step owed it."""
-        cold = [r for r in rows if r.prefix is None]
-        long = [r for r in cold if self.chunk and _prefill_length(r) > self.chunk]
-        for row in long:
-            self.prefilling.append(Prefilling(row, _prefill_ids(row), DynamicCache()))
-        if short := [r for r in cold if r not in long]:
+        short = []
+        for row in rows:
+            if row.prefix is not None:
+                continue
+            if self.chunk and tokens_to_prefill(row) > self.chunk:
+                self.prefilling.append(Prefilling(row, _prefill_ids(row), DynamicCache()))
+            else:
+                short.append(row)
+        if short:
             self._join_cold(short)
         for row in rows:
             if row.prefix is not None:
@@ -279,13 +283,15 @@ class DecodeBatch:
         self._last = torch.cat([self._last, last], dim=0)
 
 
+def tokens_to_prefill(row: Row) -> int:
+    """Tokens `row`'s prefill computes: its prompt and any tokens it has, less a session's prefix."""
+    held = len(row.completion.prompt_ids) + len(row.completion.token_ids)
+    return held - (row.prefix.length if row.prefix is not None else 0)
+
+
 def _prefill_ids(row: Row) -> list[int]:
     """What a cold prefill of `row` computes: its prompt and any tokens it has already."""
     return row.completion.prompt_ids + row.completion.token_ids
-
-
-def _prefill_length(row: Row) -> int:
-    return len(row.completion.prompt_ids) + len(row.completion.token_ids)
 
 
 def _pad_left(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:

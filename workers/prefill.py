@@ -8,10 +8,7 @@ prompt's first token goes out before a long prompt's prefill starts."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, TypeVar
-
-if TYPE_CHECKING:
-    from workers.batch import Row
+from typing import TypeVar
 
 PADDING_SLACK = 0.25
 """Most padding a group may compute, as a share of its real tokens."""
@@ -34,9 +31,3 @@ def prefill_groups(items: Sequence[Item], lengths: Sequence[int]) -> list[list[I
                 continue
         groups.append([index])
     return [[items[i] for i in group] for group in groups]
-
-
-def tokens_to_prefill(row: Row) -> int:
-    """Tokens `row`'s prefill computes: its prompt and any tokens it has, less a session's prefix."""
-    held = len(row.completion.prompt_ids) + len(row.completion.token_ids)
-    return held - (row.prefix.length if row.prefix is not None else 0)

@@ -24,12 +24,12 @@ from shared.contract import JobRequest
 from shared.jobstore import fair_queue, lifecycle, rqstore, runs
 from shared.jobstore.events import EventBuffer
 from workers import fair_share
-from workers.batch import Decoder, Row
+from workers.batch import Decoder, Row, tokens_to_prefill
 from workers.cancels import CancelReader
 from workers.context import WorkerContext
 from workers.guard import MemoryGuard
 from workers.kv_budget import KvBudget
-from workers.prefill import prefill_groups, tokens_to_prefill
+from workers.prefill import prefill_groups
 from workers.run import JobRun
 from workers.sampling import sampler_for
 from workers.settling import Settler

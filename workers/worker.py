@@ -132,7 +132,7 @@ class GenerationWorker(SimpleWorker):
         self._pause_while_critical()
         idle_since = checked = time.monotonic()
         while not self.stopping:
-            taken = runs.take(self.connection, self.name, list(queues))
+            taken = runs.take(self.connection, self.name, list(queues), weights=self.settings.tenant_weights)
             if taken is not None:
                 return taken[0], queues[taken[1]]
             now = time.monotonic()

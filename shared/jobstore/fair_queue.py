@@ -58,20 +58,9 @@ _TAKE = (
     + """
 local skip, skipping = {}, false
 for _, t in ipairs(cfg.skip) do skip[t] = true; skipping = true end
-local weights = {}
-if cfg.weights then
-  redis.call('DEL', KEYS[2])
-  for t, w in pairs(cfg.weights) do
-    weights[t] = tonumber(w)
-    redis.call('HSET', KEYS[2], t, w)
-  end
-  redis.call('EXPIRE', KEYS[2], cfg.ttl)
-else
-  local flat = redis.call('HGETALL', KEYS[2])
-  for i = 1, #flat, 2 do weights[flat[i]] = tonumber(flat[i + 1]) end
-end
+local weights = cfg.weights
 for q, spec in ipairs(cfg.queues) do
-  local at = 2 + (q - 1) * 4
+  local at = 1 + (q - 1) * 4
   local list, tenants, tags, clock = KEYS[at + 1], KEYS[at + 2], KEYS[at + 3], KEYS[at + 4]
   local id
   if not spec.fair and not skipping then
@@ -150,23 +139,23 @@ def pick(
     redis: Redis,
     queues: list[str],
     entries: list[str],
-    weights: Mapping[str, float] | None = None,
+    weights: Mapping[str, float],
     skip_tenants: Collection[str] = (),
 ) -> tuple[str, int] | None:
-    """Take the next job of `queues` (in their order, fairly within each priority queue; none of a
-    tenant in `skip_tenants`): it leaves its queue and enters the running ledger under `entries[i]`
-    for queue i in one step. Its id and i, or None when no queue holds one to take. `weights`
-    (tenant -> weight, 1 when unnamed) are kept in Redis for takes that give none."""
-    names: list[str] = [keys.RUNNING, keys.TENANT_WEIGHTS]
+    """Take the next job of `queues` (in their order, fairly within each priority queue by `weights`,
+    tenant -> weight, 1 when unnamed; none of a tenant in `skip_tenants`): it leaves its queue and
+    enters the running ledger under `entries[i]` for queue i in one step. Its id and i, or None when
+    no queue holds one to take."""
+    names: list[str] = [keys.RUNNING]
     specs = []
     for queue, entry in zip(queues, entries, strict=True):
         base = keys.fair_base(queue)
         names += [rqstore.queue_key(queue), keys.queued_tenants(queue),
                   keys.fair_tags(base or queue), keys.fair_clock(base or queue)]  # fmt: skip
         specs.append({"entry": entry, "fair": base is not None})
-    config: dict[str, Any] = {"queues": specs, "skip": sorted(skip_tenants), "ttl": keys.FAIR_TTL}
-    if weights is not None:
-        config["weights"] = {tenant: float(w) for tenant, w in weights.items()}
+    # A Lua table decoded from an empty JSON object or array is the same empty table.
+    config = {"queues": specs, "skip": sorted(skip_tenants), "ttl": keys.FAIR_TTL,
+              "weights": {tenant: float(w) for tenant, w in weights.items()}}  # fmt: skip
     taken = redis.register_script(_TAKE)(names, [_config(**config)])  # EVALSHA: the body is not sent
     if not taken:
         return None

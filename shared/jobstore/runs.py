@@ -42,10 +42,10 @@ def take(
     behind in weighted service: shared/jobstore/fair_queue.py), taken by `worker`: out of its queue
     and recorded in the running ledger in one step, so a worker that dies before starting it leaves
     it where the reaper finds it. None when no queue holds a job of a tenant outside `skip_tenants`.
-    `weights`: tenant -> weight (1 when unnamed); None: the weights a take last gave."""
+    `weights`: tenant -> weight (1 when unnamed; None: every tenant weighs 1)."""
     entries = [ledger.entry(worker, name) for name in queues]
     while True:
-        taken = fair_queue.pick(redis, queues, entries, weights, skip_tenants)
+        taken = fair_queue.pick(redis, queues, entries, weights or {}, skip_tenants)
         if taken is None:
             return None
         job_id, index = taken
