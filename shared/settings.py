@@ -124,6 +124,10 @@ class Settings(BaseSettings):
         description="Dtype workers compute in; auto: the model's (float32 on a batching CPU without bf16)",
     )
     torch_threads: int | None = Field(default=None, description="CPU threads per worker (torch default)")
+    ignore_eos: bool = Field(
+        default=False,
+        description="Bench only: end tokens do not end a completion (every request makes its max_tokens)",
+    )
     max_batch_size: int | None = Field(
         default=None, ge=1, description="Requests a worker decodes at once; unset: the profile's, else 8"
     )
@@ -253,6 +257,20 @@ class Settings(BaseSettings):
     observability: bool = Field(
         default=True, description="Metrics and tracing; off only to measure what they cost"
     )
+    cluster: str = Field(
+        default="local",
+        min_length=1,
+        description="Cluster this process runs in: on every log line, span (resource attribute) and"
+        " gptoss_process_info; the same value as Prometheus's external label `cluster`",
+    )
+    region: str = Field(
+        default="local",
+        min_length=1,
+        description="Region this process runs in (as `cluster`, label `region`)",
+    )
+    instance: str | None = Field(
+        default=None, description="Name of this machine or pod in telemetry; unset: the host name"
+    )
 
     log_format: Literal["auto", "json", "console"] = Field(
         default="auto", description="auto: console on a TTY, JSON otherwise"
@@ -309,6 +327,17 @@ class Settings(BaseSettings):
         if self.trace_sample_ratio is not None:
             return self.trace_sample_ratio
         return PRODUCTION_SAMPLE_RATIO if self.environment == "production" else 1.0
+
+    def telemetry_identity(self) -> dict[str, str]:
+        """Where this process runs, as every metric, span and log line names it: cluster, region,
+        instance."""
+        import socket
+
+        return {
+            "cluster": self.cluster,
+            "region": self.region,
+            "instance": self.instance or socket.gethostname(),
+        }
 
     def redis_url_or_default(self) -> str:
         """The configured Redis URL, or the local default."""

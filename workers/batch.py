@@ -13,6 +13,7 @@ from transformers import DynamicCache
 
 from shared.contract import JobRequest
 from workers.completion import Completion
+from workers.memory import TOO_BIG_ALONE, OutOfMemory, is_out_of_memory
 from workers.sampling import Sampler, choose
 from workers.sessions import Layers, SessionPrefix
 
@@ -185,7 +186,8 @@ class DecodeBatch:
 
     def step(self) -> None:
         """One decode step: every row gets its next token; then the oldest long prompt's next chunk
-        (a row whose chunk fails keeps the error; the batch is untouched)."""
+        (a row whose chunk fails keeps the error; the batch is untouched; a chunk out of memory
+        beside decoding rows is tried again at the next step)."""
         self._decode()
         if self.prefilling:
             self._prefill_chunk(self.prefilling[0])
@@ -198,8 +200,10 @@ class DecodeBatch:
         try:
             logits = self._forward(ids, mask, positions, waiting.cache)
         except Exception as exc:
+            if is_out_of_memory(exc) and self.rows:
+                return  # tried again at the next step: rows leave meanwhile
             self.prefilling.remove(waiting)
-            waiting.row.error = exc
+            waiting.row.error = exc if not is_out_of_memory(exc) else OutOfMemory(TOO_BIG_ALONE)
             return
         waiting.done = end
         if end < len(waiting.ids):

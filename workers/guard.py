@@ -63,6 +63,12 @@ class MemoryGuard:
             time.sleep(PAUSE_POLL)
         log.info("memory_pressure_relieved", pressure=round(self.memory().pressure, 3))
 
+    def out_of_memory(self) -> None:
+        """A prefill or a decode step ran out of memory: give back session caches and cached blocks."""
+        self._shed_sessions(1.0)
+        relieve_memory(self.device)
+        self._pressure_checked = float("-inf")  # the next `may_take` reads the memory afresh
+
     def session_store(self) -> SessionStore | None:
         """This worker's session KV caches (None when their budget is 0)."""
         if self.sessions is None:

@@ -11,6 +11,17 @@ from pathlib import Path
 import psutil
 import torch
 
+from shared.errors import GptossError
+
+
+class OutOfMemory(GptossError):
+    """A request needs more memory than the worker's device has, even alone in its batch."""
+
+    code, status, kind = "out_of_memory", 413, "invalid_request_error"
+
+
+TOO_BIG_ALONE = "The request needs more memory than the worker's device has, even alone in its batch."
+
 
 @dataclass(frozen=True)
 class MemoryReading:
@@ -45,3 +56,10 @@ def relieve_memory(device: str) -> None:
     gc.collect()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """`error` says the device (or the host, for a CPU worker) had no memory for a tensor."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and "can't allocate memory" in str(error)

@@ -63,6 +63,11 @@ def prepare(
             base_spec = model_spec(spec.derived_from or "", load_registry())
             base = prepare(base_spec, cache_dir, vocab_dir=vocab_dir)
             write_mxfp4_checkpoint(base, partial)
+        elif spec.source == "random":
+            from workers.random_model import write_random_checkpoint
+
+            figures = write_random_checkpoint(spec.architecture or "", spec.shrink or 1, partial)
+            log.info("model_configured", model=spec.name, **figures)
         (partial / COMPLETE_MARKER).write_text(_marker(spec))
         partial.rename(target)
         log.info("model_prepared", model=spec.name, folder=str(target))
@@ -73,8 +78,14 @@ def _marker(spec: ModelSpec) -> str:
     return json.dumps(_build_key(spec.model_dump(mode="json"), RECIPES.get(spec.source, 1)), sort_keys=True)
 
 
+LATER_FIELDS = ("architecture", "shrink")
+"""Build fields added after folders were first prepared: left out of the key while unset, so those
+folders stay current."""
+
+
 def _build_key(fields: dict, recipe: int) -> dict:
-    return {"recipe": recipe, **{name: fields.get(name) for name in BUILD_FIELDS}}
+    named = {name: fields.get(name) for name in BUILD_FIELDS}
+    return {"recipe": recipe, **{k: v for k, v in named.items() if v is not None or k not in LATER_FIELDS}}
 
 
 def _is_current(target: Path, spec: ModelSpec) -> bool:

@@ -23,7 +23,7 @@ from workers.batch import DecodeBatch, Decoder
 from workers.completion import Completion, Generation, TokenSink
 from workers.cpu_precision import add_bf16_path, native_cpu_bf16
 from workers.kv_budget import model_kv_bytes_per_token
-from workers.model_store import prepare
+from workers.model_store import ModelUnavailable, prepare
 from workers.output import OutputText
 from workers.placement import Placement
 from workers.serial import SerialDecoder
@@ -117,6 +117,9 @@ class ModelRuntime:
     ):
         self.spec, self.model, self.tokenizer, self.device = spec, model, tokenizer, device
         self.chat, self.relay = chat, relay
+        self.ignore_eos = False
+        """Bench only (GPTOSS_IGNORE_EOS): end tokens do not end a completion, so every request makes
+        its max_tokens (random weights end at random)."""
 
     @classmethod
     def load(cls, spec: ModelSpec, settings: Settings, placement: Placement | None = None) -> ModelRuntime:
@@ -133,6 +136,10 @@ class ModelRuntime:
             # everywhere (a flash-attention kernel with sinks is faster on GPUs: not wired yet).
             extra["attn_implementation"] = "eager"
         relay, ep_size = None, 1
+        if spec.source == "random" and placement.kind != "device":
+            raise ModelUnavailable(
+                f"`{spec.name}` has random weights made on one device: serve it from a gpu-single worker."
+            )
         if placement.kind == "tensor-parallel":
             from transformers.distributed import DistributedConfig
 
@@ -144,6 +151,12 @@ class ModelRuntime:
             model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, **extra)
         elif placement.kind == "pipeline":
             model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, device_map="auto", **extra)
+        elif spec.source == "random":  # weights made on the device itself (workers/random_model.py)
+            from workers.random_model import build_random
+
+            model = build_random(folder, dtype, placement.device, **extra)
+            if bf16_path:
+                add_bf16_path(model)
         else:
             model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, **extra)
             model = model.to(placement.device)
@@ -165,7 +178,9 @@ class ModelRuntime:
             bf16_small_steps=bf16_path,
             seconds=round(time.perf_counter() - started, 3),
         )
-        return cls(spec, model, tokenizer, placement.device, chat, relay)
+        runtime = cls(spec, model, tokenizer, placement.device, chat, relay)
+        runtime.ignore_eos = settings.ignore_eos
+        return runtime
 
     def generate(
         self,
@@ -244,7 +259,7 @@ class ModelRuntime:
         """`request` rendered (unless its `prompt_ids` are given) and ready to grow token by token."""
         ids = prompt_ids if prompt_ids is not None else self.prompt_ids(request)
         max_tokens = request.max_tokens or 1
-        eos = _as_set(self._generation_config(request, max_tokens).eos_token_id)
+        eos = set() if self.ignore_eos else _as_set(self._generation_config(request, max_tokens).eos_token_id)
         output = OutputText(request.stop)
         decode = self._decoder(output, on_text)
         return Completion(
@@ -313,7 +328,7 @@ class ModelRuntime:
             sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
         return GenerationConfig(
             max_new_tokens=max_tokens,
-            eos_token_id=eos,
+            eos_token_id=None if self.ignore_eos else eos,
             bos_token_id=base.bos_token_id,
             pad_token_id=pad,
             **sampling,

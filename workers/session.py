@@ -29,11 +29,12 @@ from workers.cancels import CancelReader
 from workers.context import WorkerContext
 from workers.guard import MemoryGuard
 from workers.kv_budget import KvBudget
+from workers.memory import TOO_BIG_ALONE, OutOfMemory, is_out_of_memory
 from workers.prefill import prefill_groups
 from workers.run import JobRun
 from workers.sampling import sampler_for
 from workers.settling import Settler
-from workers.slots import Follower, Followers, Slot, Started
+from workers.slots import Follower, Followers, Slot, Started, read_job
 from workers.state import WorkerState
 from workers.turns import SessionTurns
 
@@ -63,6 +64,7 @@ class BatchSession:
         self.slots: dict[str, Slot] = {}
         self.followers = Followers()
         self._promoted: list[Slot] = []  # followers whose leader failed: they join as rows
+        self._deferred: list[Slot] = []  # rows that ran out of memory beside others: join when room
         self._full = False  # a job did not fit the KV budget: take none until a row leaves
         self._beat = time.monotonic()
         self.events = EventBuffer(self.redis)  # every row's token events, one write per step
@@ -88,6 +90,8 @@ class BatchSession:
             promoted, self._promoted = self._promoted, []
             for slot in promoted:
                 self._register(slot)
+            if not self._full:
+                joining, self._deferred = joining + self._deferred, []
             joining += promoted + self._take_more()
             self._join(joining)
             joining = []
@@ -123,7 +127,7 @@ class BatchSession:
 
     def _admit(self, job: Job, queue: Queue) -> list[Slot]:
         """Start `job` (or give it back when it does not fit the KV budget): the slot, if it joins."""
-        request, prompt_ids, unreadable = self._read(job)
+        request, prompt_ids, unreadable = read_job(job, self.bound.runtime)
         worst = len(prompt_ids) + (request.max_tokens or 1) if request and prompt_ids is not None else 0
         lengths = [s.row.completion.worst_case_tokens for s in self.slots.values()]
         if not self.budget.admits(lengths, worst):
@@ -175,18 +179,6 @@ class BatchSession:
             Started(job, queue, execution, run, time.monotonic()), (type(error), error, None), recorded=True
         )
         return None
-
-    def _read(self, job: Job) -> tuple[JobRequest | None, list[int] | None, Exception | None]:
-        """The job's request and its prompt's token ids (rendered once, here), or why it cannot run:
-        it still starts, and fails at once."""
-        try:
-            request = JobRequest.model_validate(job.args[0])
-        except Exception as exc:
-            return None, None, exc
-        try:
-            return request, self.bound.runtime.prompt_ids(request), None
-        except Exception as exc:
-            return request, None, exc
 
     def _slot(self, started: Started, request: JobRequest, prompt_ids: list[int]) -> Slot | None:
         """The row of a started job, in its slot (None when it could not be made: the job failed)."""
@@ -250,8 +242,9 @@ class BatchSession:
         except RedisError:
             raise
         except Exception as exc:
+            self._after_failure(exc)
             if len(joining) == 1:
-                self._fail_row(joining[0], sys.exc_info())
+                self._join_failed(joining[0], exc)
                 return
             log.warning("batch_prefill_failed", rows=len(joining), error=type(exc).__name__)
         joined = {r.key for r in self.decoder.rows}
@@ -274,6 +267,7 @@ class BatchSession:
             info = sys.exc_info()
             rows = self.decoder.drop({r.key for r in self.decoder.rows})
             log.warning("batch_step_failed", rows=len(rows), error=type(exc).__name__)
+            self._after_failure(exc)
         if len(rows) == 1:
             self._fail_row(self.slots[rows[0].key], info)
             return
@@ -286,8 +280,27 @@ class BatchSession:
             self.decoder.join([slot.row])
         except RedisError:
             raise
-        except Exception:
-            self._fail_row(slot, sys.exc_info())
+        except Exception as exc:
+            self._join_failed(slot, exc)
+
+    def _join_failed(self, slot: Slot, error: Exception) -> None:
+        """`slot`'s row failed to join on its own. Out of memory beside other rows, it waits in the
+        session until a row leaves (it may fit then); any other error, or out of memory in an empty
+        batch, fails its job."""
+        if is_out_of_memory(error) and len(self.decoder):
+            self.decoder.drop({slot.job.id})
+            self._deferred.append(slot)
+            log.warning("row_deferred_out_of_memory", job_id=slot.job.id, rows=len(self.decoder))
+            return
+        if is_out_of_memory(error):
+            error = OutOfMemory(TOO_BIG_ALONE)
+        self._fail_row(slot, (type(error), error, error.__traceback__))
+
+    def _after_failure(self, error: Exception) -> None:
+        """Out of memory: what can be given back is, and no job is taken until a row leaves."""
+        if is_out_of_memory(error):
+            self.guard.out_of_memory()
+            self._full = True
 
     def _fail_row(self, slot: Slot, exc_info: Any) -> None:
         """`slot`'s row failed on its own: out of the batch, its job failed with `exc_info`."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from rq.executions import Execution
 from rq.job import Job
@@ -76,3 +77,16 @@ class Followers:
     def all(self) -> list[Follower]:
         """Every follower, whatever it waits on."""
         return [f for group in self._by_fingerprint.values() for f in group]
+
+
+def read_job(job: Job, runtime: Any) -> tuple[JobRequest | None, list[int] | None, Exception | None]:
+    """The job's request and its prompt's token ids (rendered once, by `runtime`), or why it cannot
+    run: it still starts, and fails at once."""
+    try:
+        request = JobRequest.model_validate(job.args[0])
+    except Exception as exc:
+        return None, None, exc
+    try:
+        return request, runtime.prompt_ids(request), None
+    except Exception as exc:
+        return request, None, exc
