@@ -231,10 +231,10 @@ def serve(scale: Scale, folder: Path, work: Path, texts: list[str]) -> dict[str,
 
 
 class Run:
-    """The steps' results, written to `out` as each ends; the whole run under `budget` seconds."""
+    """The steps' results, written to `out`/`name`.json as each ends; the whole run under `budget` s."""
 
-    def __init__(self, out: Path, budget: float, record: dict[str, Any]):
-        self.out, self.deadline, self.record = out, time.monotonic() + budget, record
+    def __init__(self, out: Path, budget: float, record: dict[str, Any], name: str = "gpu"):
+        self.out, self.deadline, self.record, self.name = out, time.monotonic() + budget, record, name
         self.record["steps"] = {}
 
     def step(self, name: str, limit: float, work: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:
@@ -273,16 +273,21 @@ class Run:
 
     def write(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "gpu.json").write_text(json.dumps(self.record, indent=2) + "\n")
+        (self.out / f"{self.name}.json").write_text(json.dumps(self.record, indent=2) + "\n")
 
 
 def on_stack(run: Run, scale: Scale, device: str, work: Path, steps: list[tuple[str, Callable[[Stack], Any]]],
              observability: bool = True) -> None:  # fmt: skip
-    """Start a stack, run `steps` on it (each under its own limit), stop it."""
+    """Start a stack (its start recorded as `start_<first step>`), run `steps` on it (each under its
+    own limit), stop it."""
     stack = Stack(scale, device, work, observability)
     try:
-        if run.step(f"start{'' if observability else '_observability_off'}", scale.limits["start"],
-                    lambda: stack.start(scale.limits["start"])) is None:  # fmt: skip
+        if (
+            run.step(
+                f"start_{steps[0][0]}", scale.limits["start"], lambda: stack.start(scale.limits["start"])
+            )
+            is None
+        ):
             return
         for name, work_on in steps:
             if run.step(name, scale.limits[name], lambda w=work_on: w(stack)) is None:  # type: ignore[misc]

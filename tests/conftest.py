@@ -13,9 +13,8 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import openai
 import pytest
 import requests
 from redis import Redis
@@ -26,6 +25,9 @@ from shared.apikeys import create_key
 from shared.connection import connect
 from shared.heartbeat import WorkerBeat, publish, read_live
 from shared.settings import Settings
+
+if TYPE_CHECKING:  # the official client is a test extra; scripts/device-check runs without it
+    import openai
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -216,6 +218,8 @@ class Stack:
     logs: Path
 
     def client(self, **options: object) -> openai.OpenAI:
+        import openai
+
         return openai.OpenAI(base_url=f"{self.base}/v1", api_key=self.key, max_retries=0, **options)  # type: ignore[arg-type]
 
     def headers(self) -> dict[str, str]:
