@@ -88,3 +88,21 @@ def test_the_gpu_bench_runs_scaled_down_through_the_pipeline(tmp_path: Path) -> 
     assert "skipped" in steps["transformers_serve"]
     assert set(record["ratios"]) >= {"pipeline_1_vs_raw_single", "observability_on_vs_off_tokens_per_second"}
     assert "target TTFT < 2.0 s" in bench.stdout
+
+
+def test_the_kernel_checks_say_what_worked_and_why_not(tmp_path: Path) -> None:
+    checks = subprocess.run(
+        [sys.executable, "bench/gpu_checks.py", "--device", "cpu", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert checks.returncode == 0, checks.stderr[-3000:]
+    steps = json.loads((tmp_path / "gpu_checks.json").read_text())["steps"]
+    assert steps["attention"]["eager"]["worked"]  # what the workers load
+    assert not steps["attention"]["sdpa"]["worked"] and "sdpa" in checks.stdout  # sinks: not in sdpa
+    assert "worked" in steps["mxfp4"] and steps["mxfp4"]["reason"]
+    assert steps["decode"]["dynamic_cache"]["tokens_per_second"] > 0
+    assert "attention eager: worked" in checks.stdout
+
+
+def test_the_device_script_parses() -> None:
+    assert subprocess.run(["bash", "-n", str(ROOT / "scripts" / "device-check")]).returncode == 0
