@@ -13,6 +13,7 @@ from redis import Redis
 
 from api import active, admin, completions, dashboard, errors, events, health, jobs, metrics, openapi
 from api.active import ActiveRequests
+from api.arrival import ArrivalMiddleware
 from api.ratelimit import TenantLimits
 from api.services import Services, services
 from api.streams import StreamSlots
@@ -47,7 +48,7 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
     app.extensions["gptoss"] = Services(
         settings=settings,
         redis=redis,
-        metrics=metrics.api_metrics(settings.model),
+        metrics=metrics.api_metrics(settings),
         limits=TenantLimits(settings, redis),
         stream_redis=stream_redis,
         hub=StreamHub(stream_redis),
@@ -64,13 +65,16 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
     app.register_blueprint(openapi.bp)
     app.register_blueprint(admin.bp)
     dashboard.init_app(app)
+    metrics.start_at_zero(app)
     app.before_request(_open_redis_budget)
     app.before_request(_bind_request)
     app.before_request(authenticate_request)
     app.after_request(_close_redis_budget)  # registered first, so it runs last
     app.after_request(_finish_request)
-    # Outermost, so the sampler sees the request's wish before the request span starts.
+    # Outer, so the sampler sees the request's wish before the request span starts.
     app.wsgi_app = ForceTraceMiddleware(app.wsgi_app)  # type: ignore[method-assign]
+    # Outermost: the arrival time, before anything reads the request (TTFT counts from it).
+    app.wsgi_app = ArrivalMiddleware(app.wsgi_app)  # type: ignore[method-assign]
     return app
 
 

@@ -14,6 +14,7 @@ from redis import Redis
 from redis.client import Pipeline
 
 from api.admission import admitted
+from api.arrival import arrived
 from api.caching import cache_key, finish_from_cache, open_cache
 from api.disconnect import client_socket, gone
 from api.services import services
@@ -123,7 +124,7 @@ def _record(submission: JobSubmission, model: str, tenant: str, prompt_tokens: i
         webhook=submission.webhook,
         prompt_tokens=prompt_tokens,
     )
-    record.stamp("received")
+    record.stamp("received", arrived())  # when the request reached the app, before it was parsed
     record.deadline = start_deadline(record.timestamps.received or 0.0, submission.deadline,
                                      submission.cancel_after)  # fmt: skip
     record.carry_trace()
@@ -157,8 +158,7 @@ def _enqueue(
         if fingerprint is not None:  # the worker stores the result there
             record.cache_key = CacheTarget(fingerprint=fingerprint, ttl=settings.response_cache_ttl,
                                            max_bytes=settings.response_cache_max_bytes)  # fmt: skip
-        received = time.time()
-        record.stamp("received", received)
+        received = record.at("received") or time.time()
         _client_still_waiting()  # last, just before the job exists: the admission lock may have waited
 
         def counted(pipe: Pipeline, job_id: str) -> None:  # in the transaction that creates the job

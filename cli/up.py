@@ -1,7 +1,14 @@
-"""`gptoss up`: one machine's whole stack as child processes, stopped cleanly on Ctrl-C."""
+"""`gptoss up`: one machine's whole stack as child processes, stopped cleanly on Ctrl-C.
+
+On a terminal it talks to its operator in plain text (on stderr, beside the children's console
+logs). Otherwise its stdout holds only JSON lines: its own events (the banner is one,
+`stack_starting`) and its children's JSON logs; progress bars are turned off, and whatever a child
+prints that is not JSON goes to stderr.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -15,12 +22,14 @@ from pathlib import Path
 
 import click
 import redis as redis_py
+import structlog
 
 from cli import redis_server
 from cli.redis_server import private_dir, write_private
 from shared import keys
 from shared.apikeys import authenticate, create_key
 from shared.connection import masked_url
+from shared.logging import configure_logging
 from shared.settings import Settings
 
 STOP_GRACE = 20.0
@@ -31,6 +40,28 @@ REDIS_START_TIMEOUT = 10.0
 
 REDIS_FOLDER = "redis"
 """Our own Redis's folder in the data dir: its data, config, log and kept password."""
+
+QUIET_PROGRESS = {
+    "TQDM_DISABLE": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+}
+"""Environment that keeps progress bars (tqdm's, the hub's) out of a non-terminal's output."""
+
+
+class Announcer:
+    """What `up` tells its operator: text on stderr on a terminal, one JSON event on stdout otherwise."""
+
+    def __init__(self, pretty: bool):
+        self.pretty = pretty
+        self._log = structlog.get_logger()
+
+    def say(self, event: str, text: str, level: str = "info", **fields: object) -> None:
+        """Tell `text` (on a terminal), or log `event` with `fields` (as JSON)."""
+        if self.pretty:
+            click.echo(text, err=True)
+        else:
+            getattr(self._log, level)(event, **fields)
 
 
 def free_port() -> int:
@@ -45,6 +76,7 @@ class Stack:
     """The processes `gptoss up` started, in start order (stopped in reverse)."""
 
     children: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
+    announcer: Announcer = field(default_factory=lambda: Announcer(pretty=True))
 
     def start(self, name: str, argv: list[str], env: dict[str, str], umask: int = -1) -> subprocess.Popen:
         """Start child `name` (under `umask` when it is not -1)."""
@@ -68,7 +100,10 @@ class Stack:
                 try:
                     child.wait(STOP_GRACE)
                 except subprocess.TimeoutExpired:
-                    click.echo(f"{name} did not stop in {STOP_GRACE:.0f} s; killing it", err=True)
+                    self.announcer.say(
+                        "child_killed", f"{name} did not stop in {STOP_GRACE:.0f} s; killing it",
+                        "warning", child=name, grace_s=STOP_GRACE,
+                    )  # fmt: skip
                     child.kill()
                     child.wait()
 
@@ -114,9 +149,71 @@ def client_key(redis_url: str, settings: Settings) -> str:
     return key
 
 
+def pretty_output(settings: Settings) -> bool:
+    """Plain text for a person (stdout is a terminal, or GPTOSS_LOG_FORMAT=console), else JSON lines."""
+    return settings.log_format == "console" or (settings.log_format == "auto" and sys.stdout.isatty())
+
+
+def prepare_model(python: str, env: dict[str, str], model: str, pretty: bool) -> None:
+    """`gptoss model prepare` in a child; without a terminal, only its JSON lines reach our stdout
+    (the folder it prints, and anything else that is not JSON, go to stderr)."""
+    argv = [python, "-m", "cli", "model", "prepare", model]
+    if pretty:
+        done = subprocess.run(argv, env=env)
+    else:
+        done = subprocess.run(argv, env=env, stdout=subprocess.PIPE, text=True)
+        for line in done.stdout.splitlines():
+            print(line, file=sys.stdout if is_json_object(line) else sys.stderr, flush=True)
+    if done.returncode != 0:
+        raise click.ClickException(f"could not prepare model {model}")
+
+
+def is_json_object(line: str) -> bool:
+    """Whether `line` is one JSON object (a log line)."""
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
+
+
+def banner(settings: Settings, redis_url: str, admin_key: str, api_key: str | None, worker_ports: list[int],
+           announcer: Announcer) -> None:  # fmt: skip
+    """Where to go: as text on a terminal (the API key once), as one `stack_starting` event otherwise."""
+    base = f"http://{settings.api_host}:{settings.api_port}"
+    metrics = [f"{base}/metrics"]
+    if settings.scheduler_metrics_port:
+        metrics.append(f"http://{settings.metrics_host}:{settings.scheduler_metrics_port}/metrics")
+    metrics += [f"http://{settings.metrics_host}:{port}/metrics" for port in worker_ports if port]
+    # The password never reaches the output; our own Redis's full URL is in a file of this user's.
+    url_file = None if settings.redis_url else settings.data_dir / REDIS_FOLDER / redis_server.URL_FILE
+    kept_url = f"   (the URL with its password: {url_file})" if url_file else ""
+    shown_admin = admin_key if not settings.admin_key else "(GPTOSS_ADMIN_KEY)"
+    try_it = f'gptoss submit "What is the capital of France?" --api-url {base}'
+    key_env = "GPTOSS_API_KEY=<API key> " if api_key else ""
+    announcer.say(
+        "stack_starting",
+        f"\ngptoss is starting: model {settings.model}\n"
+        f"  Redis      {masked_url(redis_url)}{kept_url}\n"
+        f"  API        {base}   (POST /v1/jobs, GET /v1/jobs/<id>)\n"
+        f"  ready when {base}/readyz answers 200\n"
+        f"  API key    {api_key or 'none needed (GPTOSS_AUTH=false)'}   (Authorization: Bearer …)\n"
+        f"  admin key  {shown_admin}   (for /admin/*)\n"
+        f"  metrics    {', '.join(metrics)}\n"
+        f"  try        {key_env}{try_it}\n"
+        f"Ctrl-C stops everything.\n",
+        model=settings.model, redis=masked_url(redis_url), redis_url_file=str(url_file) if url_file else None,
+        api=base, ready=f"{base}/readyz", api_key=api_key, admin_key=shown_admin, metrics=metrics,
+        try_command=f"{key_env}{try_it}",
+    )  # fmt: skip
+
+
 def run_stack(settings: Settings) -> int:
     """Start the stack, print where to go, wait for Ctrl-C or a child's death; an exit code."""
-    stack = Stack()
+    pretty = pretty_output(settings)
+    if not pretty:
+        configure_logging(settings, "up")
+    announcer = Announcer(pretty)
+    stack = Stack(announcer=announcer)
     stopping = False
 
     def request_stop(signum: int, _frame: object) -> None:
@@ -130,6 +227,7 @@ def run_stack(settings: Settings) -> int:
         admin_key = settings.admin_key.get_secret_value() if settings.admin_key else secrets.token_urlsafe(24)
         env = {
             **os.environ,
+            **({} if pretty else QUIET_PROGRESS),
             "GPTOSS_REDIS_URL": redis_url,
             "GPTOSS_MODEL": settings.model,
             "GPTOSS_ADMIN_KEY": admin_key,
@@ -137,45 +235,28 @@ def run_stack(settings: Settings) -> int:
         if settings.profile:
             env["GPTOSS_PROFILE"] = settings.profile
         python = sys.executable
-        prepared = subprocess.run([python, "-m", "cli", "model", "prepare", settings.model], env=env)
-        if prepared.returncode != 0:
-            raise click.ClickException(f"could not prepare model {settings.model}")
+        prepare_model(python, env, settings.model, pretty)
         stack.start("api", [python, "-m", "api"], {**env, "GPTOSS_API_PORT": str(settings.api_port)})
         stack.start("scheduler", [python, "-m", "scheduler"], env)
-        worker_ports = {}
+        worker_ports = []
         for offset, queue in enumerate(keys.WORKER_QUEUES):
             # Each worker's /metrics on its own port: the configured one, then the next.
             port = settings.worker_metrics_port + offset if settings.worker_metrics_port else 0
-            worker_ports[queue] = port
+            worker_ports.append(port)
             worker_env = {**env, "GPTOSS_WORKER_QUEUE": queue, "GPTOSS_WORKER_METRICS_PORT": str(port)}
             stack.start(f"worker:{queue}", [python, "-m", "workers"], worker_env)
-        base = f"http://{settings.api_host}:{settings.api_port}"
         api_key = client_key(redis_url, settings) if settings.auth else None
-        key_env = f"GPTOSS_API_KEY={api_key} " if api_key else ""
-        metrics = ", ".join(f":{p}/metrics" for p in worker_ports.values() if p)
-        # The password never reaches the terminal; our own Redis's full URL is in a file of this user's.
-        url_file = settings.data_dir / REDIS_FOLDER / redis_server.URL_FILE
-        kept_url = "" if settings.redis_url else f"   (the URL with its password: {url_file})"
-        click.echo(
-            f"\ngptoss is starting: model {settings.model}\n"
-            f"  Redis      {masked_url(redis_url)}{kept_url}\n"
-            f"  API        {base}   (POST /v1/jobs, GET /v1/jobs/<id>)\n"
-            f"  ready when {base}/readyz answers 200\n"
-            f"  API key    {api_key or 'none needed (GPTOSS_AUTH=false)'}   (Authorization: Bearer …)\n"
-            f"  admin key  {admin_key if not settings.admin_key else '(GPTOSS_ADMIN_KEY)'}   (for /admin/*)\n"
-            f"  metrics    {base}/metrics, scheduler :{settings.scheduler_metrics_port}/metrics"
-            f"{', workers ' + metrics if metrics else ''}\n"
-            f'  try        {key_env}gptoss submit "What is the capital of France?" --api-url {base}\n'
-            f"Ctrl-C stops everything.\n",
-            err=True,
-        )
+        banner(settings, redis_url, admin_key, api_key, worker_ports, announcer)
         while not stopping:
             if (dead := stack.exited()) is not None:
-                click.echo(f"{dead[0]} exited with code {dead[1]}; stopping the stack", err=True)
+                announcer.say(
+                    "child_exited", f"{dead[0]} exited with code {dead[1]}; stopping the stack", "error",
+                    child=dead[0], code=dead[1],
+                )  # fmt: skip
                 return 1
             time.sleep(0.2)
         return 0
     finally:
-        click.echo("stopping…", err=True)
+        announcer.say("stack_stopping", "stopping…")
         stack.stop()
-        click.echo("stopped", err=True)
+        announcer.say("stack_stopped", "stopped")

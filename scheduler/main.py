@@ -11,6 +11,7 @@ import time
 import structlog
 from prometheus_client import CollectorRegistry
 
+from scheduler import routing
 from scheduler.loop import Scheduler
 from scheduler.reaper import Reaper
 from scheduler.tokens import PromptCounter
@@ -20,10 +21,25 @@ from shared.exposition import serve_metrics
 from shared.heartbeat import Heartbeat, SchedulerBeat
 from shared.jobstore.cleanup import Cleanup
 from shared.logging import configure_logging
-from shared.metrics import SchedulerMetrics
+from shared.metrics import SchedulerMetrics, label_process
 from shared.registry import model_spec
 from shared.settings import Settings
 from shared.tracing import configure_tracing
+
+
+def scheduler_metrics(settings: Settings) -> SchedulerMetrics:
+    """The scheduler's metrics, every decision it knows and its model's endings at 0 from the start."""
+    metrics = SchedulerMetrics(CollectorRegistry())
+    single, multi, own = keys.SINGLE_QUEUE, keys.MULTI_QUEUE, keys.OWN_QUEUES_LABEL
+    routes = [(single, routing.REASON_WITHIN_THRESHOLD), (multi, routing.REASON_OVER_THRESHOLD),
+              (single, routing.REASON_PRESSURE_SPILL), (multi, routing.REASON_PRESSURE_SPILL),
+              *((own, reason) for reason in routing.AFFINITY_REASONS)]  # fmt: skip
+    holds = (routing.HOLD_NO_LIVE_WORKER, routing.HOLD_MEMORY_CRITICAL, routing.HOLD_MEMORY_WARN)
+    admissions = [("admitted", "fits_context"), *(("held", reason) for reason in holds),
+                  ("rejected", routing.REJECT_HOLD_EXPIRED)]  # fmt: skip
+    metrics.start_at_zero(settings.model, routes, admissions)
+    label_process(metrics.registry, "scheduler", settings.telemetry_identity())
+    return metrics
 
 
 def main(settings: Settings | None = None) -> None:
@@ -31,7 +47,7 @@ def main(settings: Settings | None = None) -> None:
     settings = settings or Settings()
     configure_logging(settings, "scheduler")
     configure_tracing(settings, "scheduler")
-    metrics = SchedulerMetrics(CollectorRegistry()) if settings.observability else None
+    metrics = scheduler_metrics(settings) if settings.observability else None
     metrics_url = (
         serve_metrics(metrics.registry, settings.metrics_host, settings.scheduler_metrics_port)
         if metrics

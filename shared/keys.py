@@ -267,6 +267,12 @@ OWN_QUEUES_LABEL = "own"
 would pile up as workers come and go."""
 
 
+def own_queues_label(base: str) -> str:
+    """The metric label of the own queues of the workers of `base` (`gpu-single`, `gpu-multi`)
+    together: what autoscaling adds to that base's queues (a worker serves its own queue first)."""
+    return f"{OWN_QUEUES_LABEL}:{base}"
+
+
 def own_queue(worker_name: str) -> str:
     """The RQ queue of one worker alone: where the scheduler routes the turns of its sessions."""
     return OWN_QUEUE_PREFIX + worker_name

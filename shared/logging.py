@@ -24,7 +24,7 @@ def configure_logging(settings: Settings, process: str) -> None:
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
-        _add_process(process),
+        _add_process(process, settings.telemetry_identity()),
         _add_trace_ids,
     ]
     structlog.configure(
@@ -67,9 +67,13 @@ def _add_trace_ids(_logger: object, _method: str, event: Event) -> Event:
     return event
 
 
-def _add_process(process: str) -> structlog.typing.Processor:
+def _add_process(process: str, identity: dict[str, str]) -> structlog.typing.Processor:
+    """Every line names its process and where it runs (cluster, region, instance)."""
+
     def add(_logger: object, _method: str, event: Event) -> Event:
         event.setdefault("process", process)
+        for key, value in identity.items():
+            event.setdefault(key, value)
         return event
 
     return add

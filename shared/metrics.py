@@ -3,30 +3,48 @@
 Names follow what vLLM users know (time to first token, e2e latency, inter-token latency, queue
 time, prompt/generation token counters). Labels stay low-cardinality: model, queue, route, status,
 outcome, reason — never job ids. Histograms carry exemplars with the trace id when served as
-OpenMetrics.
+OpenMetrics. Latency buckets come from `shared/sla.py`, so every SLA threshold is a bucket edge;
+each process starts its labelled counters at 0 for the label values it knows (`start_at_zero`), so
+the first failure is already a rate.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from collections.abc import Iterable, Mapping
 
-TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
-                7.5, 10.0, 20.0, 40.0, 80.0)  # fmt: skip
-"""vLLM's time-to-first-token buckets (seconds)."""
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
-LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0,
-                   50.0, 60.0, 120.0, 240.0, 480.0)  # fmt: skip
-"""End-to-end and queue-time buckets (seconds)."""
-
-ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75,
-               1.0, 2.5)  # fmt: skip
-"""Inter-token latency buckets (seconds)."""
+from shared import sla
+from shared.histograms import BatchHistogram
 
 HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 """API request duration buckets (seconds)."""
 
 TOKENS_PER_SECOND_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 """Per-request decode speed buckets (tokens per second)."""
+
+JOB_STATUSES_WORKER = ("finished", "failed", "cancelled", "expired")
+"""Terminal statuses a worker counts in `gptoss_jobs_total`."""
+
+JOB_STATUSES_SCHEDULER = ("rejected", "cancelled", "expired")
+"""Terminal statuses the scheduler counts in `gptoss_jobs_total` (jobs that never ran)."""
+
+API_REFUSALS = ("backlog_full", "tenant_backlog_full")
+"""Reasons the API refuses a submission (admission outcome `refused`)."""
+
+SERVER_ERROR_STATUSES = ("500", "503", "504")
+"""5xx answers the API gives (shared/errors.py); each route starts with these at 0, so the
+availability rule counts the first one."""
+
+WORKER_CACHE_SOURCES = ("cache", "identical")
+"""How a worker answers a cacheable job without generating it."""
+
+
+def label_process(registry: CollectorRegistry, process: str, identity: Mapping[str, str]) -> None:
+    """`gptoss_process_info{process, cluster, region, instance} 1`: where this process runs, from
+    settings, so one central Prometheus can tell clusters apart even without external labels."""
+    info = Info("gptoss_process", "The process and where it runs", registry=registry)
+    info.info({"process": process, **identity})
 
 
 class ApiMetrics:
@@ -51,6 +69,17 @@ class ApiMetrics:
         self.cache_misses = Counter(
             "gptoss_cache_misses", "Response cache misses", ["model"], registry=registry
         )
+
+    def start_at_zero(self, model: str, routes: Iterable[tuple[str, str]] = ()) -> None:
+        """Series the rules and the dashboard read, at 0 from the start: the served model's, the
+        refusals, and each of `routes` (method, route) with every 5xx status."""
+        for counter in (self.jobs_submitted, self.cache_hits, self.cache_misses):
+            counter.labels(model)
+        for reason in API_REFUSALS:
+            self.admission_decisions.labels("refused", reason)
+        for method, route in routes:
+            for status in SERVER_ERROR_STATUSES:
+                self.http_requests.labels(method, route, status)
 
 
 class SchedulerMetrics:
@@ -82,6 +111,18 @@ class SchedulerMetrics:
             buckets=HTTP_BUCKETS, registry=registry,
         )  # fmt: skip
 
+    def start_at_zero(
+        self, model: str, routes: Iterable[tuple[str, str]], admissions: Iterable[tuple[str, str]]
+    ) -> None:
+        """Series at 0 from the start: the model's terminal statuses, each (queue, reason) of
+        `routes` and each (outcome, reason) of `admissions` the scheduler knows."""
+        for status in JOB_STATUSES_SCHEDULER:
+            self.jobs_terminal.labels(model, status)
+        for queue, reason in routes:
+            self.routing_decisions.labels(queue, reason)
+        for outcome, reason in admissions:
+            self.admission_decisions.labels(outcome, reason)
+
 
 class WorkerMetrics:
     """Metrics of one worker process."""
@@ -90,20 +131,25 @@ class WorkerMetrics:
         self.registry = registry
         labels = ["model", "queue"]
         self.ttft = Histogram(
-            "gptoss_time_to_first_token_seconds", "Time from submission to the first generated token",
-            labels, buckets=TTFT_BUCKETS, registry=registry,
+            "gptoss_time_to_first_token_seconds", "Time from the request's arrival to its first token",
+            labels, buckets=sla.ttft_buckets(), registry=registry,
         )  # fmt: skip
         self.e2e = Histogram(
-            "gptoss_e2e_request_latency_seconds", "Time from submission to the finished result",
-            labels, buckets=LATENCY_BUCKETS, registry=registry,
+            "gptoss_e2e_request_latency_seconds", "Time from the request's arrival to its finished result",
+            labels, buckets=sla.e2e_buckets(), registry=registry,
         )  # fmt: skip
-        self.itl = Histogram(
-            "gptoss_inter_token_latency_seconds", "Mean time between generated tokens of a request",
-            labels, buckets=ITL_BUCKETS, registry=registry,
+        self.itl = BatchHistogram(
+            "gptoss_inter_token_latency_seconds", "Time between successive tokens of a request, per token",
+            labels, buckets=sla.itl_buckets(), registry=registry,
+        )  # fmt: skip
+        self.tpot = Histogram(
+            "gptoss_request_time_per_output_token_seconds",
+            "Mean time per output token of a request after its first (one value per request)",
+            labels, buckets=sla.itl_buckets(), registry=registry,
         )  # fmt: skip
         self.queue_time = Histogram(
-            "gptoss_request_queue_time_seconds", "Time from submission to the start of generation",
-            labels, buckets=LATENCY_BUCKETS, registry=registry,
+            "gptoss_request_queue_time_seconds", "Time from the request's arrival to the start of generation",
+            labels, buckets=sla.queue_time_buckets(), registry=registry,
         )  # fmt: skip
         self.tokens_per_second = Histogram(
             "gptoss_request_tokens_per_second", "Decode speed of a request (generated tokens per second)",
@@ -158,3 +204,25 @@ class WorkerMetrics:
             ["model"],
             registry=registry,
         )
+
+    def start_at_zero(self, model: str, queue: str) -> None:
+        """Every series of the served model on this worker's queue, at 0 from the start."""
+        labels = (model, queue)
+        for metric in (self.ttft, self.e2e, self.tpot, self.queue_time, self.tokens_per_second,
+                       self.prompt_tokens, self.generation_tokens, self.requests_running):  # fmt: skip
+            metric.labels(*labels)
+        self.itl.touch(*labels)
+        for status in JOB_STATUSES_WORKER:
+            self.jobs_terminal.labels(model, status)
+        for counter in (self.session_hits, self.session_misses, self.prefix_tokens_reused):
+            counter.labels(model)
+        for source in WORKER_CACHE_SOURCES:
+            self.worker_cache_hits.labels(model, source)
+
+
+def worker_metrics(model: str, queue: str, identity: Mapping[str, str]) -> WorkerMetrics:
+    """A worker's metrics in a registry of their own, its series at 0 and its process labelled."""
+    metrics = WorkerMetrics(CollectorRegistry())
+    metrics.start_at_zero(model, queue)
+    label_process(metrics.registry, "worker", identity)
+    return metrics

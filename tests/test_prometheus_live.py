@@ -1,25 +1,31 @@
 """The real processes against the monitoring files: every metric the rules and the dashboard read is
-served, and a real Prometheus (Debian's) scrapes the stack, evaluates the rules and sees TTFT."""
+served, the series fixture the rule tests are held to is what a healthy stack exports, and a real
+Prometheus (Debian's) scraping the stack after traffic with a failure answers every dashboard
+panel, counts the first failure, and hands everything to a central Prometheus with its cluster."""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
+import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import requests
-import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from redis import Redis
 
 from cli.up import free_port
 from shared import keys
-from tests.conftest import RULES, Processes, http_ok, poll_job, process_env, used_metric_names, wait_for
+from shared.jobstore.rqstore import open_queue
+from tests import exported_series
+from tests.conftest import DASHBOARD, Processes, http_ok, poll_job, process_env, used_metric_names, wait_for
+from tests.monitoring import Server, central_config, cluster_config, fast_rules, prometheus
 
 SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"), "gauge": ("",)}
+CLUSTER = {"GPTOSS_CLUSTER": "eu-test-1", "GPTOSS_REGION": "eu-test"}
+"""Where the test's Prometheus says it runs (its external labels, from the environment)."""
 
 
 @dataclass(frozen=True)
@@ -27,11 +33,19 @@ class Stack:
     base: str
     targets: dict[str, list[str]]  # Prometheus job name -> host:port of its /metrics
     logs: Path
+    redis_url: str
+    healthy: dict[str, set[str]]  # Prometheus job name -> its series after one job, before any failure
+
+
+def scrape(host: str) -> str:
+    return requests.get(f"http://{host}/metrics", timeout=5).text
 
 
 @pytest.fixture(scope="module")
 def stack(redis_url: str, prepared_models, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """API, scheduler and a worker per queue on tiny-gpt-oss, each /metrics on its own port; one job done."""
+    """API, scheduler and a worker per queue on tiny-gpt-oss, each /metrics on its own port; one job done.
+    The API starts first and is probed before anything else runs, so /readyz answers 503 once, as
+    it does in every real start."""
     folder = tmp_path_factory.mktemp("monitored")
     Redis.from_url(redis_url).flushall()
     procs = Processes(folder)
@@ -40,40 +54,43 @@ def stack(redis_url: str, prepared_models, tmp_path_factory: pytest.TempPathFact
     env = process_env(
         GPTOSS_REDIS_URL=redis_url, GPTOSS_MODEL="tiny-gpt-oss", GPTOSS_CACHE_DIR=prepared_models.cache_dir,
         GPTOSS_API_PORT=port, GPTOSS_SCHEDULER_METRICS_PORT=scheduler_port, GPTOSS_TRACE_SAMPLE_RATIO=1.0,
-        GPTOSS_HEARTBEAT_INTERVAL=0.5,
+        GPTOSS_HEARTBEAT_INTERVAL=0.5, **CLUSTER,
     )  # fmt: skip
-    procs.start("api", ["api"], env)
-    procs.start("scheduler", ["scheduler"], env)
-    for queue, worker_port in worker_ports.items():
-        procs.start(
-            queue,
-            ["workers"],
-            {**env, "GPTOSS_WORKER_QUEUE": queue, "GPTOSS_WORKER_METRICS_PORT": str(worker_port)},
-        )
     base = f"http://127.0.0.1:{port}"
+    dead = lambda: any(child.poll() is not None for child in procs.children)  # noqa: E731
+    why = lambda: "\n".join(f"== {f.name}\n{f.read_text()[-1500:]}" for f in folder.glob("*.log"))  # noqa: E731
     try:
-        dead = lambda: any(child.poll() is not None for child in procs.children)  # noqa: E731
+        procs.start("api", ["api"], env)
+        wait_for(lambda: http_ok(f"{base}/healthz") or dead(), 60, "the API to answer")
+        assert not dead(), why()
+        assert requests.get(f"{base}/readyz", timeout=5).status_code == 503  # no scheduler, no worker yet
+        procs.start("scheduler", ["scheduler"], env)
+        for queue, worker_port in worker_ports.items():
+            procs.start(
+                queue,
+                ["workers"],
+                {**env, "GPTOSS_WORKER_QUEUE": queue, "GPTOSS_WORKER_METRICS_PORT": str(worker_port)},
+            )
         wait_for(lambda: http_ok(f"{base}/readyz") or dead(), 120, "the stack to be ready")
-        assert not dead(), "\n".join(f"== {f.name}\n{f.read_text()[-1500:]}" for f in folder.glob("*.log"))
+        assert not dead(), why()
         job = requests.post(f"{base}/v1/jobs", json={"prompt": "Hello", "max_tokens": 4}, timeout=5).json()
         assert poll_job(base, job["id"], 60)["status"] == "finished"
-        yield Stack(
-            base,
-            {
-                "gptoss-api": [f"127.0.0.1:{port}"],
-                "gptoss-scheduler": [f"127.0.0.1:{scheduler_port}"],
-                "gptoss-worker": [f"127.0.0.1:{p}" for p in worker_ports.values()],
-            },
-            folder,
-        )
+        targets = {
+            "gptoss-api": [f"127.0.0.1:{port}"],
+            "gptoss-scheduler": [f"127.0.0.1:{scheduler_port}"],
+            "gptoss-worker": [f"127.0.0.1:{p}" for p in worker_ports.values()],
+        }
+        healthy = {job: set().union(*(exported_series.scraped(scrape(h)) for h in hosts))
+                   for job, hosts in targets.items()}  # fmt: skip
+        yield Stack(base, targets, folder, redis_url, healthy)
     finally:
         procs.stop_all()
 
 
-def served_names(url: str) -> set[str]:
+def served_names(host: str) -> set[str]:
     """Every sample name one /metrics can serve: declared families with their type's suffixes."""
     names = set()
-    for family in text_string_to_metric_families(requests.get(url, timeout=5).text):
+    for family in text_string_to_metric_families(scrape(host)):
         names |= {family.name + suffix for suffix in SUFFIXES.get(family.type, ("",))}
         names |= {sample.name for sample in family.samples}
     return names
@@ -83,67 +100,95 @@ def test_every_metric_in_rules_and_dashboard_is_served(stack: Stack) -> None:
     served: set[str] = set()
     for hosts in stack.targets.values():
         for host in hosts:
-            served |= served_names(f"http://{host}/metrics")
+            served |= served_names(host)
     missing = sorted(used_metric_names() - served)
     assert not missing, (
         f"read by compose/prometheus/rules or the Grafana dashboard, served by no process: {missing}"
     )
 
 
-def test_real_prometheus_scrapes_the_stack(stack: Stack, tmp_path: Path) -> None:
-    binary = shutil.which("prometheus")
-    assert binary, "prometheus must be on PATH (Debian's package; scripts/setup installs it)"
-    rules = tmp_path / "rules"
-    rules.mkdir()
-    for file in RULES:
-        shutil.copy(file, rules / file.name)
-    config = {
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "rule_files": [str(rules / "*.yml")],
-        "scrape_configs": [
-            {"job_name": job, "static_configs": [{"targets": hosts}]} for job, hosts in stack.targets.items()
-        ],
-    }
-    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = free_port()
-    api = f"http://127.0.0.1:{port}/api/v1"
-    log = open(tmp_path / "prometheus.log", "wb")
-    prometheus = subprocess.Popen(
-        [binary, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'data'}",
-         f"--web.listen-address=127.0.0.1:{port}", "--enable-feature=exemplar-storage"],
-        stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+def test_the_series_fixture_is_what_a_healthy_stack_exports(stack: Stack) -> None:
+    """compose/prometheus/tests/exported_series.yml (what the promtool tests may feed) is exported by
+    the live stack; GPTOSS_WRITE_SERIES_FIXTURE=1 writes it from this scrape instead."""
+    if os.environ.get("GPTOSS_WRITE_SERIES_FIXTURE") == "1":
+        exported_series.write(stack.healthy)
+    fixture = exported_series.load()
+    assert set(fixture) == set(stack.targets)
+    missing = {job: sorted(series - stack.healthy[job]) for job, series in fixture.items()}
+    assert not any(missing.values()), f"in the fixture, not exported (GPTOSS_WRITE_SERIES_FIXTURE=1): {missing}"
+    # What makes the first failure count: its series exist, at 0, before anything failed.
+    assert any(s.startswith('gptoss_jobs_total{') and 'status="failed"' in s for s in fixture["gptoss-worker"])
+    assert any(s.startswith("gptoss_http_requests_total{") and 'status="500"' in s for s in fixture["gptoss-api"])
+
+
+def panel_queries() -> list[tuple[str, str]]:
+    """(panel title, PromQL) of every dashboard target."""
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    return [(p["title"], t["expr"]) for p in panels for t in p.get("targets", [])]
+
+
+def as_promql(expr: str, cluster: str) -> str:
+    """A panel's query as Grafana sends it with All models and queues and `cluster` selected."""
+    replaced = expr.replace("$__rate_interval", "1m").replace("$model", ".*").replace("$queue", ".*")
+    return replaced.replace("$cluster", cluster)
+
+
+def wait_for_every_panel(server: Server, cluster: str) -> None:
+    """Every dashboard query returns data from `server` (within a minute), else name the empty ones."""
+    empty: list[str] = []
+
+    def answered() -> bool:
+        empty[:] = [f"{title}: {expr}" for title, expr in panel_queries() if not server.query(as_promql(expr, cluster))]
+        return not empty
+
     try:
-        wait_for(lambda: http_ok(f"http://127.0.0.1:{port}/-/ready"), 30, "Prometheus to be ready")
+        wait_for(answered, 60, "every dashboard panel to have data", interval=1)
+    except AssertionError:
+        raise AssertionError(f"panels without data (cluster {cluster}):\n" + "\n".join(empty)) from None
 
-        def query(expr: str) -> list[dict]:
-            body = requests.get(f"{api}/query", params={"query": expr}, timeout=5).json()
-            assert body["status"] == "success", body
-            return body["data"]["result"]
 
-        def all_up() -> bool:
-            return len([r for r in query("up") if r["value"][1] == "1"]) == 4
+def fail_a_job(stack: Stack) -> None:
+    """One job that fails in the worker (a temperature no request could ask for, put on gpu-single
+    past the API's validation)."""
+    failing = open_queue(keys.SINGLE_QUEUE, Redis.from_url(stack.redis_url)).enqueue(
+        keys.GENERATE_FUNC, {"prompt": "x", "temperature": 99}, failure_ttl=300
+    )
+    wait_for(lambda: failing.get_status(refresh=True) == "failed", 30, "the bad job to fail")
 
-        wait_for(all_up, 30, "every process to be scraped")
-        # A second request, so the TTFT histogram grows while Prometheus watches.
-        job = requests.post(f"{stack.base}/v1/jobs", json={"prompt": "Hi", "max_tokens": 4}, timeout=5).json()
-        assert poll_job(stack.base, job["id"], 60)["status"] == "finished"
-        ttft = 'sum by (model) (gptoss_time_to_first_token_seconds_count{model="tiny-gpt-oss"})'
-        wait_for(lambda: any(float(r["value"][1]) >= 2 for r in query(ttft)), 30, "both requests' TTFT")
-        p95 = query("histogram_quantile(0.95, sum by (le) (gptoss_time_to_first_token_seconds_bucket))")
+
+def test_real_prometheus_answers_every_panel_after_a_failure(stack: Stack, tmp_path: Path) -> None:
+    config = cluster_config(stack.targets, fast_rules(tmp_path / "rules"), alertmanager=None)
+    with prometheus(tmp_path / "cluster", config, env=CLUSTER) as cluster:
+        wait_for(lambda: len([r for r in cluster.query("up") if r["value"][1] == "1"]) == 4, 30, "every target up")
+        # Traffic while Prometheus watches: two jobs that finish and one that fails.
+        for prompt in ("Hi", "The quick brown fox jumps over the lazy dog."):
+            job = requests.post(f"{stack.base}/v1/jobs", json={"prompt": prompt, "max_tokens": 4}, timeout=5).json()
+            assert poll_job(stack.base, job["id"], 60)["status"] == "finished"
+        fail_a_job(stack)
+        # The first failure is a rate: its series was there, at 0, before it.
+        counted = 'gptoss:error_ratio:rate5m{model="tiny-gpt-oss"} > 0'
+        wait_for(lambda: bool(cluster.query(counted)), 30, "the first failure in the error ratio")
+        wait_for(lambda: bool(cluster.query("gptoss:availability:ratio_rate5m == 1")), 30, "availability")
+        p95 = cluster.query("histogram_quantile(0.95, sum by (le) (gptoss_time_to_first_token_seconds_bucket))")
         assert len(p95) == 1 and 0 < float(p95[0]["value"][1]) < 80
-        wait_for(lambda: bool(query("gptoss:ttft_seconds_by_model:p95_5m")), 30, "the recording rule")
+        wait_for_every_panel(cluster, ".*")
         # Every rule evaluates without error against the real series.
-        groups = requests.get(f"{api}/rules", timeout=5).json()["data"]["groups"]
+        groups = requests.get(f"{cluster.url}/api/v1/rules", timeout=5).json()["data"]["groups"]
         broken = [(r["name"], r.get("lastError")) for g in groups for r in g["rules"] if r["health"] == "err"]
         assert not broken
-        # Scraped as OpenMetrics, the histogram kept its exemplars: trace ids to open in Jaeger.
+        # Scraped as OpenMetrics, the histograms kept their exemplars: trace ids to open in Jaeger.
         exemplars = requests.get(
-            f"{api}/query_exemplars",
+            f"{cluster.url}/api/v1/query_exemplars",
             params={"query": "gptoss_time_to_first_token_seconds_bucket", "start": "0", "end": "9999999999"},
             timeout=5,
         ).json()["data"]
         assert any("trace_id" in e["labels"] for series in exemplars for e in series["exemplars"]), exemplars
-    finally:
-        prometheus.terminate()
-        prometheus.wait(30)
+
+        # A central Prometheus federating this one: the same panels, for this cluster by name.
+        host = cluster.url.removeprefix("http://")
+        with prometheus(tmp_path / "central", central_config([host])) as central:
+            wait_for_every_panel(central, CLUSTER["GPTOSS_CLUSTER"])
+            (ratio,) = central.query(counted)
+            assert ratio["metric"]["cluster"] == CLUSTER["GPTOSS_CLUSTER"]
+            assert ratio["metric"]["region"] == CLUSTER["GPTOSS_REGION"]
+            assert not central.query('gptoss:error_ratio:rate5m{cluster="another-cluster"}')

@@ -3,8 +3,10 @@ whether it has ended, and what it produced. A batch row carries one."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import time
+from array import array
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Literal
 
 from shared.harmony import FINAL_CHANNEL, REASONING_CHANNEL
@@ -27,6 +29,9 @@ class Generation:
     cancelled: bool = False
     cached_tokens: int = 0
     """Prompt tokens whose keys and values came from the session's cache, not computed."""
+    token_gaps: Sequence[float] = field(default=(), compare=False, repr=False)
+    """Seconds between each generated token and the one before it (the per-token ITL); timing, not
+    output, so two generations of the same tokens are equal whatever their gaps."""
 
 
 class Completion:
@@ -53,9 +58,16 @@ class Completion:
         self._has_reasoning = has_reasoning
         self.token_ids: list[int] = []
         self.cached_tokens = 0
+        # Gaps as plain doubles, one per token after the first: observed once, when the request ends.
+        self.token_gaps = array("d")
+        self._last_token_at: float | None = None
 
     def add(self, token: int) -> None:
         """One new token."""
+        now = time.perf_counter()
+        if self._last_token_at is not None:
+            self.token_gaps.append(now - self._last_token_at)
+        self._last_token_at = now
         self.token_ids.append(token)
         if len(self.token_ids) == 1 and self._on_first_token is not None:
             self._on_first_token()
@@ -94,4 +106,5 @@ class Completion:
             tuple(ids),
             cancelled and not end_token,
             self.cached_tokens,
+            self.token_gaps,
         )

@@ -8,7 +8,6 @@ import time
 
 import structlog
 import torch
-from prometheus_client import CollectorRegistry
 from redis import Redis
 from redis.exceptions import RedisError
 
@@ -16,7 +15,7 @@ from shared.connection import connect
 from shared.exposition import serve_metrics
 from shared.jobstore import lifecycle
 from shared.logging import configure_logging
-from shared.metrics import WorkerMetrics
+from shared.metrics import worker_metrics
 from shared.registry import model_spec
 from shared.settings import Settings
 from shared.tracing import configure_tracing
@@ -90,7 +89,11 @@ def main(settings: Settings | None = None, burst: bool = False) -> None:
         follower = ModelRuntime.load(model_spec(settings.model), settings, placement)
         follower.relay.follow(follower)
         return
-    metrics = WorkerMetrics(CollectorRegistry()) if settings.observability else None
+    metrics = (
+        worker_metrics(settings.model, settings.worker_queue, settings.telemetry_identity())
+        if settings.observability
+        else None
+    )
     redis = connect(settings.redis_url_or_default(), blocking=True)
     worker, heartbeat = build_worker(settings, redis, placement.device, metrics)
     if metrics is not None:

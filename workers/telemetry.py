@@ -36,7 +36,11 @@ def chat_span(tracer: Tracer, request: JobRequest, model: str, parent: Span) -> 
 
 
 def observe(bound: WorkerContext, record: JobRecord, generation: Generation) -> None:
-    """Record the job's latencies and token counts, each histogram with the trace as exemplar."""
+    """Record the job's latencies and token counts, each histogram with the trace as exemplar.
+
+    Latencies count from `received`, stamped when the request reached the API (before its body was
+    parsed), so they are what the client saw less the network. The per-token gaps go into the ITL
+    histogram in one call (one lock per request, not per token)."""
     if bound.metrics is None:
         return
     m, labels = bound.metrics, (bound.runtime.spec.name, bound.queue)
@@ -50,11 +54,13 @@ def observe(bound: WorkerContext, record: JobRecord, generation: Generation) -> 
     if received is not None and started is not None:
         m.queue_time.labels(*labels).observe(started - received, exemplar=example)
     if first is not None and finished is not None and generation.completion_tokens > 1:
-        m.itl.labels(*labels).observe(
+        m.tpot.labels(*labels).observe(
             (finished - first) / (generation.completion_tokens - 1), exemplar=example
         )
+    m.itl.observe_many(labels, generation.token_gaps, example)
     if started is not None and finished is not None and finished > started:
-        m.tokens_per_second.labels(*labels).observe(generation.completion_tokens / (finished - started))
+        speed = generation.completion_tokens / (finished - started)
+        m.tokens_per_second.labels(*labels).observe(speed, exemplar=example)
     m.prompt_tokens.labels(*labels).inc(generation.prompt_tokens)
     m.generation_tokens.labels(*labels).inc(generation.completion_tokens)
     m.jobs_terminal.labels(bound.runtime.spec.name, "finished").inc()
