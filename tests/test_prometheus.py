@@ -17,6 +17,7 @@ import yaml
 from shared import sla, sla_rules
 from tests import exported_series
 from tests.conftest import DASHBOARD, RULES, dashboard_exprs, used_metric_names
+from tests.monitoring import as_promql
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMETHEUS = ROOT / "compose" / "prometheus"
@@ -64,8 +65,8 @@ def test_rule_unit_tests_pass(tests: Path) -> None:
 @pytest.mark.parametrize("tests", RULE_TESTS, ids=lambda p: p.name)
 def test_rule_tests_feed_only_series_the_processes_export(tests: Path) -> None:
     missing = exported_series.unexported(tests, exported_series.load())
-    assert not missing, "fed to promtool but not exported by a healthy stack (exported_series.yml):\n" + "\n".join(
-        missing
+    assert not missing, (
+        "fed to promtool but not exported by a healthy stack (exported_series.yml):\n" + "\n".join(missing)
     )
 
 
@@ -176,10 +177,14 @@ def test_every_panel_reads_the_selected_clusters() -> None:
 def test_the_queue_panel_reads_what_keda_scales_on() -> None:
     queries = {t["metadata"]["query"] for d in yaml.safe_load_all(AUTOSCALING.read_text()) if d
                for t in d["spec"]["triggers"]}  # fmt: skip
-    panel = next(p for p in json.loads(DASHBOARD.read_text())["panels"] if p["title"].startswith("Queue depth"))
+    panel = next(
+        p for p in json.loads(DASHBOARD.read_text())["panels"] if p["title"].startswith("Queue depth")
+    )
     waiting = panel["targets"][0]["expr"]
     assert waiting == 'gptoss:requests_waiting_by_base:sum{cluster=~"$cluster", base=~"$queue|incoming"}'
-    assert queries == {f'gptoss:requests_waiting_by_base:sum{{base="{q}"}}' for q in ("gpu-single", "gpu-multi")}
+    assert queries == {
+        f'gptoss:requests_waiting_by_base:sum{{base="{q}"}}' for q in ("gpu-single", "gpu-multi")
+    }
 
 
 def test_dashboard_exemplars_link_to_traces() -> None:
@@ -198,14 +203,6 @@ def test_dashboard_exemplars_link_to_traces() -> None:
     assert any("End-to-end" in title for title in with_exemplars)
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids))
-
-
-def as_promql(expr: str, cluster: str = ".*") -> str:
-    """A dashboard query with Grafana's variables replaced, as it runs when All is selected."""
-    return (
-        expr.replace("$__rate_interval", "1m").replace("$model", ".*").replace("$queue", ".*")
-        .replace("$cluster", cluster)
-    )  # fmt: skip
 
 
 def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ from shared import keys
 from shared.jobstore.rqstore import open_queue
 from tests import exported_series
 from tests.conftest import DASHBOARD, Processes, http_ok, poll_job, process_env, used_metric_names, wait_for
-from tests.monitoring import Server, central_config, cluster_config, fast_rules, prometheus
+from tests.monitoring import Server, as_promql, central_config, cluster_config, fast_rules, prometheus
 
 SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"), "gauge": ("",)}
 CLUSTER = {"GPTOSS_CLUSTER": "eu-test-1", "GPTOSS_REGION": "eu-test"}
@@ -115,10 +115,16 @@ def test_the_series_fixture_is_what_a_healthy_stack_exports(stack: Stack) -> Non
     fixture = exported_series.load()
     assert set(fixture) == set(stack.targets)
     missing = {job: sorted(series - stack.healthy[job]) for job, series in fixture.items()}
-    assert not any(missing.values()), f"in the fixture, not exported (GPTOSS_WRITE_SERIES_FIXTURE=1): {missing}"
+    assert not any(missing.values()), (
+        f"in the fixture, not exported (GPTOSS_WRITE_SERIES_FIXTURE=1): {missing}"
+    )
     # What makes the first failure count: its series exist, at 0, before anything failed.
-    assert any(s.startswith('gptoss_jobs_total{') and 'status="failed"' in s for s in fixture["gptoss-worker"])
-    assert any(s.startswith("gptoss_http_requests_total{") and 'status="500"' in s for s in fixture["gptoss-api"])
+    assert any(
+        s.startswith("gptoss_jobs_total{") and 'status="failed"' in s for s in fixture["gptoss-worker"]
+    )
+    assert any(
+        s.startswith("gptoss_http_requests_total{") and 'status="500"' in s for s in fixture["gptoss-api"]
+    )
 
 
 def panel_queries() -> list[tuple[str, str]]:
@@ -127,18 +133,16 @@ def panel_queries() -> list[tuple[str, str]]:
     return [(p["title"], t["expr"]) for p in panels for t in p.get("targets", [])]
 
 
-def as_promql(expr: str, cluster: str) -> str:
-    """A panel's query as Grafana sends it with All models and queues and `cluster` selected."""
-    replaced = expr.replace("$__rate_interval", "1m").replace("$model", ".*").replace("$queue", ".*")
-    return replaced.replace("$cluster", cluster)
-
-
 def wait_for_every_panel(server: Server, cluster: str) -> None:
     """Every dashboard query returns data from `server` (within a minute), else name the empty ones."""
     empty: list[str] = []
 
     def answered() -> bool:
-        empty[:] = [f"{title}: {expr}" for title, expr in panel_queries() if not server.query(as_promql(expr, cluster))]
+        empty[:] = [
+            f"{title}: {expr}"
+            for title, expr in panel_queries()
+            if not server.query(as_promql(expr, cluster))
+        ]
         return not empty
 
     try:
@@ -159,17 +163,23 @@ def fail_a_job(stack: Stack) -> None:
 def test_real_prometheus_answers_every_panel_after_a_failure(stack: Stack, tmp_path: Path) -> None:
     config = cluster_config(stack.targets, fast_rules(tmp_path / "rules"), alertmanager=None)
     with prometheus(tmp_path / "cluster", config, env=CLUSTER) as cluster:
-        wait_for(lambda: len([r for r in cluster.query("up") if r["value"][1] == "1"]) == 4, 30, "every target up")
+        wait_for(
+            lambda: len([r for r in cluster.query("up") if r["value"][1] == "1"]) == 4, 30, "every target up"
+        )
         # Traffic while Prometheus watches: two jobs that finish and one that fails.
         for prompt in ("Hi", "The quick brown fox jumps over the lazy dog."):
-            job = requests.post(f"{stack.base}/v1/jobs", json={"prompt": prompt, "max_tokens": 4}, timeout=5).json()
+            job = requests.post(
+                f"{stack.base}/v1/jobs", json={"prompt": prompt, "max_tokens": 4}, timeout=5
+            ).json()
             assert poll_job(stack.base, job["id"], 60)["status"] == "finished"
         fail_a_job(stack)
         # The first failure is a rate: its series was there, at 0, before it.
         counted = 'gptoss:error_ratio:rate5m{model="tiny-gpt-oss"} > 0'
         wait_for(lambda: bool(cluster.query(counted)), 30, "the first failure in the error ratio")
         wait_for(lambda: bool(cluster.query("gptoss:availability:ratio_rate5m == 1")), 30, "availability")
-        p95 = cluster.query("histogram_quantile(0.95, sum by (le) (gptoss_time_to_first_token_seconds_bucket))")
+        p95 = cluster.query(
+            "histogram_quantile(0.95, sum by (le) (gptoss_time_to_first_token_seconds_bucket))"
+        )
         assert len(p95) == 1 and 0 < float(p95[0]["value"][1]) < 80
         wait_for_every_panel(cluster, ".*")
         # Every rule evaluates without error against the real series.
