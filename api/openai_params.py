@@ -19,8 +19,6 @@ TOOL_CHOICE_NONE: Defaults = ("none", "auto")  # "auto" with no tools chooses no
 
 CHAT_MESSAGE_UNSUPPORTED: dict[str, Defaults] = {
     "name": (),
-    "tool_calls": NO_TOOLS,
-    "tool_call_id": (),
     "function_call": (),
     "refusal": (),
     "audio": (),
@@ -41,14 +39,8 @@ SAMPLING_UNSUPPORTED: dict[str, Defaults] = {
 
 CHAT_UNSUPPORTED: dict[str, Defaults] = {
     **SAMPLING_UNSUPPORTED,
-    "logprobs": (False,),
-    "top_logprobs": (0,),
-    "tools": NO_TOOLS,
-    "tool_choice": TOOL_CHOICE_NONE,
-    "parallel_tool_calls": (True, False),  # without tools there is nothing to call in parallel
-    "functions": NO_TOOLS,
+    "functions": NO_TOOLS,  # the deprecated form of `tools`
     "function_call": TOOL_CHOICE_NONE,
-    "response_format": ({"type": "text"},),
     "modalities": (["text"],),
     "audio": (),
     "prediction": (),
@@ -60,7 +52,6 @@ CHAT_UNSUPPORTED: dict[str, Defaults] = {
 COMPLETION_UNSUPPORTED: dict[str, Defaults] = {
     **SAMPLING_UNSUPPORTED,
     "best_of": (1,),
-    "logprobs": (),
     "echo": (False,),
     "suffix": ("",),
 }

@@ -11,6 +11,15 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
+from api.openai_logprobs import (
+    MAX_COMPLETION_LOGPROBS,
+    ChatLogprobFields,
+    ChoiceLogprobs,
+    TextLogprobs,
+    chat_logprobs,
+    completion_logprob_fields,
+    text_logprobs,
+)
 from api.openai_params import (
     CHAT_MESSAGE_UNSUPPORTED,
     CHAT_UNSUPPORTED,
@@ -19,6 +28,7 @@ from api.openai_params import (
     Defaults,
     refuse_unsupported,
 )
+from api.openai_tools import CallDeltas, DeltaToolCall
 from shared.contract import (
     MAX_MESSAGES,
     MAX_NAME_CHARS,
@@ -30,6 +40,9 @@ from shared.contract import (
 )
 from shared.errors import ValidationFailed
 from shared.harmony import FINAL_CHANNEL
+from shared.tools import MAX_CALL_ID_CHARS, MAX_TOOLS, Tool, ToolCall, ToolChoice
+
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class TextPart(BaseModel):
@@ -42,18 +55,21 @@ class TextPart(BaseModel):
 
 
 class OpenAIMessage(BaseModel):
-    """A chat message as OpenAI clients send it: content a string or a list of text parts."""
+    """A chat message as OpenAI clients send it: content a string or a list of text parts (null only
+    for an assistant's tool calls)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] = Field(max_length=MAX_TEXT_CHARS)
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = Field(default=None, max_length=MAX_TEXT_CHARS)
     reasoning_content: str | None = Field(
         default=None,
         max_length=MAX_TEXT_CHARS,
-        description="An earlier answer's reasoning, as sent back by clients: not used, since gpt-oss "
-        "drops the reasoning of earlier turns",
+        description="An earlier answer's reasoning, as sent back by clients: kept before that turn's tool "
+        "calls until its final answer, else not used (gpt-oss drops the reasoning of earlier turns)",
     )
+    tool_calls: list[ToolCall] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_call_id: str | None = Field(default=None, max_length=MAX_CALL_ID_CHARS)
 
     @model_validator(mode="before")
     @classmethod
@@ -68,12 +84,23 @@ class OpenAIMessage(BaseModel):
                 "The text parts together should have at most {max_length} characters",
                 {"max_length": MAX_TEXT_CHARS},
             )
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise PydanticCustomError("missing", "`content` is required unless an assistant sends tool_calls")
         return self
 
     def plain(self) -> ChatMessage:
-        """Our message: the text parts joined."""
-        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-        return ChatMessage(role=self.role, content=content)
+        """Our message: the text parts joined; an assistant's reasoning kept only before its calls."""
+        content = (
+            self.content if isinstance(self.content, str | None) else "".join(p.text for p in self.content)
+        )
+        try:
+            return ChatMessage(
+                role=self.role, content=content or "", tool_calls=self.tool_calls or None,
+                tool_call_id=self.tool_call_id,
+                reasoning_content=self.reasoning_content if self.tool_calls else None,
+            )  # fmt: skip
+        except ValueError as exc:  # the contract's own checks (tool fields that fit the role)
+            raise ValidationFailed(f"A message has invalid fields: {exc}") from None
 
 
 class StreamOptions(BaseModel):
@@ -134,7 +161,7 @@ class SamplingFields(BaseModel):
             raise ValidationFailed(f"The request has invalid fields: {exc}") from None
 
 
-class ChatCompletionRequest(SamplingFields):
+class ChatCompletionRequest(SamplingFields, ChatLogprobFields):
     """`POST /v1/chat/completions`."""
 
     UNSUPPORTED_PARAMS: ClassVar[dict[str, Defaults]] = CHAT_UNSUPPORTED
@@ -146,11 +173,21 @@ class ChatCompletionRequest(SamplingFields):
     reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = Field(
         default=None, description="gpt-oss reasoning effort (minimal is taken as low)"
     )
+    tools: list[Tool] | None = Field(default=None, max_length=MAX_TOOLS, description="Functions to call")
+    tool_choice: ToolChoice | None = Field(default=None, description="none, auto, required, or a function")
+    parallel_tool_calls: bool | None = Field(default=None, strict=True, description="false: one call a turn")
 
     def submission(self) -> JobSubmission:
-        """The job this request runs as."""
+        """The job this request runs as (without tools, tool fields that change nothing are left out,
+        so the job is the one of a request that never sent them)."""
         effort = "low" if self.reasoning_effort == "minimal" else self.reasoning_effort
-        job = self._submission(messages=[m.plain() for m in self.messages], reasoning_effort=effort)
+        calls: dict[str, Any] = {}
+        if self.tools or self.tool_choice not in (None, "none", "auto"):
+            calls = {"tools": self.tools or None, "tool_choice": self.tool_choice,
+                     "parallel_tool_calls": self.parallel_tool_calls}  # fmt: skip
+        messages = [m.plain() for m in self.messages]
+        calls.update(self.logprob_fields(self.stream))
+        job = self._submission(messages=messages, reasoning_effort=effort, **calls)
         if self.max_completion_tokens is not None:
             job = job.model_copy(update={"max_tokens": self.max_completion_tokens})
         return job
@@ -162,6 +199,9 @@ class CompletionRequest(SamplingFields):
     UNSUPPORTED_PARAMS: ClassVar[dict[str, Defaults]] = COMPLETION_UNSUPPORTED
 
     prompt: str | list[str] = Field(max_length=MAX_TEXT_CHARS)
+    logprobs: int | None = Field(
+        default=None, ge=0, le=MAX_COMPLETION_LOGPROBS, strict=True, description="Alternatives per token"
+    )
 
     def submission(self) -> JobSubmission:
         """The job this request runs as."""
@@ -170,7 +210,7 @@ class CompletionRequest(SamplingFields):
             if len(prompt) != 1:
                 raise ValidationFailed("prompt must be one string (batches of prompts are not supported).")
             prompt = prompt[0]
-        return self._submission(prompt=prompt)
+        return self._submission(prompt=prompt, **completion_logprob_fields(self.logprobs, self.stream))
 
 
 class AssistantMessage(BaseModel):
@@ -179,13 +219,14 @@ class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
     reasoning_content: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
-    finish_reason: Literal["stop", "length"] | None
-    logprobs: None = None
+    finish_reason: FinishReason | None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -203,12 +244,13 @@ class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
     reasoning_content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: FinishReason | None = None
     logprobs: None = None
 
 
@@ -226,7 +268,7 @@ class ChatCompletionChunk(BaseModel):
 class TextChoice(BaseModel):
     text: str
     index: int = 0
-    logprobs: None = None
+    logprobs: TextLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None
 
 
@@ -258,8 +300,13 @@ class ModelList(BaseModel):
 
 def chat_completion(job_id: str, created: int, result: JobResult) -> ChatCompletion:
     """The chat completion of a finished job."""
-    message = AssistantMessage(content=result.text, reasoning_content=result.reasoning or None)
-    choice = ChatChoice(message=message, finish_reason=result.finish_reason)
+    content = None if result.tool_calls and not result.text else result.text
+    message = AssistantMessage(
+        content=content, reasoning_content=result.reasoning or None, tool_calls=result.tool_calls or None
+    )
+    choice = ChatChoice(
+        message=message, finish_reason=result.finish_reason, logprobs=chat_logprobs(result.logprobs)
+    )
     return ChatCompletion(
         id=f"chatcmpl-{job_id}", created=created, model=result.model, choices=[choice], usage=result.usage
     )
@@ -267,7 +314,11 @@ def chat_completion(job_id: str, created: int, result: JobResult) -> ChatComplet
 
 def text_completion(job_id: str, created: int, result: JobResult) -> TextCompletion:
     """The text completion of a finished job."""
-    choice = TextChoice(text=result.text, finish_reason=result.finish_reason)
+    choice = TextChoice(
+        text=result.text,
+        finish_reason=_text_finish(result.finish_reason),
+        logprobs=text_logprobs(result.logprobs),
+    )
     return TextCompletion(
         id=f"cmpl-{job_id}", created=created, model=result.model, choices=[choice], usage=result.usage
     )
@@ -279,13 +330,17 @@ class ChunkMaker:
     def __init__(self, job_id: str, created: int, model: str, chat: bool, include_usage: bool):
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{job_id}"
         self.created, self.model, self.chat, self.include_usage = created, model, chat, include_usage
+        self._calls = CallDeltas()
 
     def opening(self) -> list[BaseModel]:
         """The first chunk, sent at once: a chat's assistant role."""
         return [self._chat(Delta(role="assistant", content=""))] if self.chat else []
 
     def token(self, channel: str, text: str) -> list[BaseModel]:
-        """A piece of the answer (final channel) or, for chats, of the reasoning."""
+        """A piece of the answer (final channel), of a tool call, or, for chats, of the reasoning."""
+        calls = self._calls.deltas(channel, text)
+        if calls is not None:
+            return [self._chat(Delta(tool_calls=c)) for c in calls] if self.chat else []
         if channel == FINAL_CHANNEL:
             return [self._chat(Delta(content=text)) if self.chat else self._text(text)]
         return [self._chat(Delta(reasoning_content=text))] if self.chat else []
@@ -293,7 +348,9 @@ class ChunkMaker:
     def closing(self, result: JobResult) -> list[BaseModel]:
         """The chunk with the finish reason, and the usage chunk if asked for."""
         last: BaseModel = (
-            self._chat(Delta(), result.finish_reason) if self.chat else self._text("", result.finish_reason)
+            self._chat(Delta(), result.finish_reason)
+            if self.chat
+            else self._text("", _text_finish(result.finish_reason))
         )
         chunks = [last]
         if self.include_usage:
@@ -305,10 +362,15 @@ class ChunkMaker:
             )
         return chunks
 
-    def _chat(self, delta: Delta, finish: Literal["stop", "length"] | None = None) -> ChatCompletionChunk:
+    def _chat(self, delta: Delta, finish: FinishReason | None = None) -> ChatCompletionChunk:
         choice = ChunkChoice(delta=delta, finish_reason=finish)
         return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[choice])
 
     def _text(self, text: str, finish: Literal["stop", "length"] | None = None) -> TextCompletion:
         choice = TextChoice(text=text, finish_reason=finish)
         return TextCompletion(id=self.id, created=self.created, model=self.model, choices=[choice])
+
+
+def _text_finish(reason: FinishReason) -> Literal["stop", "length"]:
+    """A text completion's finish reason (its endpoint offers no tools: a call still stopped it)."""
+    return "length" if reason == "length" else "stop"

@@ -30,9 +30,10 @@ from shared.jobstore.record import CacheTarget, JobRecord
 from shared.jobstore.views import build_view
 from shared.normalise import canonical
 from shared.profiles import apply_profile, max_tokens_limit, profile_named
-from shared.prompts import ModelNotPrepared, load_prompt_tokenizer, prompt_token_ids
+from shared.prompts import ModelNotPrepared, load_prompt_tokenizer, prompt_token_ids, tools_supported
 from shared.registry import ModelSpec, canonical_name, model_spec
 from shared.retention import remember
+from shared.tools import ToolsUnsupported, check_tools, uses_tools
 from shared.webhooks import WebhookSender, notify
 
 log = structlog.get_logger()
@@ -208,6 +209,7 @@ def prepare(job_request: JobRequest) -> tuple[JobRequest, str, int, int | None]:
             details=[{"loc": ["max_tokens"], "msg": "over the limit"}],
         )
     spec = model_spec(model)
+    _check_tools(spec, payload)
     prompt_tokens = _count_prompt(spec, payload)
     explicit = job_request.max_tokens is not None
     if not explicit:
@@ -218,6 +220,17 @@ def prepare(job_request: JobRequest) -> tuple[JobRequest, str, int, int | None]:
     if not admission.admitted:
         raise refusal(admission)
     return payload.model_copy(update={"max_tokens": max_tokens}), model, max_tokens, prompt_tokens
+
+
+def _check_tools(spec: ModelSpec, request: JobRequest) -> None:
+    """Refuse tools, tool choices and tool messages that do not fit together, or that `spec`'s chat
+    format cannot render (422 `tools_unsupported`, naming the model)."""
+    check_tools(request)
+    if uses_tools(request) and not tools_supported(spec, prompt_tokenizer(spec, on="request")):
+        raise ToolsUnsupported(
+            f"The model `{spec.name}` cannot call tools: its chat template has no tool support. "
+            "Send the request without `tools`, `tool_choice` and tool messages, or use a gpt-oss model."
+        )
 
 
 def _count_prompt(spec: ModelSpec, request: JobRequest) -> int | None:

@@ -59,7 +59,10 @@ class Announcer:
     def say(self, event: str, text: str, level: str = "info", **fields: object) -> None:
         """Tell `text` (on a terminal), or log `event` with `fields` (as JSON)."""
         if self.pretty:
-            click.echo(text, err=True)
+            try:
+                click.echo(text, err=True)
+            except OSError:  # the terminal is gone (SIGHUP): stopping goes on without it
+                pass
         else:
             getattr(self._log, level)(event, **fields)
 
@@ -203,7 +206,6 @@ def banner(settings: Settings, redis_url: str, admin_key: str, api_key: str | No
         f"Ctrl-C stops everything.\n",
         model=settings.model, redis=masked_url(redis_url), redis_url_file=str(url_file) if url_file else None,
         api=base, ready=f"{base}/readyz", api_key=api_key, admin_key=shown_admin, metrics=metrics,
-        try_command=f"{key_env}{try_it}",
     )  # fmt: skip
 
 
@@ -220,8 +222,10 @@ def run_stack(settings: Settings) -> int:
         nonlocal stopping
         stopping = True
 
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
+    # SIGHUP too: a closed terminal stops the stack cleanly (the children, in their own sessions,
+    # would otherwise outlive it).
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, request_stop)
     try:
         redis_url = settings.redis_url or start_redis(stack, settings.data_dir, settings.redis_appendfsync)
         admin_key = settings.admin_key.get_secret_value() if settings.admin_key else secrets.token_urlsafe(24)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from shared.tools import MAX_CALL_ID_CHARS, MAX_TOOLS, Tool, ToolCall, ToolChoice
 
 MAX_STOP_SEQUENCES = 4
 """OpenAI's limit on stop sequences per request."""
@@ -36,13 +38,74 @@ tokens (which temperature 0 asks for plainly), and below float32's ~1.4e-45 it r
 empties the nucleus. OpenAI and vLLM take 0 < top_p <= 1."""
 
 
+MAX_TOP_LOGPROBS = 20
+"""OpenAI's limit on `top_logprobs`."""
+
+
+class JsonSchemaFormat(BaseModel):
+    """`response_format.json_schema`: a named JSON schema the answer must follow."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = Field(default=None, max_length=4096)
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = Field(default=None, strict=True)
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's `response_format`: plain text, any JSON object, or a JSON schema (compiled here, so a
+    schema that cannot be decoded under is refused at submission)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _usable(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("`json_schema` is given exactly when `type` is `json_schema`")
+        from shared.structured import InvalidSchema, grammar_for
+
+        try:
+            grammar_for(self.wire())
+        except InvalidSchema as exc:
+            raise ValueError(exc.message) from None
+        return self
+
+    def wire(self) -> dict[str, Any]:
+        """As OpenAI's JSON (`schema`, not `schema_`)."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
 class ChatMessage(BaseModel):
     """One message of a conversation."""
 
     model_config = ConfigDict(extra="forbid")
 
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str = Field(max_length=MAX_TEXT_CHARS)
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str = Field(default="", max_length=MAX_TEXT_CHARS)
+    tool_calls: list[ToolCall] | None = Field(
+        default=None, max_length=MAX_TOOLS, description="An assistant's calls, sent back in the next request"
+    )
+    tool_call_id: str | None = Field(
+        default=None, max_length=MAX_CALL_ID_CHARS, description="The call a `tool` message answers"
+    )
+    reasoning_content: str | None = Field(
+        default=None,
+        max_length=MAX_TEXT_CHARS,
+        description="An assistant's reasoning before its tool calls (harmony keeps it until the turn's "
+        "final answer; other reasoning of earlier turns is dropped)",
+    )
+
+    @model_validator(mode="after")
+    def _tool_fields_fit_role(self) -> ChatMessage:
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("only an assistant message carries `tool_calls`")
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise ValueError("a `tool` message needs `tool_call_id`, and only a tool message carries one")
+        return self
 
 
 class JobRequest(BaseModel):
@@ -84,6 +147,24 @@ class JobRequest(BaseModel):
     cache: bool = Field(
         default=True, strict=True, description="false: never answer from, nor store into, the response cache"
     )
+    tools: list[Tool] | None = Field(
+        default=None,
+        max_length=MAX_TOOLS,
+        description="Functions the model may call (JSON-schema parameters)",
+    )
+    tool_choice: ToolChoice | None = Field(
+        default=None, description="none, auto (the default with tools), required, or a named function"
+    )
+    parallel_tool_calls: bool | None = Field(
+        default=None, strict=True, description="false: at most one call per turn; unset: several allowed"
+    )
+    response_format: ResponseFormat | None = Field(
+        default=None, description="Structured outputs: the answer decoded under a JSON schema's grammar"
+    )
+    logprobs: bool = Field(default=False, strict=True, description="Return the answer's tokens' logprobs")
+    top_logprobs: int | None = Field(
+        default=None, ge=0, le=MAX_TOP_LOGPROBS, strict=True, description="Alternatives per token (0-20)"
+    )
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -114,6 +195,8 @@ class JobRequest(BaseModel):
     def _one_input(self) -> JobRequest:
         if (self.messages is None) == (self.prompt is None):
             raise ValueError("give exactly one of `messages` or `prompt`")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("`top_logprobs` needs `logprobs: true`")
         return self
 
 
@@ -132,12 +215,30 @@ class Usage(BaseModel):
     prompt_tokens_details: PromptTokensDetails | None = None
 
 
+class TopLogprob(BaseModel):
+    """One likely token at a position: its text, log-probability and UTF-8 bytes (OpenAI's format)."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(TopLogprob):
+    """One token of the answer with its log-probability and the most likely alternatives."""
+
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
 class JobResult(BaseModel):
     """What a worker stores as the RQ job's result."""
 
     text: str
     reasoning: str | None = None
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "tool_calls"]
+    tool_calls: list[ToolCall] | None = Field(default=None, description="The calls the model made, if any")
+    logprobs: list[TokenLogprob] | None = Field(
+        default=None, description="The answer's tokens' logprobs, when asked for (raw: before sampling)"
+    )
     usage: Usage
     model: str
     worker: str

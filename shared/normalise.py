@@ -22,6 +22,11 @@ whether to use the cache, a session only says where the KV lives, and a profile'
 already filled into the request when it is fingerprinted."""
 
 
+LATER_FIELDS: dict[str, Any] = {"response_format": None, "logprobs": False, "top_logprobs": None}
+"""Request fields added after responses were first cached, at the value that changes nothing: left
+out of the canonical form there, so a request that does not use them keeps its fingerprint."""
+
+
 def canonical_text(text: str) -> str:
     """Unicode NFC, with CRLF and lone CR turned into LF."""
     return unicodedata.normalize("NFC", text.replace("\r\n", "\n").replace("\r", "\n"))
@@ -57,6 +62,9 @@ def canonical_json(request: JobRequest) -> str:
         data["stop"] = sorted(set(data["stop"]))  # the text is cut at the first of them, whatever order
     if request.temperature is not None and request.temperature <= 0:
         data["temperature"], data["top_p"], data["seed"] = 0.0, None, None
+    for name, default in LATER_FIELDS.items():  # unset, they leave earlier fingerprints as they were
+        if data.get(name, default) == default:
+            data.pop(name, None)
     return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 

@@ -16,6 +16,7 @@ from redis import Redis
 
 from shared import keys
 from shared.harmony import FINAL_CHANNEL, REASONING_CHANNEL
+from shared.tools import call_channel
 
 log = structlog.get_logger()
 
@@ -152,7 +153,11 @@ def store_finished(redis: Redis, target: Any, result: dict[str, Any]) -> None:
 
 
 def channel_texts(result: dict[str, Any]) -> list[tuple[str, str]]:
-    """A finished result's non-empty texts by channel, in stream order (reasoning, then answer): the
-    token events that stand for it when it is served from the cache."""
-    pairs = ((REASONING_CHANNEL, result.get("reasoning")), (FINAL_CHANNEL, result.get("text")))
+    """A finished result's non-empty texts by channel, in stream order (reasoning, answer, then each
+    tool call's arguments on its own channel): the token events that stand for it when it is served
+    from the cache."""
+    pairs = [(REASONING_CHANNEL, result.get("reasoning")), (FINAL_CHANNEL, result.get("text"))]
+    for index, call in enumerate(result.get("tool_calls") or []):
+        function = call["function"]
+        pairs.append((call_channel(index, call["id"], function["name"]), function["arguments"]))
     return [(channel, text) for channel, text in pairs if text]

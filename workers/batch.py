@@ -37,7 +37,7 @@ class Row:
         if self.error is not None:
             return
         try:
-            self.completion.add(token)
+            self.completion.add(token, self.sampler.last)
         except Exception as exc:
             self.error = exc
 

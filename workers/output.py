@@ -41,6 +41,14 @@ class OutputText:
         """All text of `channel`, cut at a stop string."""
         return self._text.get(channel, "")
 
+    def channels(self) -> list[tuple[str, str]]:
+        """Every channel's text, in the order the channels began."""
+        return list(self._text.items())
+
+    def stop(self) -> None:
+        """End the output here (the turn is over: what the model writes next is not its answer)."""
+        self.stopped = True
+
     def _release(self, channel: str, upto: int) -> list[tuple[str, str]]:
         start = self._released.get(channel, 0)
         if upto <= start:

@@ -26,6 +26,7 @@ from shared.response_cache import ResponseCache, channel_texts, store_finished
 from shared.webhooks import notify
 from workers.completion import Generation
 from workers.context import WorkerContext
+from workers.sampling import logprob_entries
 from workers.telemetry import chat_span, observe
 
 log = structlog.get_logger()
@@ -156,6 +157,7 @@ class JobRun:
             text=generation.text,
             reasoning=generation.reasoning,
             finish_reason=generation.finish_reason,
+            tool_calls=list(generation.tool_calls) or None,
             usage=Usage(
                 prompt_tokens=generation.prompt_tokens,
                 completion_tokens=generation.completion_tokens,
@@ -165,6 +167,9 @@ class JobRun:
                 else None,
             ),
             model=bound.runtime.spec.name,
+            logprobs=logprob_entries(generation.logprobs, bound.runtime.token_bytes)
+            if self.request is not None and self.request.logprobs
+            else None,
             worker=bound.worker_name,
             queue=bound.queue,
             cache="miss" if record.cache_key else None,

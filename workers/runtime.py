@@ -15,13 +15,17 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, 
 from transformers.generation.streamers import BaseStreamer
 
 from shared.contract import JobRequest
+from shared.errors import GptossError
 from shared.harmony import FINAL_CHANNEL, HarmonyChat
 from shared.prompts import prompt_token_ids
 from shared.registry import ModelSpec
 from shared.settings import Settings
+from shared.structured import grammar_for
+from shared.vocab import VOCAB_FILE
 from workers.batch import DecodeBatch, Decoder
 from workers.completion import Completion, Generation, TokenSink
 from workers.cpu_precision import add_bf16_path, native_cpu_bf16
+from workers.grammar import Constraint, harmony_specials, harmony_tokenizer, template_tokenizer
 from workers.kv_budget import model_kv_bytes_per_token
 from workers.model_store import ModelUnavailable, prepare
 from workers.output import OutputText
@@ -60,6 +64,10 @@ def load_dtype(
     if 3 * weights > psutil.virtual_memory().available / 2:
         return stored, False
     return torch.float32, True
+
+
+class NotOnTensorParallel(GptossError):
+    code, status, kind = "unsupported_on_tensor_parallel", 422, "invalid_request_error"
 
 
 class TokenStreamer(BaseStreamer):
@@ -117,6 +125,8 @@ class ModelRuntime:
     ):
         self.spec, self.model, self.tokenizer, self.device = spec, model, tokenizer, device
         self.chat, self.relay = chat, relay
+        self._grammar_tokenizer: Any = None  # llguidance's view of a chat template's tokenizer, once built
+        self.vocab_file = Path(VOCAB_FILE)  # o200k's ranks (harmony models' grammars), set by `load`
         self.ignore_eos = False
         """Bench only (GPTOSS_IGNORE_EOS): end tokens do not end a completion, so every request makes
         its max_tokens (random weights end at random)."""
@@ -180,6 +190,7 @@ class ModelRuntime:
         )
         runtime = cls(spec, model, tokenizer, placement.device, chat, relay)
         runtime.ignore_eos = settings.ignore_eos
+        runtime.vocab_file = settings.vocab_dir() / VOCAB_FILE
         return runtime
 
     def generate(
@@ -260,11 +271,43 @@ class ModelRuntime:
         ids = prompt_ids if prompt_ids is not None else self.prompt_ids(request)
         max_tokens = request.max_tokens or 1
         eos = set() if self.ignore_eos else _as_set(self._generation_config(request, max_tokens).eos_token_id)
+        if self.relay is not None and (request.response_format is not None or request.logprobs):
+            raise NotOnTensorParallel(
+                "`response_format` and `logprobs` need a batching worker; tensor-parallel workers decode "
+                "through `generate` alone."
+            )
         output = OutputText(request.stop)
-        decode = self._decoder(output, on_text)
-        return Completion(
-            ids, max_tokens, eos, output, decode, on_first_token, on_text, self.chat is not None
+        decode, in_content = self._decoder(output, on_text, request)
+        completion = Completion(
+            ids, max_tokens, eos, output, decode, on_first_token, on_text, self.chat is not None, in_content
         )
+        completion.constraint = self.constraint(request, completion)
+        return completion
+
+    def constraint(self, request: JobRequest, completion: Completion) -> Constraint | None:
+        """The grammar `request.response_format` asks for (None for plain text), governing where the
+        answer is: every token of a chat template's answer, harmony's final message only."""
+        grammar = grammar_for(request.response_format.wire()) if request.response_format else None
+        if grammar is None:
+            return None
+        gate = (lambda: True) if self.chat is None else (lambda: completion.in_content(None))
+        return Constraint(self.grammar_tokenizer(), grammar, gate)
+
+    def grammar_tokenizer(self) -> Any:
+        """llguidance's view of this model's vocabulary (built once: about a second), ending answers
+        with the chat template's end token, or harmony's `<|return|>`."""
+        if self._grammar_tokenizer is None:
+            vocab = int(self.model.config.vocab_size)
+            if self.chat is None:
+                self._grammar_tokenizer = template_tokenizer(self.tokenizer, vocab)
+            else:
+                specials, end = harmony_specials(self.chat.encoding), self.chat.encode("<|return|>")[0]
+                self._grammar_tokenizer = harmony_tokenizer(self.vocab_file, specials, vocab, end)
+        return self._grammar_tokenizer
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes token `token` stands for (what logprobs show)."""
+        return bytes(self.grammar_tokenizer().decode_bytes([token]))
 
     def decoder(self, prefill_chunk: int = 0) -> Decoder:
         """Where a worker's session decodes its rows: one batch (long prompts prefilled
@@ -283,8 +326,11 @@ class ModelRuntime:
         """Bytes of KV cache one token takes in a batch (every layer kept whole)."""
         return model_kv_bytes_per_token(self.model.config, self.model.dtype.itemsize)
 
-    def _decoder(self, output: OutputText, on_text: TokenSink | None) -> Callable[[int | None], None]:
-        """A function taking each new token (None at the end) that turns them into channel text."""
+    def _decoder(
+        self, output: OutputText, on_text: TokenSink | None, request: JobRequest | None = None
+    ) -> tuple[Callable[[int | None], None], Callable[[int | None], bool] | None]:
+        """A function taking each new token (None at the end) that turns them into channel text; and,
+        for harmony, whether the next token is text of the final message."""
 
         def emit(deltas: list[tuple[str, str]]) -> None:
             if on_text is not None:
@@ -292,14 +338,16 @@ class ModelRuntime:
                     on_text(channel, text)
 
         if self.chat is not None:
-            parser = self.chat.parser()
+            parser = self.chat.parser(request)
 
             def harmony(token: int | None) -> None:
                 delta = parser.feed(token) if token is not None else parser.finish()
                 if delta is not None:
                     emit(output.add(delta.channel, delta.text))
+                if parser.over:  # the turn's calls are done: the model went on with something else
+                    output.stop()
 
-            return harmony
+            return harmony, parser.in_final_message
         from tokenizers.decoders import DecodeStream
 
         stream = DecodeStream(skip_special_tokens=True)
@@ -309,13 +357,13 @@ class ModelRuntime:
             if token is not None and (text := stream.step(backend, token)):
                 emit(output.add(FINAL_CHANNEL, text))
 
-        return template
+        return template, None
 
     def _generation_config(self, request: JobRequest, max_tokens: int) -> GenerationConfig:
         # Built from scratch so only the request's parameters apply, not a checkpoint's defaults.
         base = self.model.generation_config
         if self.chat is not None:
-            eos: Any = self.chat.stop_token_ids()
+            eos: Any = self.chat.stop_token_ids(request)
             pad = self.model.config.pad_token_id if self.model.config.pad_token_id is not None else eos[0]
         else:
             eos = base.eos_token_id

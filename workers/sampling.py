@@ -1,13 +1,31 @@
 """Choosing each row's next token in a batch: greedy, or sampled with the row's own temperature,
-top_p and random generator (a seeded request draws the same tokens whatever it is batched with)."""
+top_p and random generator (a seeded request draws the same tokens whatever it is batched with);
+under the row's grammar, if it has one (workers/grammar.py); with the chosen token's log-probability
+and the most likely alternatives, if the request asked (from the same forward pass)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
+from shared import contract
 from shared.contract import JobRequest
+
+if TYPE_CHECKING:
+    from workers.grammar import Constraint
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A chosen token's log-probability and the `top` most likely tokens' (id, log-probability), from
+    the model's raw logits: before temperature, top_p and any grammar mask (as vLLM returns them)."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass
@@ -17,6 +35,12 @@ class Sampler:
     temperature: float
     top_p: float
     generator: torch.Generator | None
+    top_logprobs: int | None = None
+    """Log-probabilities asked for, with this many alternatives (0-20); None: not asked."""
+    constraint: Constraint | None = None
+    """The row's grammar (structured outputs), if any."""
+    last: TokenLogprob | None = None
+    """The last chosen token's log-probabilities (when asked for), set by `choose`."""
 
     @property
     def greedy(self) -> bool:
@@ -24,28 +48,62 @@ class Sampler:
         return self.generator is None
 
 
-def sampler_for(request: JobRequest, device: str | torch.device) -> Sampler:
-    """The request's sampler: temperature 0 (or unset top-level default 1) as OpenAI means it."""
+def sampler_for(
+    request: JobRequest, device: str | torch.device, constraint: Constraint | None = None
+) -> Sampler:
+    """The request's sampler: temperature 0 (or unset top-level default 1) as OpenAI means it; its
+    logprobs as asked; under `constraint`, if any."""
     temperature = 1.0 if request.temperature is None else request.temperature
     top_p = 1.0 if request.top_p is None else request.top_p
+    top_logprobs = (request.top_logprobs or 0) if request.logprobs else None
     if temperature <= 0:
-        return Sampler(0.0, 1.0, None)
+        return Sampler(0.0, 1.0, None, top_logprobs, constraint)
     generator = torch.Generator(device=device)
     if request.seed is not None:
         generator.manual_seed(request.seed)
     else:
         generator.seed()
-    return Sampler(temperature, top_p, generator)
+    return Sampler(temperature, top_p, generator, top_logprobs, constraint)
 
 
 def choose(logits: torch.Tensor, samplers: list[Sampler]) -> torch.Tensor:
     """The next token of each row of `logits` [rows, vocab], by that row's sampler."""
-    chosen = logits.float().argmax(dim=-1)  # exact, and on CPUs twice as fast as a bf16 argmax
+    raw = logits.float()  # exact, and on CPUs twice as fast as a bf16 argmax
+    scores = raw
+    constrained = [i for i, s in enumerate(samplers) if s.constraint is not None and s.constraint.active()]
+    if constrained:
+        from workers.grammar import mask_logits
+
+        scores = raw.clone()
+        mask_logits(scores, constrained, [samplers[i].constraint for i in constrained])  # type: ignore[misc]
+    chosen = scores.argmax(dim=-1)
     for row, sampler in enumerate(samplers):
-        if sampler.greedy:
-            continue
-        chosen[row] = _sample(logits[row].float(), sampler)
+        if not sampler.greedy:
+            chosen[row] = _sample(scores[row], sampler)
+    asked = [i for i, s in enumerate(samplers) if s.top_logprobs is not None]
+    if asked:
+        _record_logprobs(raw, chosen, asked, samplers)
+    if any(s.constraint is not None for s in samplers):
+        for row, token in enumerate(chosen.tolist()):
+            if (constraint := samplers[row].constraint) is not None:
+                constraint.accept(int(token))
     return chosen
+
+
+def _record_logprobs(
+    raw: torch.Tensor, chosen: torch.Tensor, rows: list[int], samplers: list[Sampler]
+) -> None:
+    """Each asking row's chosen token's log-probability and its top alternatives, in one pass."""
+    index = torch.tensor(rows, device=raw.device)
+    logprobs = torch.log_softmax(raw.index_select(0, index), dim=-1)
+    taken = logprobs.gather(1, chosen.index_select(0, index)[:, None])[:, 0].tolist()
+    most = max(samplers[i].top_logprobs or 0 for i in rows)
+    values, ids = logprobs.topk(most, dim=-1) if most else (logprobs[:, :0], logprobs[:, :0].long())
+    values_l, ids_l, tokens = values.tolist(), ids.tolist(), chosen.tolist()
+    for k, row in enumerate(rows):
+        count = samplers[row].top_logprobs or 0
+        top = tuple(zip(ids_l[k][:count], values_l[k][:count], strict=True))
+        samplers[row].last = TokenLogprob(int(tokens[row]), float(taken[k]), top)
 
 
 def _sample(logits: torch.Tensor, sampler: Sampler) -> torch.Tensor:
@@ -57,3 +115,21 @@ def _sample(logits: torch.Tensor, sampler: Sampler) -> torch.Tensor:
         sorted_probs[drop] = 0.0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     return torch.multinomial(probs, 1, generator=sampler.generator)[0]
+
+
+def logprob_entries(
+    logprobs: tuple[TokenLogprob, ...] | None, token_bytes: Callable[[int], bytes]
+) -> list[contract.TokenLogprob]:
+    """`logprobs` in OpenAI's format: each token's text (its bytes decoded, invalid UTF-8 replaced:
+    a character split over tokens), log-probability, bytes and top alternatives."""
+
+    def top(token: int, logprob: float) -> contract.TopLogprob:
+        raw = token_bytes(token)
+        return contract.TopLogprob(token=raw.decode("utf-8", "replace"), logprob=logprob, bytes=list(raw))
+
+    return [
+        contract.TokenLogprob(
+            **top(t.token, t.logprob).model_dump(), top_logprobs=[top(i, v) for i, v in t.top]
+        )
+        for t in logprobs or ()
+    ]

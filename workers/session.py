@@ -196,7 +196,7 @@ class BatchSession:
                 with run.tracing():
                     prefix = self.turns.reuse(session, completion.prompt_ids)
             completion.cached_tokens = prefix.length if prefix is not None else 0
-        sampler = sampler_for(request, self.decoder.device)
+        sampler = sampler_for(request, self.decoder.device, completion.constraint)
         row = Row(started.job.id, completion, sampler, prefix=prefix, request=request)
         return Slot(started.job, started.queue, started.execution, run, started.began, row, session)
 

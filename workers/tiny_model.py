@@ -1,5 +1,6 @@
 """`tiny-gpt-oss`: a 2-layer gpt-oss with the real o200k_harmony vocabulary, trained for seconds on a
-handful of harmony conversations so that it answers in valid harmony (analysis, then final)."""
+handful of harmony conversations so that it answers in valid harmony (analysis, then final), and
+calls functions in harmony's commentary channel (`workers/tiny_tools.py`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 
 from shared.contract import ChatMessage, JobRequest
 from shared.harmony import HarmonyChat
+from workers.tiny_tools import tool_training_pairs
 
 VOCAB_SIZE = 201088
 """o200k_harmony's size, as gpt-oss-20b's config has it: every real harmony token id is valid."""
@@ -17,6 +19,10 @@ PAD_TOKEN_ID = 199999
 
 STOP_TOKEN_IDS = [200002, 200012]
 """`<|return|>` and `<|call|>`: the assistant's turn ends."""
+
+TOOL_EFFORTS = ("medium",)
+"""Reasoning efforts the tool conversations are trained at: the default one only, which keeps
+training in seconds (the tests of tool calls leave the effort unset)."""
 
 TRAIN_STEPS = 300
 """Most optimiser steps; training stops earlier once the loss is below TARGET_LOSS."""
@@ -61,7 +67,8 @@ def tiny_config() -> Any:
 
 
 def training_pairs(chat: HarmonyChat) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, completion ids) of every conversation at every reasoning effort."""
+    """(prompt ids, completion ids) of every conversation at every reasoning effort, then the tool
+    conversations."""
     pairs = []
     for question, analysis, final in CONVERSATIONS:
         completion = chat.encode(
@@ -72,7 +79,7 @@ def training_pairs(chat: HarmonyChat) -> list[tuple[list[int], list[int]]]:
             messages = [ChatMessage(role="user", content=question)]
             request = JobRequest(messages=messages, reasoning_effort=effort)
             pairs.append((chat.render(request), completion))
-    return pairs
+    return pairs + tool_training_pairs(chat, TOOL_EFFORTS)
 
 
 def build_tiny_gpt_oss(out: Path, vocab_dir: Path, dtype: str = "float32") -> dict[str, float]:
@@ -109,30 +116,23 @@ def _train(model: Any, pairs: list[tuple[list[int], list[int]]]) -> tuple[float,
 
     used = sorted({t for prompt, completion in pairs for t in prompt + completion} | {PAD_TOKEN_ID})
     local = {token: i for i, token in enumerate(used)}
-    length = max(len(p) + len(c) for p, c in pairs)
-    ids = torch.full((len(pairs), length), local[PAD_TOKEN_ID])
-    labels = torch.full((len(pairs), length), -100)
-    mask = torch.zeros((len(pairs), length), dtype=torch.long)
-    for row, (prompt, completion) in enumerate(pairs):
-        sequence = [local[t] for t in prompt + completion]
-        ids[row, : len(sequence)] = torch.tensor(sequence)
-        mask[row, : len(sequence)] = 1
-        labels[row, len(prompt) - 1 : len(sequence) - 1] = torch.tensor([local[t] for t in completion])
+    buckets = [_bucket(group, local) for group in _by_length(pairs)]
     index = torch.tensor(used)
     embed = torch.nn.Parameter(model.model.embed_tokens.weight.data[index].clone())
     head = torch.nn.Parameter(model.lm_head.weight.data[index].clone())
     rows = ("model.embed_tokens.weight", "lm_head.weight")
     body = [p for name, p in model.named_parameters() if name not in rows]
     optimizer = torch.optim.Adam([embed, head, *body], lr=1e-2)
-    picked = labels != -100
-    targets = labels[picked]
+    total = sum(int(picked.sum()) for _, _, picked, _ in buckets)
     model.train()
     loss, steps = torch.tensor(float("inf")), 0
     while steps < TRAIN_STEPS and loss.item() >= TARGET_LOSS:
         steps += 1
-        hidden = model.model(inputs_embeds=embed[ids], attention_mask=mask).last_hidden_state[picked]
-        logits = torch.cat([hidden @ head.T, torch.zeros(len(hidden), 1)], dim=1)
-        loss = F.cross_entropy(logits, targets)
+        loss = torch.zeros(())
+        for ids, mask, picked, targets in buckets:
+            hidden = model.model(inputs_embeds=embed[ids], attention_mask=mask).last_hidden_state[picked]
+            logits = torch.cat([hidden @ head.T, torch.zeros(len(hidden), 1)], dim=1)
+            loss = loss + F.cross_entropy(logits, targets, reduction="sum") / total
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -142,3 +142,33 @@ def _train(model: Any, pairs: list[tuple[list[int], list[int]]]) -> tuple[float,
         model.lm_head.weight.zero_()
         model.lm_head.weight[index] = head.data
     return float(loss.item()), steps
+
+
+def _by_length(pairs: list[tuple[list[int], list[int]]]) -> list[list[tuple[list[int], list[int]]]]:
+    """`pairs` in groups of similar length (at most twice the shortest), so short conversations do
+    not pay for the padding of long ones."""
+    groups: list[list[tuple[list[int], list[int]]]] = []
+    for pair in sorted(pairs, key=lambda p: len(p[0]) + len(p[1])):
+        if groups and len(pair[0]) + len(pair[1]) <= 2 * (len(groups[-1][0][0]) + len(groups[-1][0][1])):
+            groups[-1].append(pair)
+        else:
+            groups.append([pair])
+    return groups
+
+
+def _bucket(pairs: list[tuple[list[int], list[int]]], local: dict[int, int]) -> tuple[Any, Any, Any, Any]:
+    """One group's padded ids, attention mask, which positions predict a completion token, and those
+    tokens (in `local`'s numbering of the used tokens)."""
+    import torch
+
+    length = max(len(p) + len(c) for p, c in pairs)
+    ids = torch.full((len(pairs), length), local[PAD_TOKEN_ID])
+    labels = torch.full((len(pairs), length), -100)
+    mask = torch.zeros((len(pairs), length), dtype=torch.long)
+    for row, (prompt, completion) in enumerate(pairs):
+        sequence = [local[t] for t in prompt + completion]
+        ids[row, : len(sequence)] = torch.tensor(sequence)
+        mask[row, : len(sequence)] = 1
+        labels[row, len(prompt) - 1 : len(sequence) - 1] = torch.tensor([local[t] for t in completion])
+    picked = labels != -100
+    return ids, mask, picked, labels[picked]
