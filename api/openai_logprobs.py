@@ -1,6 +1,7 @@
-"""Logprobs and structured outputs on OpenAI's endpoints: the request fields (`logprobs`,
-`top_logprobs`, `response_format`) as the job contract takes them, and the answer's logprobs in each
-endpoint's format (chat: `choices[].logprobs.content`; legacy completions: parallel lists)."""
+"""Logprobs, structured outputs and several choices on OpenAI's endpoints: the request fields
+(`logprobs`, `top_logprobs`, `response_format`, `n`) as the job contract takes them, and the answer's
+logprobs in each endpoint's format (chat: `choices[].logprobs.content`; legacy completions: parallel
+lists)."""
 
 from __future__ import annotations
 
@@ -92,3 +93,15 @@ def completion_logprob_fields(logprobs: int | None, stream: bool) -> dict[str, A
     if stream:
         raise not_streamed()
     return {"logprobs": True, "top_logprobs": logprobs}
+
+
+def choice_fields(n: int | None, stream: bool) -> dict[str, Any]:
+    """`n` as a job field (none at 1); several choices are not streamed yet: refused by name."""
+    if n is None or n == 1:
+        return {}
+    if stream:
+        raise UnsupportedParameter(
+            "`n` > 1 is not supported with `stream: true` by this server yet: ask one choice, or no stream.",
+            details=[{"loc": ["n"], "msg": "not streamed", "type": "unsupported_parameter"}],
+        )
+    return {"n": n}

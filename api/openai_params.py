@@ -27,7 +27,6 @@ CHAT_MESSAGE_UNSUPPORTED: dict[str, Defaults] = {
 """Fields of an OpenAI message (those an SDK echoes back from an answer) beyond role and content."""
 
 SAMPLING_UNSUPPORTED: dict[str, Defaults] = {
-    "n": (1,),
     "presence_penalty": PENALTY_OFF,
     "frequency_penalty": PENALTY_OFF,
     "logit_bias": ({},),

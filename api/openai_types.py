@@ -17,6 +17,7 @@ from api.openai_logprobs import (
     ChoiceLogprobs,
     TextLogprobs,
     chat_logprobs,
+    choice_fields,
     completion_logprob_fields,
     text_logprobs,
 )
@@ -30,6 +31,7 @@ from api.openai_params import (
 )
 from api.openai_tools import CallDeltas, DeltaToolCall
 from shared.contract import (
+    MAX_CHOICES,
     MAX_MESSAGES,
     MAX_NAME_CHARS,
     MAX_TEXT_CHARS,
@@ -127,6 +129,7 @@ class SamplingFields(BaseModel):
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1, strict=True)
     stop: str | list[str] | None = None
     stream: bool = Field(default=False, strict=True)
+    n: int | None = Field(default=None, ge=1, le=MAX_CHOICES, strict=True, description="Choices to generate")
     stream_options: StreamOptions | None = None
     user: str | None = Field(default=None, max_length=256, description="The end user (accepted, not used)")
     profile: str | None = Field(
@@ -151,6 +154,7 @@ class SamplingFields(BaseModel):
 
     def _submission(self, **fields: Any) -> JobSubmission:
         stop = [self.stop] if isinstance(self.stop, str) else self.stop
+        fields.update(choice_fields(self.n, self.stream))
         try:
             return JobSubmission(
                 model=self.model, max_tokens=self.max_tokens, temperature=self.temperature,
@@ -307,8 +311,13 @@ def chat_completion(job_id: str, created: int, result: JobResult) -> ChatComplet
     choice = ChatChoice(
         message=message, finish_reason=result.finish_reason, logprobs=chat_logprobs(result.logprobs)
     )
+    choices = [choice] + [
+        ChatChoice(index=c.index, finish_reason=c.finish_reason, logprobs=chat_logprobs(c.logprobs),
+                   message=AssistantMessage(content=c.text, reasoning_content=c.reasoning or None))
+        for c in (result.choices or [])[1:]
+    ]  # fmt: skip
     return ChatCompletion(
-        id=f"chatcmpl-{job_id}", created=created, model=result.model, choices=[choice], usage=result.usage
+        id=f"chatcmpl-{job_id}", created=created, model=result.model, choices=choices, usage=result.usage
     )
 
 
@@ -319,8 +328,13 @@ def text_completion(job_id: str, created: int, result: JobResult) -> TextComplet
         finish_reason=_text_finish(result.finish_reason),
         logprobs=text_logprobs(result.logprobs),
     )
+    choices = [choice] + [
+        TextChoice(text=c.text, index=c.index, finish_reason=_text_finish(c.finish_reason),
+                   logprobs=text_logprobs(c.logprobs))
+        for c in (result.choices or [])[1:]
+    ]  # fmt: skip
     return TextCompletion(
-        id=f"cmpl-{job_id}", created=created, model=result.model, choices=[choice], usage=result.usage
+        id=f"cmpl-{job_id}", created=created, model=result.model, choices=choices, usage=result.usage
     )
 
 

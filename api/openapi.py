@@ -70,7 +70,9 @@ ERRORS = {
     410: "The job expired (past its retention)",
     413: "Body or prompt too large",
     422: "Invalid fields: validation_error (details per field; unknown fields are extra_forbidden), "
-    "lone_surrogate, unsupported_parameter (an OpenAI parameter set beyond its default)",
+    "lone_surrogate, unsupported_parameter (an OpenAI parameter set beyond its default); tool calls: "
+    "invalid_tool_schema, duplicate_tool_name, unknown_tool_choice, unknown_tool_call_id, tools_unsupported "
+    "(the model's chat format cannot call tools)",
     429: "Backlog full or rate limited (see Retry-After)",
     500: "The job failed",
     503: "Job store unreachable, admission busy, or the job was rejected",
@@ -131,7 +133,7 @@ OPERATIONS = (
         ),
     ),
     Operation(
-        "post", "/v1/chat/completions", "OpenAI chat completion (stream: Server-Sent chunks)",
+        "post", "/v1/chat/completions", "OpenAI chat completion, with tool calls (stream: Server-Sent chunks)",
         body=ChatCompletionRequest, ok={200: (ChatCompletion, ChatCompletionChunk)}, errors=SYNC_ERRORS,
     ),
     Operation(

@@ -41,6 +41,9 @@ empties the nucleus. OpenAI and vLLM take 0 < top_p <= 1."""
 MAX_TOP_LOGPROBS = 20
 """OpenAI's limit on `top_logprobs`."""
 
+MAX_CHOICES = 16
+"""Most choices (`n`) one request may ask for: each is a row of the worker's batch."""
+
 
 class JsonSchemaFormat(BaseModel):
     """`response_format.json_schema`: a named JSON schema the answer must follow."""
@@ -165,6 +168,9 @@ class JobRequest(BaseModel):
     top_logprobs: int | None = Field(
         default=None, ge=0, le=MAX_TOP_LOGPROBS, strict=True, description="Alternatives per token (0-20)"
     )
+    n: int = Field(
+        default=1, ge=1, le=MAX_CHOICES, strict=True, description="Choices to generate (rows of one batch)"
+    )
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -197,6 +203,10 @@ class JobRequest(BaseModel):
             raise ValueError("give exactly one of `messages` or `prompt`")
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("`top_logprobs` needs `logprobs: true`")
+        if self.n > 1 and self.session_id is not None:
+            raise ValueError("`n` > 1 cannot continue a session (which choice would the next turn follow?)")
+        if self.n > 1 and getattr(self, "tools", None):
+            raise ValueError("`n` > 1 with `tools` is not supported by this server yet: ask one choice")
         return self
 
 
@@ -229,8 +239,19 @@ class TokenLogprob(TopLogprob):
     top_logprobs: list[TopLogprob] = Field(default_factory=list)
 
 
+class ChoiceResult(BaseModel):
+    """One of several choices (`n` > 1) of a job's answer."""
+
+    index: int
+    text: str
+    reasoning: str | None = None
+    finish_reason: Literal["stop", "length", "tool_calls"]
+    logprobs: list[TokenLogprob] | None = None
+
+
 class JobResult(BaseModel):
-    """What a worker stores as the RQ job's result."""
+    """What a worker stores as the RQ job's result (its first choice; every choice in `choices` when
+    the request asked for several)."""
 
     text: str
     reasoning: str | None = None
@@ -246,6 +267,7 @@ class JobResult(BaseModel):
     cache: Literal["hit", "miss"] | None = Field(
         default=None, description="hit: answered from the response cache; miss: generated and stored"
     )
+    choices: list[ChoiceResult] | None = Field(default=None, description="Every choice, when `n` > 1")
 
 
 class JobStatus(StrEnum):

@@ -22,7 +22,7 @@ whether to use the cache, a session only says where the KV lives, and a profile'
 already filled into the request when it is fingerprinted."""
 
 
-LATER_FIELDS: dict[str, Any] = {"response_format": None, "logprobs": False, "top_logprobs": None}
+LATER_FIELDS: dict[str, Any] = {"response_format": None, "logprobs": False, "top_logprobs": None, "n": 1}
 """Request fields added after responses were first cached, at the value that changes nothing: left
 out of the canonical form there, so a request that does not use them keeps its fingerprint."""
 

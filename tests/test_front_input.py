@@ -137,11 +137,10 @@ def test_an_integer_is_still_a_float(client, path: str) -> None:  # type: ignore
 
 @pytest.mark.parametrize(
     ("path", "field", "value"),
-    [(CHAT, "tools", [{"type": "function", "function": {"name": "f"}}]),
-     (CHAT, "response_format", {"type": "json_object"}),
+    [(CHAT, "response_format", {"type": "json_object"}),
      (CHAT, "n", 2), (CHAT, "n", True), (CHAT, "logprobs", True), (CHAT, "top_logprobs", 3),
      (CHAT, "frequency_penalty", 0.5), (CHAT, "presence_penalty", -1), (CHAT, "logit_bias", {"50256": -100}),
-     (CHAT, "tool_choice", "required"), (CHAT, "functions", [{"name": "f"}]),
+     (CHAT, "functions", [{"name": "f"}]),
      ("/v1/completions", "echo", True), ("/v1/completions", "best_of", 2), ("/v1/completions", "logprobs", 2),
      ("/v1/completions", "suffix", "end")],
 )  # fmt: skip

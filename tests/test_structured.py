@@ -121,3 +121,32 @@ def test_harmony_structured_outputs_govern_the_final_message_only(prepared_model
     assert result.logprobs is not None and tiny.chat is not None
     # Logprobs cover the final message's tokens only: they spell its text.
     assert tiny.chat.decode([t.token for t in result.logprobs]) == result.text
+
+
+def test_n_choices_are_rows_sharing_one_prefill(fp32_runtime: ModelRuntime, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from workers.batch import DecodeBatch
+    from workers.slots import request_row
+
+    forward, shapes = DecodeBatch._forward, []
+
+    def counted(batch: DecodeBatch, ids: torch.Tensor, *rest: Any) -> Any:
+        shapes.append(tuple(ids.shape))
+        return forward(batch, ids, *rest)
+
+    monkeypatch.setattr(DecodeBatch, "_forward", counted)
+    request = sentence_request("a cat", max_tokens=10, temperature=1.0, seed=7, n=3)
+    row = request_row("job", fp32_runtime, request, fp32_runtime.completion(request), "cpu")
+    batch = fp32_runtime.new_batch()
+    batch.join([row])
+    assert shapes[0][0] == 1 and len(batch.rows) == 3  # one prompt prefilled, three rows decoding
+    while not row.ended:
+        batch.step()
+    texts = [r.completion.result().token_ids for r in [row, *row.siblings]]
+    assert len(set(texts)) == 3  # each choice samples on its own
+    again = request_row("job", fp32_runtime, request, fp32_runtime.completion(request), "cpu")
+    batch = fp32_runtime.new_batch()
+    batch.join([again])
+    while not again.ended:
+        batch.step()
+    assert [r.completion.result().token_ids for r in [again, *again.siblings]] == texts  # seeded: the same
+    assert {r.key for r in batch.drop({"job"})} == {"job"} and not batch.rows

@@ -92,7 +92,8 @@ def test_completion_logprobs_in_the_legacy_format(stack: Stack) -> None:
         ({"logprobs": True, "stream": True}, "unsupported_parameter"),
         ({"top_logprobs": 2}, "validation_error"),
         ({"top_logprobs": 21, "logprobs": True}, "validation_error"),
-        ({"n": 2}, "unsupported_parameter"),
+        ({"n": 2, "stream": True}, "unsupported_parameter"),
+        ({"n": 17}, "validation_error"),
     ],
 )  # fmt: skip
 def test_what_cannot_be_honoured_is_refused_by_name(stack: Stack, extra: dict, code: str) -> None:
@@ -109,3 +110,25 @@ def test_the_official_client_sees_a_refused_schema_as_a_bad_request(stack: Stack
             model="smollm2-135m", messages=[{"role": "user", "content": "hi"}],
             response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"minimum": "a"}}},
         )  # fmt: skip
+
+
+def test_n_choices_come_from_one_job(stack: Stack) -> None:
+    client = stack.client()
+    raw = client.chat.completions.with_raw_response.create(
+        model="smollm2-135m", max_tokens=12, temperature=1.0, seed=3, n=3, logprobs=True,
+        messages=[{"role": "user", "content": "Write one sentence about rain."}],
+    )  # fmt: skip
+    answer = raw.parse()
+    assert [c.index for c in answer.choices] == [0, 1, 2]
+    assert len({c.message.content for c in answer.choices}) > 1  # sampled apart
+    assert all(c.logprobs is not None and c.logprobs.content for c in answer.choices)
+    job = requests.get(f"{stack.base}/v1/jobs/{raw.headers['X-Job-ID']}", timeout=10,
+                       headers={"Authorization": f"Bearer {stack.key}"}).json()  # fmt: skip
+    assert len(job["result"]["choices"]) == 3  # one job holds them all
+    assert answer.usage is not None
+    # Every choice's tokens are counted (its end token too, which has no content logprob).
+    content_tokens = sum(len(c.logprobs.content or []) for c in answer.choices if c.logprobs)
+    assert content_tokens <= answer.usage.completion_tokens <= content_tokens + 3
+    texts = client.completions.create(model="smollm2-135m", prompt="The sea is", max_tokens=5, n=2,
+                                      temperature=0)  # fmt: skip
+    assert [c.index for c in texts.choices] == [0, 1] and texts.choices[0].text == texts.choices[1].text

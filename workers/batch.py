@@ -5,7 +5,8 @@ merged once whole; ended ones leave, and columns that only padding fills are tri
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -31,15 +32,33 @@ class Row:
     """Keys and values of the start of its prompt, from its session's last turn: not computed again."""
     request: JobRequest | None = None
     """What it answers (a row decoded alone needs its generation settings, not only its sampler)."""
+    choices: int = 1
+    """Choices the request asks for (`n`): the others decode as its siblings, under the same key."""
+    spawn: Callable[[int], Row] | None = None
+    """Makes choice k's row (its own completion and sampler), at the request's first prefill."""
+    siblings: list[Row] = field(default_factory=list)
+    parent: Row | None = None
+    """The row of choice 0, for a sibling: its failures are the request's."""
+
+    def worst_cases(self) -> list[int]:
+        """The most cache each of the request's choices can need."""
+        return [self.completion.worst_case_tokens] * self.choices
+
+    @property
+    def ended(self) -> bool:
+        """Every choice of the request ended."""
+        return self.completion.ended and all(s.completion.ended for s in self.siblings)
 
     def add(self, token: int) -> None:
-        """Give the row its next token; a failure stays with the row, not the batch."""
-        if self.error is not None:
+        """Give the row its next token; a failure stays with the row (its request), not the batch. A
+        choice that ended while the others decode takes no more."""
+        owner = self.parent or self
+        if owner.error is not None or (owner.choices > 1 and self.completion.ended):
             return
         try:
             self.completion.add(token, self.sampler.last)
         except Exception as exc:
-            self.error = exc
+            owner.error = exc
 
 
 class Decoder(Protocol):
@@ -120,7 +139,7 @@ class DecodeBatch:
         for row in rows:
             if row.prefix is not None:
                 continue
-            if self.chunk and tokens_to_prefill(row) > self.chunk:
+            if self.chunk and tokens_to_prefill(row) > self.chunk and row.choices == 1:
                 self.prefilling.append(Prefilling(row, _prefill_ids(row), DynamicCache()))
             else:
                 short.append(row)
@@ -131,12 +150,12 @@ class DecodeBatch:
                 self._join_warm(row, row.prefix)
 
     def _join_cold(self, rows: list[Row]) -> None:
-        sequences = [_prefill_ids(r) for r in rows]
+        rows, source, sequences = _with_choices(rows)
         width = max(len(s) for s in sequences)
         ids = torch.tensor([[self.pad_id] * (width - len(s)) + s for s in sequences], device=self.device)
         mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in sequences], device=self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        self._prefill(rows, ids, mask, positions, DynamicCache())
+        self._prefill(rows, ids, mask, positions, DynamicCache(), source)
 
     def _join_warm(self, row: Row, prefix: SessionPrefix) -> None:
         prompt = row.completion.prompt_ids + row.completion.token_ids
@@ -155,8 +174,17 @@ class DecodeBatch:
         mask: torch.Tensor,
         positions: torch.Tensor,
         cache: DynamicCache,
+        source: list[int] | None = None,
     ) -> None:
         logits = self._forward(ids, mask, positions, cache)
+        if source is not None and len(source) != len(logits):  # new choices share their prompt's prefill
+            index = torch.tensor(source, device=self.device)
+            logits, mask, positions = (t.index_select(0, index) for t in (logits, mask, positions))
+            for layer in cache.layers:
+                layer.keys, layer.values = (
+                    layer.keys.index_select(0, index),
+                    layer.values.index_select(0, index),
+                )
         first = choose(logits, [r.sampler for r in rows])
         self._merge(cache, mask, positions[:, -1:], first)
         self.rows.extend(rows)
@@ -291,6 +319,24 @@ def tokens_to_prefill(row: Row) -> int:
     """Tokens `row`'s prefill computes: its prompt and any tokens it has, less a session's prefix."""
     held = len(row.completion.prompt_ids) + len(row.completion.token_ids)
     return held - (row.prefix.length if row.prefix is not None else 0)
+
+
+def _with_choices(rows: list[Row]) -> tuple[list[Row], list[int], list[list[int]]]:
+    """`rows` with each one's other choices after it; for each, the index of the sequence it is
+    prefilled from; the sequences. New choices (made here, n > 1) share their request's prompt;
+    choices that have tokens already (after a failed step) are prefilled with their own."""
+    every, source, sequences = [], [], []
+    for row in rows:
+        fresh = row.choices > 1 and not row.siblings and row.spawn is not None
+        if fresh:
+            assert row.spawn is not None
+            row.siblings = [row.spawn(k) for k in range(1, row.choices)]
+        for choice in [row, *row.siblings]:
+            if choice is row or not fresh:
+                sequences.append(_prefill_ids(choice))
+            every.append(choice)
+            source.append(len(sequences) - 1)
+    return every, source, sequences
 
 
 def _prefill_ids(row: Row) -> list[int]:

@@ -4,7 +4,7 @@ webhook, and its result or failure."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, NoReturn
 
@@ -16,7 +16,7 @@ from redis import Redis
 from rq.job import Job
 
 from shared.cancellation import CancelWatch, cancel_requested
-from shared.contract import JobRequest, JobResult, PromptTokensDetails, Usage
+from shared.contract import ChoiceResult, JobRequest, JobResult, PromptTokensDetails, TokenLogprob, Usage
 from shared.errors import DeadlineExceeded, GptossError, JobCancelled
 from shared.jobstore import runs
 from shared.jobstore.events import EventBuffer, Fence, JobStream
@@ -144,10 +144,22 @@ class JobRun:
         with self.logging(), self.tracing():
             log.info("first_token", ttft_ms=round((now - received) * 1000, 1))
 
-    def finish(self, generation: Generation) -> dict[str, Any]:
-        """The job's result, to settle (raises JobCancelled, recorded, when a client cancelled it
-        mid-generation)."""
+    def finish(self, generation: Generation, others: Sequence[Generation] = ()) -> dict[str, Any]:
+        """The job's result, to settle: `generation`, and `others` (the other choices, when `n` > 1)
+        (raises JobCancelled, recorded, when a client cancelled it mid-generation)."""
         bound, record = self.bound, self.record
+        asked = self.request is not None and self.request.logprobs
+
+        def logprobs(made: Generation) -> list[TokenLogprob] | None:
+            return logprob_entries(made.logprobs, bound.runtime.token_bytes) if asked else None
+
+        every = [generation, *others]
+        choices = [
+            ChoiceResult(index=i, text=g.text, reasoning=g.reasoning, finish_reason=g.finish_reason,
+                         logprobs=logprobs(g))
+            for i, g in enumerate(every)
+        ] if others else None  # fmt: skip
+        made = sum(g.completion_tokens for g in every)
         self._end_chat(generation)
         self._generation = generation
         if generation.cancelled:
@@ -160,16 +172,15 @@ class JobRun:
             tool_calls=list(generation.tool_calls) or None,
             usage=Usage(
                 prompt_tokens=generation.prompt_tokens,
-                completion_tokens=generation.completion_tokens,
-                total_tokens=generation.prompt_tokens + generation.completion_tokens,
+                completion_tokens=made,
+                total_tokens=generation.prompt_tokens + made,
                 prompt_tokens_details=PromptTokensDetails(cached_tokens=generation.cached_tokens)
                 if self.request is not None and self.request.session_id
                 else None,
             ),
             model=bound.runtime.spec.name,
-            logprobs=logprob_entries(generation.logprobs, bound.runtime.token_bytes)
-            if self.request is not None and self.request.logprobs
-            else None,
+            logprobs=logprobs(generation),
+            choices=choices,
             worker=bound.worker_name,
             queue=bound.queue,
             cache="miss" if record.cache_key else None,

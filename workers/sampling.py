@@ -49,9 +49,10 @@ class Sampler:
 
 
 def sampler_for(
-    request: JobRequest, device: str | torch.device, constraint: Constraint | None = None
+    request: JobRequest, device: str | torch.device, constraint: Constraint | None = None, choice: int = 0
 ) -> Sampler:
-    """The request's sampler: temperature 0 (or unset top-level default 1) as OpenAI means it; its
+    """The request's sampler for its choice `choice` (a seeded request's choices draw from seeds
+    `seed`, `seed + 1`, ...): temperature 0 (or unset top-level default 1) as OpenAI means it; its
     logprobs as asked; under `constraint`, if any."""
     temperature = 1.0 if request.temperature is None else request.temperature
     top_p = 1.0 if request.top_p is None else request.top_p
@@ -60,7 +61,7 @@ def sampler_for(
         return Sampler(0.0, 1.0, None, top_logprobs, constraint)
     generator = torch.Generator(device=device)
     if request.seed is not None:
-        generator.manual_seed(request.seed)
+        generator.manual_seed((request.seed + choice) % 2**63)
     else:
         generator.seed()
     return Sampler(temperature, top_p, generator, top_logprobs, constraint)

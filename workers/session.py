@@ -24,7 +24,7 @@ from shared.contract import JobRequest
 from shared.jobstore import fair_queue, lifecycle, rqstore, runs
 from shared.jobstore.events import EventBuffer
 from workers import fair_share
-from workers.batch import Decoder, Row, tokens_to_prefill
+from workers.batch import Decoder, tokens_to_prefill
 from workers.cancels import CancelReader
 from workers.context import WorkerContext
 from workers.guard import MemoryGuard
@@ -32,9 +32,8 @@ from workers.kv_budget import KvBudget
 from workers.memory import TOO_BIG_ALONE, OutOfMemory, is_out_of_memory
 from workers.prefill import prefill_groups
 from workers.run import JobRun
-from workers.sampling import sampler_for
 from workers.settling import Settler
-from workers.slots import Follower, Followers, Slot, Started, read_job
+from workers.slots import Follower, Followers, Slot, Started, read_job, request_row
 from workers.state import WorkerState
 from workers.turns import SessionTurns
 
@@ -129,8 +128,8 @@ class BatchSession:
         """Start `job` (or give it back when it does not fit the KV budget): the slot, if it joins."""
         request, prompt_ids, unreadable = read_job(job, self.bound.runtime)
         worst = len(prompt_ids) + (request.max_tokens or 1) if request and prompt_ids is not None else 0
-        lengths = [s.row.completion.worst_case_tokens for s in self.slots.values()]
-        if not self.budget.admits(lengths, worst):
+        lengths = [tokens for s in self.slots.values() for tokens in s.row.worst_cases()]
+        if not self.budget.admits(lengths + [worst] * ((request.n if request else 1) - 1), worst):
             runs.give_back(self.redis, job, queue.name)
             self._full = True
             log.info("batch_full", job_id=job.id, rows=len(lengths), kv_budget=self.budget.budget)
@@ -196,8 +195,9 @@ class BatchSession:
                 with run.tracing():
                     prefix = self.turns.reuse(session, completion.prompt_ids)
             completion.cached_tokens = prefix.length if prefix is not None else 0
-        sampler = sampler_for(request, self.decoder.device, completion.constraint)
-        row = Row(started.job.id, completion, sampler, prefix=prefix, request=request)
+        row = request_row(
+            started.job.id, self.bound.runtime, request, completion, self.decoder.device, prefix
+        )
         return Slot(started.job, started.queue, started.execution, run, started.began, row, session)
 
     def _register(self, slot: Slot) -> None:
@@ -268,11 +268,12 @@ class BatchSession:
             rows = self.decoder.drop({r.key for r in self.decoder.rows})
             log.warning("batch_step_failed", rows=len(rows), error=type(exc).__name__)
             self._after_failure(exc)
-        if len(rows) == 1:
-            self._fail_row(self.slots[rows[0].key], info)
+        keys = list(dict.fromkeys(r.key for r in rows))  # a request's choices share its key
+        if len(keys) == 1:
+            self._fail_row(self.slots[keys[0]], info)
             return
-        for row in rows:
-            self._join_alone(self.slots[row.key])
+        for key in keys:
+            self._join_alone(self.slots[key])
 
     def _join_alone(self, slot: Slot) -> None:
         """Prefill `slot`'s row on its own; the job fails if even that fails."""
@@ -315,7 +316,7 @@ class BatchSession:
             timeout = slot.job.timeout
             if slot.run.superseded:
                 ended.add(key)
-            elif slot.row.completion.ended or slot.row.error is not None or slot.run.cancel.cancelled:
+            elif slot.row.ended or slot.row.error is not None or slot.run.cancel.cancelled:
                 ended.add(key)
             elif timeout is not None and timeout > 0 and now - slot.began > timeout:
                 slot.row.error = JobTimeoutException(
@@ -380,7 +381,7 @@ class BatchSession:
             try:
                 # A cancel read after the row ended on its own comes too late to stop anything.
                 generation = completion.result(cancelled=run.cancel.cancelled and not completion.ended)
-                result = run.finish(generation)
+                result = run.finish(generation, [s.completion.result() for s in slot.row.siblings])
             except RedisError:
                 raise
             except Exception:  # cancelled (JobCancelled, recorded by finish) or a failure to record

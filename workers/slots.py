@@ -14,6 +14,7 @@ from rq.queue import Queue
 from shared.contract import JobRequest
 from workers.batch import Row
 from workers.run import JobRun
+from workers.sampling import sampler_for
 
 
 @dataclass
@@ -90,3 +91,20 @@ def read_job(job: Job, runtime: Any) -> tuple[JobRequest | None, list[int] | Non
         return request, runtime.prompt_ids(request), None
     except Exception as exc:
         return request, None, exc
+
+
+def request_row(
+    key: str, runtime: Any, request: JobRequest, completion: Any, device: Any, prefix: Any = None
+) -> Row:
+    """The batch row of `request` (its `completion`, its sampler); for `n` > 1, with the maker of its
+    other choices, each its own completion and sampler, decoding beside it under the same key."""
+    row = Row(key, completion, sampler_for(request, device, completion.constraint), prefix=prefix,
+              request=request, choices=request.n)  # fmt: skip
+
+    def spawn(choice: int) -> Row:
+        other = runtime.completion(request, prompt_ids=completion.prompt_ids)
+        sampler = sampler_for(request, device, other.constraint, choice)
+        return Row(key, other, sampler, request=request, parent=row)
+
+    row.spawn = spawn if request.n > 1 else None
+    return row
