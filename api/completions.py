@@ -151,7 +151,10 @@ def _stream(
             if event is None:
                 yield ": keep-alive\n\n"
             elif event.kind == events.TOKEN:
-                yield from (_data(c) for c in maker.token(event.data["channel"], event.data["text"]))
+                data = event.data
+                yield from (
+                    _data(c) for c in maker.token(data["channel"], data["text"], data.get("logprobs"))
+                )
             elif event.kind == events.DONE:
                 ended = True
                 yield from (_data(c) for c in maker.closing(JobResult.model_validate(event.data)))

@@ -12,15 +12,6 @@ from pydantic import BaseModel, Field
 from shared.contract import MAX_TOP_LOGPROBS, ResponseFormat, TokenLogprob
 from shared.errors import UnsupportedParameter, ValidationFailed
 
-
-def not_streamed() -> UnsupportedParameter:
-    """`logprobs` asked of a stream: not implemented yet, so refused by name."""
-    return UnsupportedParameter(
-        "`logprobs` is not supported with `stream: true` by this server yet: ask without one of them.",
-        details=[{"loc": ["logprobs"], "msg": "not streamed", "type": "unsupported_parameter"}],
-    )
-
-
 MAX_COMPLETION_LOGPROBS = 5
 """OpenAI's limit on the legacy completions' `logprobs` (alternatives per token)."""
 
@@ -36,13 +27,11 @@ class ChatLogprobFields(BaseModel):
         default=None, description="text, json_object, or json_schema (decoded under its grammar)"
     )
 
-    def logprob_fields(self, stream: bool) -> dict[str, Any]:
+    def logprob_fields(self) -> dict[str, Any]:
         """The job fields these ask for (none at their defaults, so the job is the same as one that
         never sent them)."""
         fields: dict[str, Any] = {}
         if self.logprobs:
-            if stream:
-                raise not_streamed()
             fields.update(logprobs=True, top_logprobs=self.top_logprobs)
         elif self.top_logprobs is not None:
             raise ValidationFailed("`top_logprobs` needs `logprobs: true`.")
@@ -86,12 +75,10 @@ def text_logprobs(logprobs: list[TokenLogprob] | None) -> TextLogprobs | None:
     )
 
 
-def completion_logprob_fields(logprobs: int | None, stream: bool) -> dict[str, Any]:
+def completion_logprob_fields(logprobs: int | None) -> dict[str, Any]:
     """The legacy completions' `logprobs` (alternatives per token, 0-5) as job fields."""
     if logprobs is None:
         return {}
-    if stream:
-        raise not_streamed()
     return {"logprobs": True, "top_logprobs": logprobs}
 
 

@@ -38,6 +38,7 @@ from shared.contract import (
     ChatMessage,
     JobResult,
     JobSubmission,
+    TokenLogprob,
     Usage,
 )
 from shared.errors import ValidationFailed
@@ -190,7 +191,7 @@ class ChatCompletionRequest(SamplingFields, ChatLogprobFields):
             calls = {"tools": self.tools or None, "tool_choice": self.tool_choice,
                      "parallel_tool_calls": self.parallel_tool_calls}  # fmt: skip
         messages = [m.plain() for m in self.messages]
-        calls.update(self.logprob_fields(self.stream))
+        calls.update(self.logprob_fields())
         job = self._submission(messages=messages, reasoning_effort=effort, **calls)
         if self.max_completion_tokens is not None:
             job = job.model_copy(update={"max_tokens": self.max_completion_tokens})
@@ -214,7 +215,7 @@ class CompletionRequest(SamplingFields):
             if len(prompt) != 1:
                 raise ValidationFailed("prompt must be one string (batches of prompts are not supported).")
             prompt = prompt[0]
-        return self._submission(prompt=prompt, **completion_logprob_fields(self.logprobs, self.stream))
+        return self._submission(prompt=prompt, **completion_logprob_fields(self.logprobs))
 
 
 class AssistantMessage(BaseModel):
@@ -255,7 +256,7 @@ class ChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
     finish_reason: FinishReason | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -350,13 +351,17 @@ class ChunkMaker:
         """The first chunk, sent at once: a chat's assistant role."""
         return [self._chat(Delta(role="assistant", content=""))] if self.chat else []
 
-    def token(self, channel: str, text: str) -> list[BaseModel]:
-        """A piece of the answer (final channel), of a tool call, or, for chats, of the reasoning."""
+    def token(self, channel: str, text: str, logprobs: list[dict[str, Any]] | None = None) -> list[BaseModel]:
+        """A piece of the answer (final channel, with its tokens' `logprobs` when asked), of a tool
+        call, or, for chats, of the reasoning."""
         calls = self._calls.deltas(channel, text)
         if calls is not None:
             return [self._chat(Delta(tool_calls=c)) for c in calls] if self.chat else []
         if channel == FINAL_CHANNEL:
-            return [self._chat(Delta(content=text)) if self.chat else self._text(text)]
+            entries = [TokenLogprob.model_validate(e) for e in logprobs] if logprobs is not None else None
+            if self.chat:
+                return [self._chat(Delta(content=text), logprobs=chat_logprobs(entries))]
+            return [self._text(text, logprobs=text_logprobs(entries))]
         return [self._chat(Delta(reasoning_content=text))] if self.chat else []
 
     def closing(self, result: JobResult) -> list[BaseModel]:
@@ -376,12 +381,16 @@ class ChunkMaker:
             )
         return chunks
 
-    def _chat(self, delta: Delta, finish: FinishReason | None = None) -> ChatCompletionChunk:
-        choice = ChunkChoice(delta=delta, finish_reason=finish)
+    def _chat(
+        self, delta: Delta, finish: FinishReason | None = None, logprobs: ChoiceLogprobs | None = None
+    ) -> ChatCompletionChunk:
+        choice = ChunkChoice(delta=delta, finish_reason=finish, logprobs=logprobs)
         return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[choice])
 
-    def _text(self, text: str, finish: Literal["stop", "length"] | None = None) -> TextCompletion:
-        choice = TextChoice(text=text, finish_reason=finish)
+    def _text(
+        self, text: str, finish: Literal["stop", "length"] | None = None, logprobs: TextLogprobs | None = None
+    ) -> TextCompletion:
+        choice = TextChoice(text=text, finish_reason=finish, logprobs=logprobs)
         return TextCompletion(id=self.id, created=self.created, model=self.model, choices=[choice])
 
 

@@ -89,7 +89,6 @@ def test_completion_logprobs_in_the_legacy_format(stack: Stack) -> None:
          "validation_error"),
         ({"response_format": {"type": "json_schema"}}, "validation_error"),
         ({"response_format": {"type": "yaml"}}, "validation_error"),
-        ({"logprobs": True, "stream": True}, "unsupported_parameter"),
         ({"top_logprobs": 2}, "validation_error"),
         ({"top_logprobs": 21, "logprobs": True}, "validation_error"),
         ({"n": 2, "stream": True}, "unsupported_parameter"),
@@ -132,3 +131,26 @@ def test_n_choices_come_from_one_job(stack: Stack) -> None:
     texts = client.completions.create(model="smollm2-135m", prompt="The sea is", max_tokens=5, n=2,
                                       temperature=0)  # fmt: skip
     assert [c.index for c in texts.choices] == [0, 1] and texts.choices[0].text == texts.choices[1].text
+
+
+def test_streamed_logprobs_arrive_with_their_text(stack: Stack) -> None:
+    ask = {"model": "smollm2-135m", "max_tokens": 10, "temperature": 0, "logprobs": True, "top_logprobs": 2,
+           "messages": [{"role": "user", "content": "Write one sentence about a cat."}]}  # fmt: skip
+    whole = stack.client().chat.completions.create(**ask)  # type: ignore[call-overload]
+    streamed = stack.client().chat.completions.create(**ask, stream=True)  # type: ignore[call-overload]
+    text, tokens = "", []
+    for chunk in streamed:
+        for choice in chunk.choices:
+            text += choice.delta.content or ""
+            if choice.logprobs is not None and choice.logprobs.content:
+                tokens += choice.logprobs.content
+                assert choice.delta.content  # logprobs travel with the text they made
+    assert text == whole.choices[0].message.content
+    assert whole.choices[0].logprobs is not None
+    assert [(t.token, round(t.logprob, 4)) for t in tokens] == [
+        (t.token, round(t.logprob, 4)) for t in whole.choices[0].logprobs.content or []
+    ]
+    legacy = stack.client().completions.create(model="smollm2-135m", prompt="The sea is", max_tokens=6,
+                                               temperature=0, logprobs=1, stream=True)  # fmt: skip
+    pieces = [(c.choices[0].text, c.choices[0].logprobs) for c in legacy if c.choices]
+    assert any(lp is not None and lp.tokens for _, lp in pieces)

@@ -38,8 +38,10 @@ NAMED_TIME = {"type": "function", "function": {"name": "get_time"}}
 
 @pytest.fixture(scope="module")
 def stack(redis_url: str, prepared_models, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    # The response cache on: a repeated greedy request is answered from it (streams of tool calls too).
+    folder = tmp_path_factory.mktemp("tools")
     running, procs = start_stack(
-        redis_url, prepared_models.cache_dir, tmp_path_factory.mktemp("tools"), MODEL
+        redis_url, prepared_models.cache_dir, folder, MODEL, GPTOSS_RESPONSE_CACHE="true"
     )
     try:
         yield running
@@ -219,7 +221,7 @@ def test_tool_choice_none_hides_the_functions(stack: Stack) -> None:
 
 def test_jobs_api_takes_tools_and_returns_calls(stack: Stack) -> None:
     body = {"messages": [{"role": "user", "content": WEATHER_QUESTION}], "tools": TOOLS, "temperature": 0,
-            "max_tokens": 100, "tool_choice": NAMED_TIME}  # fmt: skip
+            "max_tokens": 100, "tool_choice": NAMED_TIME, "cache": False}  # fmt: skip
     submitted = requests.post(f"{stack.base}/v1/jobs", json=body, headers=stack.headers(), timeout=10)
     assert submitted.status_code == 202, submitted.text
     result = job_result(stack, submitted.json()["id"])

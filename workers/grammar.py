@@ -19,6 +19,9 @@ from typing import Any
 import llguidance
 import torch
 
+from shared.contract import JobRequest
+from shared.structured import grammar_for
+
 O200K_PATTERN = "|".join(
     [
         r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
@@ -106,3 +109,26 @@ def mask_logits(scores: torch.Tensor, rows: list[int], constraints: list[Constra
     allowed = ((words.unsqueeze(-1) >> bits) & 1).bool().reshape(len(rows), -1)[:, :vocab]
     index = torch.tensor(rows, device=scores.device)
     scores[index] = scores[index].masked_fill(~allowed, float("-inf"))
+
+
+def grammar_tokenizer(runtime: Any) -> Any:
+    """llguidance's view of a runtime's vocabulary (built once per runtime: about a second), ending
+    answers with the chat template's end token, or harmony's `<|return|>`."""
+    if runtime._grammar_tokenizer is None:
+        vocab = int(runtime.model.config.vocab_size)
+        if runtime.chat is None:
+            runtime._grammar_tokenizer = template_tokenizer(runtime.tokenizer, vocab)
+        else:
+            specials, end = harmony_specials(runtime.chat.encoding), runtime.chat.encode("<|return|>")[0]
+            runtime._grammar_tokenizer = harmony_tokenizer(runtime.vocab_file, specials, vocab, end)
+    return runtime._grammar_tokenizer
+
+
+def constraint_for(runtime: Any, request: JobRequest, completion: Any) -> Constraint | None:
+    """The grammar `request.response_format` asks for (None for plain text), governing where the
+    answer is: every token of a chat template's answer, harmony's final message only."""
+    grammar = grammar_for(request.response_format.wire()) if request.response_format else None
+    if grammar is None:
+        return None
+    gate = (lambda: True) if runtime.chat is None else (lambda: completion.in_content(None))
+    return Constraint(grammar_tokenizer(runtime), grammar, gate)

@@ -18,6 +18,7 @@ from rq.job import Job
 from shared.cancellation import CancelWatch, cancel_requested
 from shared.contract import ChoiceResult, JobRequest, JobResult, PromptTokensDetails, TokenLogprob, Usage
 from shared.errors import DeadlineExceeded, GptossError, JobCancelled
+from shared.harmony import FINAL_CHANNEL
 from shared.jobstore import runs
 from shared.jobstore.events import EventBuffer, Fence, JobStream
 from shared.jobstore.record import Ending, JobRecord
@@ -256,8 +257,8 @@ class JobRun:
         self.record.stamp("first_token")
         result = {**cached, "cache": "hit"}
         with self.tracing():
-            for channel, text in channel_texts(result):
-                self.stream.text(channel, text)
+            for channel, text in channel_texts(result):  # the answer's logprobs with its text, if kept
+                self.stream.text(channel, text, result.get("logprobs") if channel == FINAL_CHANNEL else None)
         return result
 
     def fail(self, exc: BaseException) -> None:

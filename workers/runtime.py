@@ -20,16 +20,16 @@ from shared.harmony import FINAL_CHANNEL, HarmonyChat
 from shared.prompts import prompt_token_ids
 from shared.registry import ModelSpec
 from shared.settings import Settings
-from shared.structured import grammar_for
 from shared.vocab import VOCAB_FILE
 from workers.batch import DecodeBatch, Decoder
 from workers.completion import Completion, Generation, TokenSink
 from workers.cpu_precision import add_bf16_path, native_cpu_bf16
-from workers.grammar import Constraint, harmony_specials, harmony_tokenizer, template_tokenizer
+from workers.grammar import constraint_for, grammar_tokenizer
 from workers.kv_budget import model_kv_bytes_per_token
 from workers.model_store import ModelUnavailable, prepare
 from workers.output import OutputText
 from workers.placement import Placement
+from workers.sampling import logprob_sink
 from workers.serial import SerialDecoder
 
 log = structlog.get_logger()
@@ -277,37 +277,20 @@ class ModelRuntime:
                 "through `generate` alone."
             )
         output = OutputText(request.stop)
+        made: list[Completion] = []  # the completion, once made: its logprobs go with its text
+        if request.logprobs and on_text is not None:
+            on_text = logprob_sink(on_text, made, self.token_bytes)
         decode, in_content = self._decoder(output, on_text, request)
         completion = Completion(
             ids, max_tokens, eos, output, decode, on_first_token, on_text, self.chat is not None, in_content
         )
-        completion.constraint = self.constraint(request, completion)
+        completion.constraint = constraint_for(self, request, completion)
+        made.append(completion)
         return completion
-
-    def constraint(self, request: JobRequest, completion: Completion) -> Constraint | None:
-        """The grammar `request.response_format` asks for (None for plain text), governing where the
-        answer is: every token of a chat template's answer, harmony's final message only."""
-        grammar = grammar_for(request.response_format.wire()) if request.response_format else None
-        if grammar is None:
-            return None
-        gate = (lambda: True) if self.chat is None else (lambda: completion.in_content(None))
-        return Constraint(self.grammar_tokenizer(), grammar, gate)
-
-    def grammar_tokenizer(self) -> Any:
-        """llguidance's view of this model's vocabulary (built once: about a second), ending answers
-        with the chat template's end token, or harmony's `<|return|>`."""
-        if self._grammar_tokenizer is None:
-            vocab = int(self.model.config.vocab_size)
-            if self.chat is None:
-                self._grammar_tokenizer = template_tokenizer(self.tokenizer, vocab)
-            else:
-                specials, end = harmony_specials(self.chat.encoding), self.chat.encode("<|return|>")[0]
-                self._grammar_tokenizer = harmony_tokenizer(self.vocab_file, specials, vocab, end)
-        return self._grammar_tokenizer
 
     def token_bytes(self, token: int) -> bytes:
         """The bytes token `token` stands for (what logprobs show)."""
-        return bytes(self.grammar_tokenizer().decode_bytes([token]))
+        return bytes(grammar_tokenizer(self).decode_bytes([token]))
 
     def decoder(self, prefill_chunk: int = 0) -> Decoder:
         """Where a worker's session decodes its rows: one batch (long prompts prefilled

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from shared import contract
 from shared.contract import JobRequest
+from shared.harmony import FINAL_CHANNEL
 
 if TYPE_CHECKING:
     from workers.grammar import Constraint
@@ -134,3 +135,23 @@ def logprob_entries(
         )
         for t in logprobs or ()
     ]
+
+
+def logprob_sink(
+    on_text: Callable[..., None], made: list[Any], token_bytes: Callable[[int], bytes]
+) -> Callable[[str, str], None]:
+    """`on_text` that hands each piece of the answer's text the logprobs of the tokens that made it,
+    streamed beside it (`made` holds the completion once it exists; the reasoning has none)."""
+    sent = 0
+
+    def send(channel: str, text: str) -> None:
+        nonlocal sent
+        taken = (made[0].logprobs or []) if made else []
+        if channel != FINAL_CHANNEL or len(taken) == sent:
+            on_text(channel, text)
+            return
+        entries = logprob_entries(tuple(taken[sent:]), token_bytes)
+        sent = len(taken)
+        on_text(channel, text, [e.model_dump(mode="json") for e in entries])
+
+    return send

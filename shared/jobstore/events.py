@@ -119,6 +119,7 @@ class JobStream:
         self._buffer = buffer
         self._group = group_tokens
         self._pending: list[str] = []
+        self._logprobs: list[dict[str, Any]] | None = None
         self._channel: str | None = None
         self._index = 0
         self.fence = fence
@@ -143,12 +144,15 @@ class JobStream:
         """The run started on a worker."""
         self._add(START, data)
 
-    def text(self, channel: str, text: str) -> None:
-        """New text of `channel` (the model's tokens), sent in groups of `group_tokens` pieces."""
+    def text(self, channel: str, text: str, logprobs: list[dict[str, Any]] | None = None) -> None:
+        """New text of `channel` (the model's tokens, with their `logprobs` when asked), sent in
+        groups of `group_tokens` pieces."""
         if self._channel is not None and channel != self._channel:
             self._flush()
         self._channel = channel
         self._pending.append(text)
+        if logprobs is not None:
+            self._logprobs = [*(self._logprobs or []), *logprobs]
         if len(self._pending) >= self._group:
             self._flush()
 
@@ -173,7 +177,13 @@ class JobStream:
     def _flush(self) -> None:
         if not self._pending:
             return
-        data = {"channel": self._channel, "text": "".join(self._pending), "index": self._index}
+        data: dict[str, Any] = {
+            "channel": self._channel,
+            "text": "".join(self._pending),
+            "index": self._index,
+        }
+        if self._logprobs is not None:
+            data["logprobs"], self._logprobs = self._logprobs, None
         self._index += len(self._pending)
         self._pending = []
         self._add(TOKEN, data)
