@@ -46,3 +46,19 @@ def test_errors_and_bodies_are_described(redis: Redis, settings) -> None:  # typ
     chat = document["paths"]["/v1/chat/completions"]["post"]["responses"]["200"]["content"]
     assert set(chat) == {"application/json", "text/event-stream"}
     assert "reasoning_content" in schemas["AssistantMessage"]["properties"]
+
+
+def test_tool_calls_are_described(redis: Redis, settings) -> None:  # type: ignore[no-untyped-def]
+    document = create_app(settings(), redis).test_client().get("/openapi.json").get_json()
+    schemas = document["components"]["schemas"]
+    assert {"tools", "tool_choice", "parallel_tool_calls"} <= set(
+        schemas["ChatCompletionRequest"]["properties"]
+    )
+    assert {"tools", "tool_choice", "parallel_tool_calls"} <= set(schemas["JobSubmission"]["properties"])
+    assert {"tool_calls", "tool_call_id"} <= set(schemas["OpenAIMessage"]["properties"])
+    assert "tool_calls" in schemas["AssistantMessage"]["properties"]
+    assert "tool_calls" in schemas["Delta"]["properties"] and "DeltaToolCall" in schemas
+    assert "tool_calls" in schemas["JobResult"]["properties"]
+    assert "tool_calls" in str(schemas["JobResult"]["properties"]["finish_reason"])
+    errors = document["paths"]["/v1/chat/completions"]["post"]["responses"]["422"]["description"]
+    assert "tools_unsupported" in errors and "unknown_tool_call_id" in errors
