@@ -6,9 +6,28 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, SerializerFunctionWrapHandler, model_serializer
+from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_serializer
 
-from shared.tools import parse_call_channel
+from shared.tools import MAX_TOOLS, Tool, ToolChoice, parse_call_channel
+
+FinishReason = Literal["stop", "length", "tool_calls"]
+"""Why a chat answer ended: `tool_calls` when it ended by calling functions."""
+
+
+class ChatToolFields(BaseModel):
+    """What a chat completion request may offer: functions, the choice among them, parallel calls."""
+
+    tools: list[Tool] | None = Field(default=None, max_length=MAX_TOOLS, description="Functions to call")
+    tool_choice: ToolChoice | None = Field(default=None, description="none, auto, required, or a function")
+    parallel_tool_calls: bool | None = Field(default=None, strict=True, description="false: one call a turn")
+
+    def tool_fields(self) -> dict[str, Any]:
+        """The job fields these ask for (none without tools when they change nothing, so the job is
+        the same as one that never sent them)."""
+        if not self.tools and self.tool_choice in (None, "none", "auto"):
+            return {}
+        return {"tools": self.tools or None, "tool_choice": self.tool_choice,
+                "parallel_tool_calls": self.parallel_tool_calls}  # fmt: skip
 
 
 class DeltaFunction(BaseModel):
@@ -57,3 +76,8 @@ class CallDeltas:
         if text:
             chunks.append([DeltaToolCall(index=index, function=DeltaFunction(arguments=text))])
         return chunks
+
+
+def text_finish(reason: FinishReason) -> Literal["stop", "length"]:
+    """A text completion's finish reason (its endpoint offers no tools: a call still stopped it)."""
+    return "length" if reason == "length" else "stop"

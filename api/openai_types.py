@@ -29,7 +29,7 @@ from api.openai_params import (
     Defaults,
     refuse_unsupported,
 )
-from api.openai_tools import CallDeltas, DeltaToolCall
+from api.openai_tools import CallDeltas, ChatToolFields, DeltaToolCall, FinishReason, text_finish
 from shared.contract import (
     MAX_CHOICES,
     MAX_MESSAGES,
@@ -43,9 +43,7 @@ from shared.contract import (
 )
 from shared.errors import ValidationFailed
 from shared.harmony import FINAL_CHANNEL
-from shared.tools import MAX_CALL_ID_CHARS, MAX_TOOLS, Tool, ToolCall, ToolChoice
-
-FinishReason = Literal["stop", "length", "tool_calls"]
+from shared.tools import MAX_CALL_ID_CHARS, MAX_TOOLS, ToolCall
 
 
 class TextPart(BaseModel):
@@ -166,7 +164,7 @@ class SamplingFields(BaseModel):
             raise ValidationFailed(f"The request has invalid fields: {exc}") from None
 
 
-class ChatCompletionRequest(SamplingFields, ChatLogprobFields):
+class ChatCompletionRequest(SamplingFields, ChatLogprobFields, ChatToolFields):
     """`POST /v1/chat/completions`."""
 
     UNSUPPORTED_PARAMS: ClassVar[dict[str, Defaults]] = CHAT_UNSUPPORTED
@@ -178,18 +176,11 @@ class ChatCompletionRequest(SamplingFields, ChatLogprobFields):
     reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = Field(
         default=None, description="gpt-oss reasoning effort (minimal is taken as low)"
     )
-    tools: list[Tool] | None = Field(default=None, max_length=MAX_TOOLS, description="Functions to call")
-    tool_choice: ToolChoice | None = Field(default=None, description="none, auto, required, or a function")
-    parallel_tool_calls: bool | None = Field(default=None, strict=True, description="false: one call a turn")
 
     def submission(self) -> JobSubmission:
-        """The job this request runs as (without tools, tool fields that change nothing are left out,
-        so the job is the one of a request that never sent them)."""
+        """The job this request runs as."""
         effort = "low" if self.reasoning_effort == "minimal" else self.reasoning_effort
-        calls: dict[str, Any] = {}
-        if self.tools or self.tool_choice not in (None, "none", "auto"):
-            calls = {"tools": self.tools or None, "tool_choice": self.tool_choice,
-                     "parallel_tool_calls": self.parallel_tool_calls}  # fmt: skip
+        calls = self.tool_fields()
         messages = [m.plain() for m in self.messages]
         calls.update(self.logprob_fields())
         job = self._submission(messages=messages, reasoning_effort=effort, **calls)
@@ -326,11 +317,11 @@ def text_completion(job_id: str, created: int, result: JobResult) -> TextComplet
     """The text completion of a finished job."""
     choice = TextChoice(
         text=result.text,
-        finish_reason=_text_finish(result.finish_reason),
+        finish_reason=text_finish(result.finish_reason),
         logprobs=text_logprobs(result.logprobs),
     )
     choices = [choice] + [
-        TextChoice(text=c.text, index=c.index, finish_reason=_text_finish(c.finish_reason),
+        TextChoice(text=c.text, index=c.index, finish_reason=text_finish(c.finish_reason),
                    logprobs=text_logprobs(c.logprobs))
         for c in (result.choices or [])[1:]
     ]  # fmt: skip
@@ -369,7 +360,7 @@ class ChunkMaker:
         last: BaseModel = (
             self._chat(Delta(), result.finish_reason)
             if self.chat
-            else self._text("", _text_finish(result.finish_reason))
+            else self._text("", text_finish(result.finish_reason))
         )
         chunks = [last]
         if self.include_usage:
@@ -392,8 +383,3 @@ class ChunkMaker:
     ) -> TextCompletion:
         choice = TextChoice(text=text, finish_reason=finish, logprobs=logprobs)
         return TextCompletion(id=self.id, created=self.created, model=self.model, choices=[choice])
-
-
-def _text_finish(reason: FinishReason) -> Literal["stop", "length"]:
-    """A text completion's finish reason (its endpoint offers no tools: a call still stopped it)."""
-    return "length" if reason == "length" else "stop"

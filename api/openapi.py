@@ -133,7 +133,7 @@ OPERATIONS = (
         ),
     ),
     Operation(
-        "post", "/v1/chat/completions", "OpenAI chat completion, with tool calls (stream: Server-Sent chunks)",
+        "post", "/v1/chat/completions", "OpenAI chat completion, tool calls too (stream: Server-Sent chunks)",
         body=ChatCompletionRequest, ok={200: (ChatCompletion, ChatCompletionChunk)}, errors=SYNC_ERRORS,
     ),
     Operation(

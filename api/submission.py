@@ -226,7 +226,7 @@ def _check_tools(spec: ModelSpec, request: JobRequest) -> None:
     """Refuse tools, tool choices and tool messages that do not fit together, or that `spec`'s chat
     format cannot render (422 `tools_unsupported`, naming the model)."""
     check_tools(request)
-    if uses_tools(request) and not tools_supported(spec, prompt_tokenizer(spec, on="request")):
+    if uses_tools(request) and not tools_supported(spec):
         raise ToolsUnsupported(
             f"The model `{spec.name}` cannot call tools: its chat template has no tool support. "
             "Send the request without `tools`, `tool_choice` and tool messages, or use a gpt-oss model."

@@ -38,7 +38,7 @@ def prompt_token_ids(tokenizer: Any, request: JobRequest) -> list[int]:
     return list(tokenizer(request.prompt)["input_ids"])
 
 
-def tools_supported(spec: ModelSpec, tokenizer: Any) -> bool:
+def tools_supported(spec: ModelSpec) -> bool:
     """`spec` can be offered tools: harmony renders functions and parses calls for gpt-oss; a chat
     template would need both a `tools` variable and a parser for the calls it makes (transformers'
     `response_template`), which no template model of the registry has, so those models refuse tools."""

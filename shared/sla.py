@@ -1,4 +1,5 @@
-"""The service-level targets, from one source: the model registry (`shared/models.toml`).
+"""The service-level targets, from one source: the model registry (`shared/models.toml`) for each
+model's latency targets, and `shared/sla.toml` for the service-wide ones (error budget, availability).
 
 API (what alert rendering, buckets, benches and tests call):
 
@@ -15,6 +16,11 @@ API (what alert rendering, buckets, benches and tests call):
   histograms from these, so buckets and thresholds cannot drift apart.
 - `check_profiles(profiles=None, targets=None) -> list[str]` — how each serving profile breaks the
   rule below (empty when none does).
+- `ServiceTargets(error_budget, error_for_minutes, availability, availability_for_minutes)` and
+  `service_targets(text=None)` — `shared/sla.toml`: the share of the jobs that ran that may fail
+  (per model; `GptossErrorRatioHigh`), the share of the API's answers without a server error
+  (`GptossAvailabilityLow`), and how long each must be breached before its alert fires. `text`
+  defaults to the packaged file; a share outside (0, 1) or a hold under a minute is refused.
 
 How profiles relate: a model's entry is the fleet's target for that model, because the latency
 series are labelled by model, not profile. A profile (`shared/profiles.toml`) names a model and
@@ -25,8 +31,10 @@ model's E2E target is the loosest of the profiles that serve it; `latency_first`
 
 from __future__ import annotations
 
+import tomllib
 from dataclasses import dataclass
-from typing import Literal
+from importlib import resources
+from typing import Any, Literal
 
 from shared.profiles import Profile, load_profiles
 from shared.registry import ModelSpec, canonical_name, load_registry
@@ -111,3 +119,40 @@ def check_profiles(
         if profile.e2e_sla_s > target.e2e_s:
             problems.append(f"profile {profile.name}: e2e_sla_s {profile.e2e_sla_s} > {target.e2e_s}")
     return problems
+
+
+@dataclass(frozen=True)
+class ServiceTargets:
+    """The service-wide targets (shares between 0 and 1) and how long each may be missed (minutes)."""
+
+    error_budget: float
+    error_for_minutes: int
+    availability: float
+    availability_for_minutes: int
+
+
+def service_targets(text: str | None = None) -> ServiceTargets:
+    """The service-wide targets of `shared/sla.toml` (or of `text`, in its format)."""
+    if text is None:
+        text = resources.files("shared").joinpath("sla.toml").read_text()
+    data = tomllib.loads(text)
+    return ServiceTargets(
+        error_budget=_share(data, "job_errors", "budget"),
+        error_for_minutes=_minutes(data, "job_errors"),
+        availability=_share(data, "availability", "objective"),
+        availability_for_minutes=_minutes(data, "availability"),
+    )
+
+
+def _share(data: dict[str, Any], table: str, key: str) -> float:
+    value = data.get(table, {}).get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1:
+        raise ValueError(f"sla.toml: [{table}] {key} must be a share between 0 and 1, not {value!r}")
+    return float(value)
+
+
+def _minutes(data: dict[str, Any], table: str) -> int:
+    value = data.get(table, {}).get("for_minutes")
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"sla.toml: [{table}] for_minutes must be a whole number of minutes, not {value!r}")
+    return value

@@ -1,5 +1,7 @@
 """The SLA alerts and their promtool tests, rendered from the one source of targets (`shared/sla.py`).
 
+Per model, a TTFT and an end-to-end alert (`shared/models.toml`); service-wide, the job error ratio
+and API availability alerts (`shared/sla.toml`, lines from `shared/service_rules.py`).
 `compose/prometheus/rules/sla.yml` and `compose/prometheus/tests/sla_test.yml` are this module's
 output, committed; `scripts/render-rules` writes them again (`--check` says whether they are
 current, which tests/test_prometheus.py asserts). One test has every model just under its
@@ -19,8 +21,8 @@ from pathlib import Path
 
 from prometheus_client.utils import floatToGoString
 
-from shared import sla
-from shared.sla import SlaTarget
+from shared import service_rules, sla
+from shared.sla import ServiceTargets, SlaTarget
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES_FILE = Path("compose/prometheus/rules/sla.yml")
@@ -91,14 +93,22 @@ def humanize_duration(seconds: float) -> str:
     return f"{sign}{value:.4g}{prefix}s"
 
 
-def render_rules(targets: dict[str, SlaTarget] | None = None) -> str:
-    """compose/prometheus/rules/sla.yml: an alert per model and kind of target."""
+GENERATED = (
+    "# Generated from shared/models.toml and shared/sla.toml by scripts/render-rules"
+    " (shared/sla_rules.py): do not edit."
+)
+
+
+def render_rules(targets: dict[str, SlaTarget] | None = None, service: ServiceTargets | None = None) -> str:
+    """compose/prometheus/rules/sla.yml: an alert per model and kind of target, then the service's."""
     targets = targets if targets is not None else sla.sla_targets()
+    service = service if service is not None else sla.service_targets()
     lines = [
-        "# Generated from shared/models.toml by scripts/render-rules (shared/sla_rules.py): do not edit.",
+        GENERATED,
         "# A model's p95 over its SLA (the recorded p95 of the last 5 minutes, rules/recording.yml).",
         "# Every threshold is a bucket edge of its histogram (shared/sla.py), so a p95 of observations",
-        "# all within the SLA never reads over it.",
+        "# all within the SLA never reads over it. Then the error budget of the jobs (per model) and",
+        "# the API's availability objective (rules/recording.yml records both ratios).",
         "groups:",
         "  - name: gptoss-sla",
         "    rules:",
@@ -119,6 +129,7 @@ def render_rules(targets: dict[str, SlaTarget] | None = None) -> str:
                 f'          summary: "{alert.what} of {{{{ $labels.model }}}} is'
                 f' {{{{ $value | humanizeDuration }}}} (SLA {limit} s)"',
             ]
+    lines += service_rules.render_rules(service)
     return "\n".join(lines) + "\n"
 
 
@@ -162,13 +173,15 @@ def input_series(alert: SlaAlert, targets: dict[str, SlaTarget], over: str | Non
     return lines
 
 
-def render_tests(targets: dict[str, SlaTarget] | None = None) -> str:
+def render_tests(targets: dict[str, SlaTarget] | None = None, service: ServiceTargets | None = None) -> str:
     """compose/prometheus/tests/sla_test.yml: each SLA alert pinned from both sides, and its `for:`."""
     targets = targets if targets is not None else sla.sla_targets()
+    service = service if service is not None else sla.service_targets()
     lines = [
-        "# Generated from shared/models.toml by scripts/render-rules (shared/sla_rules.py): do not edit.",
+        GENERATED,
         "# promtool test rules: each model's SLA alert fires when its p95 is just over the threshold,",
-        "# once `for:` has passed (the p95 exists from the first rate, at 1m), and is silent just under.",
+        "# once `for:` has passed (the p95 exists from the first rate, at 1m), and is silent just under;",
+        "# so do the error ratio and availability alerts, just over and just under their targets.",
         "rule_files:",
         "  - ../rules/recording.yml",
         "  - ../rules/sla.yml",
@@ -212,13 +225,14 @@ def render_tests(targets: dict[str, SlaTarget] | None = None) -> str:
                 f'              summary: "{alert.what} of {name} is {humanize_duration(p95)}'
                 f' (SLA {limit} s)"',
             ]
+    lines += service_rules.render_tests(service)
     return "\n".join(lines) + "\n"
 
 
 def rendered() -> dict[Path, str]:
     """Every generated file (relative to the repository) and its content."""
-    targets = sla.sla_targets()
-    return {RULES_FILE: render_rules(targets), TESTS_FILE: render_tests(targets)}
+    targets, service = sla.sla_targets(), sla.service_targets()
+    return {RULES_FILE: render_rules(targets, service), TESTS_FILE: render_tests(targets, service)}
 
 
 def main(argv: list[str] | None = None) -> int:

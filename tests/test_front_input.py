@@ -122,7 +122,8 @@ def test_models_refuse_non_finite_floats_themselves() -> None:
      ("/v1/jobs", "temperature", True), ("/v1/jobs", "temperature", "1"), ("/v1/jobs", "cancel_after", "5"),
      (CHAT, "max_tokens", True), (CHAT, "max_tokens", "3"), (CHAT, "max_completion_tokens", False),
      (CHAT, "stream", "yes"), (CHAT, "cache", "no"), (CHAT, "top_p", "0.5"),
-     (CHAT, "stream_options", {"include_usage": "yes"}), ("/v1/completions", "stream", 1)],
+     (CHAT, "stream_options", {"include_usage": "yes"}), ("/v1/completions", "stream", 1), (CHAT, "n", True),
+     (CHAT, "logprobs", "yes"), ("/v1/completions", "logprobs", True)],
 )  # fmt: skip
 def test_a_bool_or_a_string_is_not_coerced(client, path: str, field: str, value: Any) -> None:  # type: ignore[no-untyped-def]
     error = error_of(client.post(path, json={**SUBMITTING[path], field: value}), 422)
@@ -137,11 +138,9 @@ def test_an_integer_is_still_a_float(client, path: str) -> None:  # type: ignore
 
 @pytest.mark.parametrize(
     ("path", "field", "value"),
-    [(CHAT, "response_format", {"type": "json_object"}),
-     (CHAT, "n", 2), (CHAT, "n", True), (CHAT, "logprobs", True), (CHAT, "top_logprobs", 3),
-     (CHAT, "frequency_penalty", 0.5), (CHAT, "presence_penalty", -1), (CHAT, "logit_bias", {"50256": -100}),
+    [(CHAT, "frequency_penalty", 0.5), (CHAT, "presence_penalty", -1), (CHAT, "logit_bias", {"50256": -100}),
      (CHAT, "functions", [{"name": "f"}]),
-     ("/v1/completions", "echo", True), ("/v1/completions", "best_of", 2), ("/v1/completions", "logprobs", 2),
+     ("/v1/completions", "echo", True), ("/v1/completions", "best_of", 2),
      ("/v1/completions", "suffix", "end")],
 )  # fmt: skip
 def test_an_unimplemented_parameter_is_422_naming_it(

@@ -74,7 +74,8 @@ def test_sla_rules_are_rendered_from_the_registry() -> None:
     for relative, text in sla_rules.rendered().items():
         assert (ROOT / relative).read_text() == text, f"{relative} is stale: run scripts/render-rules"
     targets = sla.sla_targets()
-    alerts = [r for r in rules_of(PROMETHEUS / "rules" / "sla.yml") if "alert" in r]
+    per_model = {a.alert for a in sla_rules.ALERTS}
+    alerts = [r for r in rules_of(PROMETHEUS / "rules" / "sla.yml") if r.get("alert") in per_model]
     assert {(r["labels"]["model"], r["labels"]["slo"]) for r in alerts} == {
         (model, kind) for model in targets for kind in ("ttft", "e2e")
     }
@@ -82,6 +83,46 @@ def test_sla_rules_are_rendered_from_the_registry() -> None:
         target = targets[rule["labels"]["model"]]
         limit = target.ttft_s if rule["labels"]["slo"] == "ttft" else target.e2e_s
         assert rule["expr"].endswith(f" > {limit:g}") and rule["labels"]["sla_seconds"] == f"{limit:g}"
+
+
+def test_error_budget_and_availability_alerts_are_rendered_from_sla_toml() -> None:
+    service = sla.service_targets()
+    alerts = {r["alert"]: r for r in rules_of(PROMETHEUS / "rules" / "sla.yml")}
+    errors, availability = alerts["GptossErrorRatioHigh"], alerts["GptossAvailabilityLow"]
+    assert errors["expr"] == f"gptoss:error_ratio:rate5m > {service.error_budget:g}"
+    assert errors["for"] == f"{service.error_for_minutes}m"
+    assert availability["expr"] == f"gptoss:availability:ratio_rate5m < {service.availability:g}"
+    assert availability["for"] == f"{service.availability_for_minutes}m"
+    by_hand = {r.get("alert") for r in rules_of(PROMETHEUS / "rules" / "alerts.yml")}
+    assert not by_hand & set(alerts), "a generated alert is also written by hand in alerts.yml"
+
+
+def test_other_service_targets_render_rules_their_tests_pin(tmp_path: Path) -> None:
+    """The generated tests follow the targets: other budgets and durations pass their own tests."""
+    service = sla.ServiceTargets(error_budget=0.02, error_for_minutes=10, availability=0.995,
+                                 availability_for_minutes=3)  # fmt: skip
+    (tmp_path / "rules").mkdir()
+    (tmp_path / "tests").mkdir()
+    shutil.copy(PROMETHEUS / "rules" / "recording.yml", tmp_path / "rules")
+    (tmp_path / "rules" / "sla.yml").write_text(sla_rules.render_rules(service=service))
+    (tmp_path / "tests" / "sla_test.yml").write_text(sla_rules.render_tests(service=service))
+    done = tool("promtool", "test", "rules", str(tmp_path / "tests" / "sla_test.yml"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "> 0.02" in (tmp_path / "rules" / "sla.yml").read_text()
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[job_errors]\nbudget = 0.001\nfor_minutes = 5\n",  # no [availability]
+        "[job_errors]\nbudget = 1.5\nfor_minutes = 5\n[availability]\nobjective = 0.999\nfor_minutes = 5\n",
+        "[job_errors]\nbudget = 0.001\nfor_minutes = 0\n[availability]\nobjective = 0.999\nfor_minutes = 5\n",
+        "[job_errors]\nbudget = 0.001\nfor_minutes = 5\n[availability]\nobjective = 99.9\nfor_minutes = 5\n",
+    ],
+)
+def test_service_targets_refuse_what_no_alert_can_use(text: str) -> None:
+    with pytest.raises(ValueError, match="sla.toml"):
+        sla.service_targets(text)
 
 
 def test_ttft_sla_of_the_gpt_oss_models() -> None:
