@@ -33,7 +33,8 @@ from shared.profiles import apply_profile, max_tokens_limit, profile_named
 from shared.prompts import ModelNotPrepared, load_prompt_tokenizer, prompt_token_ids, tools_supported
 from shared.registry import ModelSpec, canonical_name, model_spec
 from shared.retention import remember
-from shared.tools import ToolsUnsupported, check_tools, uses_tools
+from shared.tool_rules import check_tools, uses_tools
+from shared.tools import ToolsUnsupported
 from shared.webhooks import WebhookSender, notify
 
 log = structlog.get_logger()

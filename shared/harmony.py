@@ -13,7 +13,7 @@ from typing import Any
 from shared.contract import JobRequest
 from shared.errors import GptossError
 from shared.harmony_tools import CallTracker, developer_content, history_names, prefill, turn_messages
-from shared.tools import offers_tools, several_calls
+from shared.tool_rules import offers_tools, several_calls
 from shared.vocab import is_provisioned, point_harmony_at
 
 REASONING_CHANNEL = "analysis"

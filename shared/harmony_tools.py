@@ -11,15 +11,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from shared.tools import (
-    FUNCTIONS,
-    InvalidToolSchema,
-    NamedToolChoice,
-    call_channel,
-    call_names,
-    new_call_id,
-    offers_tools,
-)
+from shared.tool_rules import call_names, offers_tools
+from shared.tools import FUNCTIONS, InvalidToolSchema, NamedToolChoice, call_channel, new_call_id
 
 if TYPE_CHECKING:
     from shared.contract import ChatMessage, JobRequest
