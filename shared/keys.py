@@ -76,6 +76,16 @@ STREAM_TTL = 3600
 """Seconds a job's event stream lives after its last event (long enough to resume or replay)."""
 
 
+def hub_wake(hub_id: str) -> str:
+    """Key of the stream a process's stream reader also blocks on: an entry wakes its round, so a new
+    follower is read at once, not when the round's block ends."""
+    return f"{PREFIX}hub-wake:{hub_id}"
+
+
+HUB_WAKE_TTL = 600
+"""Seconds a stream reader's wake stream outlives its last wake (its process may have died)."""
+
+
 def job_stream(job_id: str) -> str:
     """Key of the Redis stream of one job's events (start, token deltas, done or error)."""
     return f"{PREFIX}stream:{job_id}"

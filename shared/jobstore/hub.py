@@ -13,6 +13,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -21,11 +22,13 @@ import structlog
 from redis import Redis
 from redis.exceptions import RedisError
 
+from shared import keys
+
 log = structlog.get_logger()
 
 HUB_BLOCK_MS = 100
-"""Milliseconds one round of the reader blocks: the longest a new subscription waits to be read
-(a stream already read wakes the round as soon as it gets an entry)."""
+"""Milliseconds one round of the reader blocks (a stream already read wakes the round as soon as it
+gets an entry; a new subscription wakes it through the hub's wake stream)."""
 
 HUB_BATCH = 200
 """Entries read per stream per round; a subscription holding this many unread is skipped until its
@@ -80,6 +83,8 @@ class StreamHub:
         self._subscriptions: set[Subscription] = set()
         self._reader: threading.Thread | None = None
         self._closed = False
+        self._reading = False  # a round's XREAD is blocking: a new follower wakes it
+        self._wake = keys.hub_wake(uuid.uuid4().hex)
         self.rounds = 0
         """Rounds read so far (for tests and the bench)."""
 
@@ -93,6 +98,9 @@ class StreamHub:
                 self._reader = threading.Thread(target=self._read, name="gptoss-stream-hub", daemon=True)
                 self._reader.start()
             self._lock.notify_all()
+            reading = self._reading
+        if reading:
+            self._wake_round()
         try:
             yield subscription
         finally:
@@ -124,14 +132,30 @@ class StreamHub:
                 time.sleep(self._block_ms / 1000)
                 continue
             try:
-                read: Any = self._redis.xread(wanted, count=HUB_BATCH, block=self._block_ms)
+                self._reading = True
+                read: Any = self._redis.xread(
+                    {**wanted, self._wake: "$"}, count=HUB_BATCH, block=self._block_ms
+                )
             except RedisError as exc:
                 log.warning("stream_hub_read_failed", error=str(exc), streams=len(wanted))
                 time.sleep(RETRY_AFTER_ERROR)
                 continue
+            finally:
+                self._reading = False
             self.rounds += 1
             if read:
                 self._hand_over(read)
+
+    def _wake_round(self) -> None:
+        """End the round under way now (its streams are read again with the new follower's); a lost
+        wake costs only the rest of the round's block."""
+        try:
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.xadd(self._wake, {"w": 1}, maxlen=1)
+            pipe.expire(self._wake, keys.HUB_WAKE_TTL)
+            pipe.execute()
+        except RedisError as exc:
+            log.warning("stream_hub_wake_failed", error=str(exc))
 
     def _cursors(self) -> dict[Any, Any]:
         """Each stream to read, from the earliest cursor of its followers that are not behind."""
