@@ -108,6 +108,8 @@ class ChatMessage(BaseModel):
             raise ValueError("only an assistant message carries `tool_calls`")
         if (self.role == "tool") != (self.tool_call_id is not None):
             raise ValueError("a `tool` message needs `tool_call_id`, and only a tool message carries one")
+        if "content" not in self.model_fields_set and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("`content` is required (only an assistant's message of tool calls may omit it)")
         return self
 
 
