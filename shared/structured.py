@@ -4,6 +4,8 @@ workers decode under (workers/grammar.py)."""
 
 from __future__ import annotations
 
+import functools
+import json
 from typing import Any
 
 import llguidance
@@ -20,7 +22,14 @@ class InvalidSchema(GptossError):
 
 def grammar_for(response_format: dict[str, Any]) -> str | None:
     """The llguidance grammar of an OpenAI `response_format` (None for plain text); InvalidSchema when
-    its schema cannot be compiled. Whitespace is compact: the model cannot pad its answer."""
+    its schema cannot be compiled. Whitespace is compact: the model cannot pad its answer. Compiled
+    once per process and schema: the API, the scheduler and the worker each validate the request."""
+    return _compiled(json.dumps(response_format, sort_keys=True))
+
+
+@functools.lru_cache(maxsize=256)
+def _compiled(wire: str) -> str | None:
+    response_format = json.loads(wire)
     kind = response_format.get("type")
     if kind == "text":
         return None
