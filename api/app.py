@@ -14,7 +14,10 @@ from redis import Redis
 from api import active, admin, completions, dashboard, errors, events, health, jobs, metrics, openapi
 from api.active import ActiveRequests
 from api.arrival import ArrivalMiddleware
+from api.batches import bp as batches_bp
+from api.files import bp as files_bp
 from api.ratelimit import TenantLimits
+from api.responses import bp as responses_bp
 from api.services import Services, services
 from api.streams import StreamSlots
 from api.tenancy import authenticate_request
@@ -36,7 +39,9 @@ QUIET_PATHS = ("/healthz", "/readyz", "/metrics")
 def create_app(settings: Settings | None = None, redis: Redis | None = None) -> Flask:
     """Build the API app from `settings` (read from the environment when not given)."""
     settings = settings or Settings()
-    redis = redis or connect(settings.redis_url_or_default(), budgeted=True, shared=REDIS_CONNECTIONS)
+    redis = redis or connect(
+        settings.redis_url_or_default(), budgeted=True, shared=REDIS_CONNECTIONS, acks=settings.redis_acks()
+    )
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     if settings.observability:
@@ -62,8 +67,11 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
     app.register_blueprint(jobs.bp)
     app.register_blueprint(events.bp)
     app.register_blueprint(completions.bp)
+    app.register_blueprint(responses_bp)
     app.register_blueprint(openapi.bp)
     app.register_blueprint(admin.bp)
+    app.register_blueprint(files_bp)
+    app.register_blueprint(batches_bp)
     dashboard.init_app(app)
     metrics.start_at_zero(app)
     app.before_request(_open_redis_budget)

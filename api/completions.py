@@ -117,9 +117,9 @@ def _submit_and_answer(params: Any, submission: Any, route: str, body: Any, chat
         return Response(stream_with_context(stream), mimetype="text/event-stream", headers=headers)
     try:
         with set_aside():  # waiting for the job is no work: it holds no slot
-            result = _wait(redis, hub, submitted.job_id, lambda: gone(sock))
+            result = wait_result(redis, hub, submitted.job_id, lambda: gone(sock))
     except ClientGone:
-        _cancel(redis, submitted.job_id, sender)
+        cancel_abandoned(redis, submitted.job_id, sender)
         return Response(status=CLIENT_CLOSED, headers=headers)
     answer = (chat_completion if chat else text_completion)(submitted.job_id, created, result)
     response = jsonify(answer.model_dump(mode="json", exclude_none=not chat))
@@ -127,7 +127,7 @@ def _submit_and_answer(params: Any, submission: Any, route: str, body: Any, chat
     return response
 
 
-def _wait(redis: Redis, hub: StreamHub, job_id: str, client_gone: Any) -> JobResult:
+def wait_result(redis: Redis, hub: StreamHub, job_id: str, client_gone: Any) -> JobResult:
     """The job's result once it is done; raises the job's error, or ClientGone."""
     for event in follow(redis, hub, job_id, client_gone, relay=False):
         if event is None:
@@ -168,10 +168,11 @@ def _stream(
         pass
     finally:
         if not ended:
-            _cancel(redis, job_id, sender)
+            cancel_abandoned(redis, job_id, sender)
 
 
-def _cancel(redis: Redis, job_id: str, sender: WebhookSender) -> None:
+def cancel_abandoned(redis: Redis, job_id: str, sender: WebhookSender) -> None:
+    """Cancel the job of a client that left (a streamed or waiting answer nobody reads)."""
     log.info("client_disconnected", job_id=job_id)
     try:
         job = lifecycle.fetch(redis, job_id)

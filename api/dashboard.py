@@ -21,6 +21,7 @@ from rq.job import Job, requeue_job
 
 from api.auth import check_admin
 from api.services import services
+from shared import sentinel
 from shared.errors import AdminDisabled, DashboardReadOnly, Unauthorized
 from shared.jobstore.rqstore import SERIALIZER
 
@@ -41,7 +42,11 @@ def init_app(app: Flask) -> None:
     """Mount rq-dashboard on the app's Redis, with the project's JSON serializer, behind `guard`."""
     settings = app.extensions["gptoss"].settings
     use_json_serializer()
-    app.config["RQ_DASHBOARD_REDIS_URL"] = settings.redis_url_or_default()
+    url = settings.redis_url_or_default()
+    if sentinel.is_sentinel_url(url):  # rq-dashboard reads the Sentinels' password from its config
+        app.config["RQ_DASHBOARD_REDIS_SENTINEL_PASSWORD"] = sentinel.parse(url).sentinel_password
+        url = sentinel.without_sentinel_password(url)
+    app.config["RQ_DASHBOARD_REDIS_URL"] = url
     app.config["RQ_DASHBOARD_POLL_INTERVAL"] = POLL_INTERVAL_MS
     # Hides the delete and empty buttons; `guard` refuses the writes themselves.
     app.config["RQ_DASHBOARD_DISABLE_DELETE"] = not settings.rq_dashboard_writable

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from api.openai_logprobs import (
@@ -38,8 +38,10 @@ from shared.contract import (
     ChatMessage,
     JobResult,
     JobSubmission,
+    SubmittedPriority,
     TokenLogprob,
     Usage,
+    refuse_batch_priority,
 )
 from shared.errors import ValidationFailed
 from shared.harmony import FINAL_CHANNEL
@@ -134,13 +136,15 @@ class SamplingFields(BaseModel):
     profile: str | None = Field(
         default=None, max_length=MAX_NAME_CHARS, description="Extension: the serving profile"
     )
-    priority: Literal["high", "normal", "low"] = Field(default="normal", description="Extension")
+    priority: SubmittedPriority = Field(default="normal", description="Extension")
     cache: bool = Field(
         default=True, strict=True, description="Extension: false never uses the response cache"
     )
     session_id: str | None = Field(
         default=None, max_length=128, description="Extension: the multi-turn session this turn belongs to"
     )
+
+    _no_batch_priority = field_validator("priority", mode="before")(refuse_batch_priority)
 
     @model_validator(mode="before")
     @classmethod

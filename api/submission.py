@@ -19,22 +19,18 @@ from api.caching import cache_key, finish_from_cache, open_cache
 from api.disconnect import client_socket, gone
 from api.services import services
 from api.tenancy import current_tenant
-from shared import idempotency
-from shared.context_fit import admit, refusal
+from shared import idempotency, preparation
 from shared.contract import JobRequest, JobSubmission
 from shared.deadlines import start_deadline
 from shared.drain import enter_backlog
-from shared.errors import ClientClosedRequest, ModelNotFound, ValidationFailed
+from shared.errors import ClientClosedRequest
 from shared.jobstore import lifecycle
 from shared.jobstore.record import CacheTarget, JobRecord
 from shared.jobstore.views import build_view
 from shared.normalise import canonical
-from shared.profiles import apply_profile, max_tokens_limit, profile_named
-from shared.prompts import ModelNotPrepared, load_prompt_tokenizer, prompt_token_ids, tools_supported
-from shared.registry import ModelSpec, canonical_name, model_spec
+from shared.prompts import ModelNotPrepared, load_prompt_tokenizer
+from shared.registry import ModelSpec, model_spec
 from shared.retention import remember
-from shared.tool_rules import check_tools, uses_tools
-from shared.tools import ToolsUnsupported
 from shared.webhooks import WebhookSender, notify
 
 log = structlog.get_logger()
@@ -189,55 +185,12 @@ def _client_still_waiting() -> None:
 def prepare(job_request: JobRequest) -> tuple[JobRequest, str, int, int | None]:
     """The request as it will run (served model, profile defaults, max_tokens that fits), its model,
     its max_tokens and its prompt's tokens (None while the model's tokenizer is not prepared);
-    refuses what cannot run here (404, 413, 422)."""
-    settings = services().settings
-    served = settings.model
-    model = canonical_name(job_request.model) if job_request.model else served
-    if model != served:
-        model_spec(model)  # an unknown name gets the registry's own message
-        raise ModelNotFound(f"The model `{model}` is not served here; this server serves `{served}`.")
-    profile_name = job_request.profile or settings.profile
-    profile = profile_named(profile_name) if profile_name else None
-    payload = apply_profile(
-        job_request.model_copy(update={"model": model}), profile, settings.default_max_tokens
-    )
-    max_tokens = payload.max_tokens or settings.default_max_tokens
-    limit = max_tokens_limit(profile, settings.max_tokens_limit)
-    if max_tokens > limit:
-        whose = f"the `{profile.name}` profile's" if profile is not None else "this server's"
-        raise ValidationFailed(
-            f"max_tokens is {max_tokens}, over {whose} limit of {limit}.",
-            details=[{"loc": ["max_tokens"], "msg": "over the limit"}],
-        )
-    spec = model_spec(model)
-    _check_tools(spec, payload)
-    prompt_tokens = _count_prompt(spec, payload)
-    explicit = job_request.max_tokens is not None
-    if not explicit:
-        max_tokens = min(max_tokens, spec.context_length - 1)
-        if prompt_tokens is not None:  # a default is shortened to fit; the client's own is checked
-            max_tokens = max(1, min(max_tokens, spec.context_length - prompt_tokens))
-    admission = admit(prompt_tokens, max_tokens, spec.context_length, spec.name)
-    if not admission.admitted:
-        raise refusal(admission)
-    return payload.model_copy(update={"max_tokens": max_tokens}), model, max_tokens, prompt_tokens
+    refuses what cannot run here (404, 413, 422). The decisions are shared.preparation's."""
+    return preparation.prepare(job_request, services().settings, _request_tokenizer)
 
 
-def _check_tools(spec: ModelSpec, request: JobRequest) -> None:
-    """Refuse tools, tool choices and tool messages that do not fit together, or that `spec`'s chat
-    format cannot render (422 `tools_unsupported`, naming the model)."""
-    check_tools(request)
-    if uses_tools(request) and not tools_supported(spec):
-        raise ToolsUnsupported(
-            f"The model `{spec.name}` cannot call tools: its chat template has no tool support. "
-            "Send the request without `tools`, `tool_choice` and tool messages, or use a gpt-oss model."
-        )
-
-
-def _count_prompt(spec: ModelSpec, request: JobRequest) -> int | None:
-    """The prompt's tokens; None while the model's tokenizer is not prepared."""
-    tokenizer = prompt_tokenizer(spec, on="request")
-    return len(prompt_token_ids(tokenizer, request)) if tokenizer is not None else None
+def _request_tokenizer(spec: ModelSpec) -> Any | None:
+    return prompt_tokenizer(spec, on="request")
 
 
 def prompt_tokenizer(spec: ModelSpec, on: str) -> Any | None:

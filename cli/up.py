@@ -28,7 +28,7 @@ from cli import redis_server
 from cli.redis_server import private_dir, write_private
 from shared import keys
 from shared.apikeys import authenticate, create_key
-from shared.connection import masked_url
+from shared.connection import connect, masked_url
 from shared.logging import configure_logging
 from shared.settings import Settings
 
@@ -143,7 +143,7 @@ def client_key(redis_url: str, settings: Settings) -> str:
     """An API key for the operator of this stack: the one kept in the data dir while it still
     authenticates, else a new one (for tenant `default`), kept there for next time."""
     kept = settings.data_dir / "api-key"
-    client = redis_py.Redis.from_url(redis_url)
+    client = connect(redis_url)
     if kept.exists() and authenticate(client, kept.read_text().strip()) is not None:
         return kept.read_text().strip()
     key, _ = create_key(client, keys.DEFAULT_TENANT, name="gptoss up")
@@ -188,7 +188,7 @@ def banner(settings: Settings, redis_url: str, admin_key: str, api_key: str | No
         metrics.append(f"http://{settings.metrics_host}:{settings.scheduler_metrics_port}/metrics")
     metrics += [f"http://{settings.metrics_host}:{port}/metrics" for port in worker_ports if port]
     # The password never reaches the output; our own Redis's full URL is in a file of this user's.
-    url_file = None if settings.redis_url else settings.data_dir / REDIS_FOLDER / redis_server.URL_FILE
+    url_file = None if settings.redis_given() else settings.data_dir / REDIS_FOLDER / redis_server.URL_FILE
     kept_url = f"   (the URL with its password: {url_file})" if url_file else ""
     shown_admin = admin_key if not settings.admin_key else "(GPTOSS_ADMIN_KEY)"
     try_it = f'gptoss submit "What is the capital of France?" --api-url {base}'
@@ -227,7 +227,11 @@ def run_stack(settings: Settings) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, request_stop)
     try:
-        redis_url = settings.redis_url or start_redis(stack, settings.data_dir, settings.redis_appendfsync)
+        redis_url = (
+            settings.redis_url_or_default()
+            if settings.redis_given()
+            else start_redis(stack, settings.data_dir, settings.redis_appendfsync)
+        )
         admin_key = settings.admin_key.get_secret_value() if settings.admin_key else secrets.token_urlsafe(24)
         env = {
             **os.environ,

@@ -161,12 +161,12 @@ class Scheduler:
             self._metrics.schedule_duration.observe(time.perf_counter() - started)
 
     def review_held(self) -> None:
-        """Re-examine every held job, oldest first, against the workers' latest heartbeats."""
-        for job_id in self._intake.held():
-            job = self._intake.fetch_held(job_id)
-            if job is None:
-                continue
-            record = lifecycle.read(job)
+        """Re-examine every held job against the workers' latest heartbeats, oldest first, a batch's
+        lines after every other job (never placed ahead of an interactive one)."""
+        jobs = [self._intake.fetch_held(job_id) for job_id in self._intake.held()]
+        held = [(job, lifecycle.read(job)) for job in jobs if job is not None]
+        held.sort(key=lambda pair: pair[1].priority == keys.BATCH_PRIORITY)  # stable: arrival order kept
+        for job, record in held:
             structlog.contextvars.clear_contextvars()
             structlog.contextvars.bind_contextvars(job_id=job.id, request_id=record.request_id)
             with tracer.start_as_current_span("scheduler.review_held", context=record.trace_context()):

@@ -12,6 +12,7 @@ import structlog
 from prometheus_client import CollectorRegistry
 
 from scheduler import routing
+from scheduler.feeder import start_feeder
 from scheduler.loop import Scheduler
 from scheduler.reaper import Reaper
 from scheduler.tokens import PromptCounter
@@ -54,7 +55,7 @@ def main(settings: Settings | None = None) -> None:
         else None
     )
     log = structlog.get_logger()
-    redis = connect(settings.redis_url_or_default(), blocking=True)
+    redis = connect(settings.redis_url_or_default(), blocking=True, acks=settings.redis_acks())
     counter = PromptCounter(settings.cache_dir, settings.vocab_dir())
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -78,6 +79,7 @@ def main(settings: Settings | None = None) -> None:
         settings.heartbeat_ttl,
     )
     beat.start()
+    feeder = start_feeder(settings, metrics.registry if metrics else None, scheduler.webhooks, stop)
     log.info(
         "scheduler_started",
         name=name,
@@ -98,4 +100,5 @@ def main(settings: Settings | None = None) -> None:
         scheduler.run(stop, on_tick=reaper.sweep_if_due)
     finally:
         beat.stop()
+        feeder.join(timeout=5)
         log.info("scheduler_stopped", routed=scheduler.routed)

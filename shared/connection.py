@@ -22,6 +22,10 @@ from redis.backoff import AbstractBackoff, ExponentialBackoff
 from redis.connection import AbstractConnection, Connection, SSLConnection, UnixDomainSocketConnection
 from redis.exceptions import RedisError
 from redis.retry import Retry
+from redis.sentinel import SentinelManagedConnection
+
+from shared import sentinel
+from shared.replication import Acks
 
 T = TypeVar("T")
 
@@ -41,11 +45,20 @@ BLOCKING_COMMANDS = frozenset(
 """Commands that wait on the server by design (XREAD and XREADGROUP too, with BLOCK)."""
 
 
-def connect(url: str, *, blocking: bool = False, budgeted: bool = False, shared: int | None = None) -> Redis:
-    """A Redis client for `url`; `blocking` clients wait on BLMOVE/BLPOP, so reads never time out;
+def connect(
+    url: str,
+    *,
+    blocking: bool = False,
+    budgeted: bool = False,
+    shared: int | None = None,
+    acks: Acks | None = None,
+) -> Redis:
+    """A Redis client for `url` (redis://, rediss://, unix:// or redis+sentinel://, see
+    shared/sentinel.py); `blocking` clients wait on BLMOVE/BLPOP, so reads never time out;
     `budgeted` clients keep each request within its Redis budget (see `open_budget`); with `shared`,
     at most that many connections, which callers wait for (up to POOL_WAIT seconds) when all are
-    busy: thousands of greenlets share a few connections instead of opening one each.
+    busy: thousands of greenlets share a few connections instead of opening one each; `acks`: the
+    replicas that must hold a write the job store must not lose (shared/replication.py).
 
     redis-py 8 defaults socket_timeout to 5 s, which would cut RQ's and the scheduler's long
     blocking reads; short calls keep a timeout so a dead server is noticed.
@@ -53,23 +66,27 @@ def connect(url: str, *, blocking: bool = False, budgeted: bool = False, shared:
     if blocking and budgeted:
         raise ValueError("a blocking client waits without a bound; it cannot be budgeted")
     backoff = ExponentialBackoff(cap=2.0, base=0.1)
-    options: dict[str, Any] = {}
+    scheme = urlsplit(url).scheme
+    options: dict[str, Any] = {
+        "socket_timeout": None if blocking else SOCKET_TIMEOUT,
+        "socket_connect_timeout": 5.0,
+        "socket_keepalive": True,
+        "health_check_interval": 30,
+        "retry": BudgetedRetry(backoff, retries=3) if budgeted else Retry(backoff, retries=3),
+    }
     if budgeted:
-        scheme = urlsplit(url).scheme
         options["connection_class"] = BUDGETED_CONNECTIONS.get(scheme, BudgetedConnection)
-    if shared is not None:
-        options |= {"max_connections": shared, "timeout": POOL_WAIT}
-    pool = (BlockingConnectionPool if shared is not None else ConnectionPool).from_url(
-        url,
-        socket_timeout=None if blocking else SOCKET_TIMEOUT,
-        socket_connect_timeout=5.0,
-        socket_keepalive=True,
-        health_check_interval=30,
-        retry=BudgetedRetry(backoff, retries=3) if budgeted else Retry(backoff, retries=3),
-        **options,
-    )
+    pool: Any
+    if scheme == sentinel.SCHEME:
+        pool = sentinel.sentinel_pool(sentinel.parse(url), shared=shared, pool_wait=POOL_WAIT, **options)
+    elif shared is not None:
+        pool = BlockingConnectionPool.from_url(url, max_connections=shared, timeout=POOL_WAIT, **options)
+    else:
+        pool = ConnectionPool.from_url(url, **options)
     client = Redis(connection_pool=pool)
     client.auto_close_connection_pool = True  # as Redis.from_url's client: closing it closes its pool
+    if acks is not None:
+        acks.attach(client)
     return client
 
 
@@ -273,9 +290,14 @@ class BudgetedUnixConnection(_BudgetedSockets, UnixDomainSocketConnection):
     """A Unix socket connection (unix://) within the open budget."""
 
 
+class BudgetedSentinelConnection(_BudgetedSockets, SentinelManagedConnection):
+    """A TCP connection to the primary Sentinel names (redis+sentinel://) within the open budget."""
+
+
 BUDGETED_CONNECTIONS: dict[str, type[Any]] = {  # type[Any]: redis types the Unix one abstract
     "redis": BudgetedConnection,
     "rediss": BudgetedSSLConnection,
     "unix": BudgetedUnixConnection,
+    sentinel.SCHEME: BudgetedSentinelConnection,
 }
 """The budgeted connection class of each URL scheme."""

@@ -292,14 +292,25 @@ TERMINAL_STATUSES = frozenset(
 )
 """Statuses a job never leaves."""
 
-Priority = Literal["high", "normal", "low"]
-"""How soon a job is taken: the scheduler and the workers serve higher priorities first."""
+Priority = Literal["high", "normal", "low", "batch"]
+"""How soon a job is taken: the scheduler and the workers serve higher priorities first. `batch`,
+the lowest, only the batch feeder gives (a batch's lines); no client may ask for it."""
+
+SubmittedPriority = Literal["high", "normal", "low"]
+"""The priorities a client may ask for."""
+
+
+def refuse_batch_priority(value: object) -> object:
+    """A before-validator of a client's `priority`: `batch` is refused with the reason (422)."""
+    if value == "batch":
+        raise ValueError("priority `batch` is reserved for the lines of a batch (POST /v1/batches)")
+    return value
 
 
 class JobSubmission(JobRequest):
     """`POST /v1/jobs`: a generation request and how the job should be run and reported."""
 
-    priority: Priority = Field(default="normal", description="high, normal or low")
+    priority: SubmittedPriority = Field(default="normal", description="high, normal or low")
     deadline: AwareDatetime | None = Field(
         default=None,
         description="Latest start (ISO 8601 with a time zone, or unix seconds as a number); not started "
@@ -314,6 +325,8 @@ class JobSubmission(JobRequest):
         max_length=2048,
         description="https URL POSTed the job when it ends (Standard Webhooks signature)",
     )
+
+    _no_batch_priority = field_validator("priority", mode="before")(refuse_batch_priority)
 
     @field_validator("deadline", mode="before")
     @classmethod

@@ -85,6 +85,10 @@ def hub_wake(hub_id: str) -> str:
 HUB_WAKE_TTL = 600
 """Seconds a stream reader's wake stream outlives its last wake (its process may have died)."""
 
+REPLICATION_MARK = PREFIX + "replication:mark"
+"""Counter each acknowledged write increments, so the WAIT after it counts that connection's writes
+(shared/replication.py)."""
+
 
 def job_stream(job_id: str) -> str:
     """Key of the Redis stream of one job's events (start, token deltas, done or error)."""
@@ -119,9 +123,14 @@ API_KEY_IDS = PREFIX + "apikeys:ids"
 RATE_LIMIT_PREFIX = PREFIX + "ratelimit"
 """Prefix of the per-tenant rate-limit windows (kept by the `limits` library, with TTLs)."""
 
-PRIORITIES = ("high", "normal", "low")
+PRIORITIES = ("high", "normal", "low", "batch")
 """Job priorities, highest first. Each base queue has one RQ queue per priority (`normal` keeps the
-plain name), and consumers listen on them in this order: RQ's idiomatic priority."""
+plain name), and consumers listen on them in this order: RQ's idiomatic priority. `batch`, the
+lowest, is the Batch API's lines alone (no client submits it)."""
+
+BATCH_PRIORITY = "batch"
+"""The priority of a batch's lines: served after every other, outside the interactive backlog
+budgets, and held to `size - reserved` rows of a worker's batch (workers/fair_share.py)."""
 
 
 def priority_queue(base: str, priority: str) -> str:
@@ -139,6 +148,12 @@ INCOMING_QUEUES = queues_by_priority(INCOMING_QUEUE)
 
 ALL_QUEUES = INCOMING_QUEUES + tuple(q for base in WORKER_QUEUES for q in queues_by_priority(base))
 """Every RQ queue a job may wait in: what depths, metrics, capacity and the debug bundle report."""
+
+BATCH_QUEUES = tuple(priority_queue(base, BATCH_PRIORITY) for base in (INCOMING_QUEUE, *WORKER_QUEUES))
+"""The queues of batch-priority jobs (`incoming:batch`, `gpu-single:batch`, `gpu-multi:batch`)."""
+
+INTERACTIVE_QUEUES = tuple(q for q in ALL_QUEUES if q not in BATCH_QUEUES)
+"""The fixed queues of every other priority: what the interactive backlog budget counts."""
 
 SCHEDULER_WAKE = PREFIX + "scheduler:wake"
 """List the API pushes to after enqueueing, so a scheduler waiting on several queues wakes at once."""
@@ -199,6 +214,12 @@ def tenant_jobs(tenant: str) -> str:
 def idempotency(tenant: str, digest: str) -> str:
     """Key of one tenant's Idempotency-Key (by its SHA-256): the job it created and the body's hash."""
     return f"{PREFIX}idempotency:{scoped(tenant, digest)}"
+
+
+def stored_response(tenant: str, response_id: str) -> str:
+    """Key of one tenant's stored Response (`/v1/responses`): its request echo and conversation,
+    kept as long as its job (another tenant's same id names another key, which does not exist)."""
+    return f"{PREFIX}response:{scoped(tenant, response_id)}"
 
 
 RUNNING = PREFIX + "running"
@@ -294,3 +315,46 @@ def requeue_target(origin: str, priority: str) -> str:
     if origin.startswith(OWN_QUEUE_PREFIX):
         return priority_queue(INCOMING_QUEUE, priority)
     return origin
+
+
+# --- files and batches (shared/batches/) -----------------------------------------------------------
+
+
+def file_meta(tenant: str, file_id: str) -> str:
+    """Hash of one tenant's file: its FileObject fields, its byte and line counts."""
+    return f"{PREFIX}file:{scoped(tenant, file_id)}"
+
+
+def file_lines(tenant: str, file_id: str) -> str:
+    """List of one tenant's file's lines (JSONL, one entry per line, without its newline)."""
+    return f"{PREFIX}file:{scoped(tenant, file_id)}:lines"
+
+
+def tenant_files(tenant: str) -> str:
+    """Sorted set of one tenant's file ids (score: created_at), what `GET /v1/files` pages through."""
+    return f"{PREFIX}files:tenant:{key_part(tenant)}"
+
+
+def batch(tenant: str, batch_id: str) -> str:
+    """Hash of one tenant's batch: its Batch fields, counts and the feeder's cursor."""
+    return f"{PREFIX}batch:{scoped(tenant, batch_id)}"
+
+
+def batch_jobs(tenant: str, batch_id: str) -> str:
+    """Hash of job id -> line number of a batch's released lines whose job has not been settled."""
+    return f"{PREFIX}batch:{scoped(tenant, batch_id)}:jobs"
+
+
+def batch_open(tenant: str, batch_id: str) -> str:
+    """Hash of line number -> claim time of a batch's lines claimed and not yet settled (one write
+    per line takes it out: exactly one output or error line each)."""
+    return f"{PREFIX}batch:{scoped(tenant, batch_id)}:open"
+
+
+def tenant_batches(tenant: str) -> str:
+    """Sorted set of one tenant's batch ids (score: created_at), what `GET /v1/batches` pages through."""
+    return f"{PREFIX}batches:tenant:{key_part(tenant)}"
+
+
+ACTIVE_BATCHES = PREFIX + "batches:active"
+"""Sorted set of the batches the feeder works on (member: `scoped(tenant, id)`; score: created_at)."""

@@ -8,6 +8,9 @@ from typing import Annotated, Any, Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from shared import sentinel
+from shared.replication import Acks
+
 PRODUCTION_SAMPLE_RATIO = 0.03
 """Share of new traces sampled in production (a request can still force its own)."""
 
@@ -28,6 +31,27 @@ class Settings(BaseSettings):
         description="Redis URL with any credentials (redis://:password@host:port/0, redis://user:password@…"
         " for an ACL user, rediss:// for TLS); unset: `gptoss up` starts its own, locked with a password,"
         " others use localhost",
+    )
+    redis_sentinels: str | None = Field(
+        default=None,
+        description="Sentinels of a highly available Redis, host:port,host:port (instead of"
+        " GPTOSS_REDIS_URL; redis+sentinel:// in GPTOSS_REDIS_URL says the same)",
+    )
+    redis_sentinel_master: str = Field(default="gptoss", description="Name the Sentinels know the primary by")
+    redis_password: SecretStr | None = Field(
+        default=None, description="Password of the Redis primary that GPTOSS_REDIS_SENTINELS watch"
+    )
+    redis_sentinel_password: SecretStr | None = Field(
+        default=None, description="Password of the Sentinels themselves (their requirepass)"
+    )
+    redis_wait_replicas: int = Field(
+        default=0,
+        ge=0,
+        description="Replicas that must acknowledge an accepted job, a run's start and a job's end"
+        " (WAIT) before they count; 0: none (a failover may lose the last second of them)",
+    )
+    redis_wait_timeout_ms: int = Field(
+        default=1000, ge=1, description="Milliseconds to wait for those acknowledgements (then 503)"
     )
     redis_appendfsync: Literal["everysec", "always"] = Field(
         default="everysec",
@@ -130,6 +154,12 @@ class Settings(BaseSettings):
     )
     max_batch_size: int | None = Field(
         default=None, ge=1, description="Requests a worker decodes at once; unset: the profile's, else 8"
+    )
+    batch_reserved_slots: int | None = Field(
+        default=None,
+        ge=0,
+        description="Slots of a worker's batch that a batch's lines never take (kept for interactive "
+        "requests; at most the batch size - 1); unset: a quarter of the batch size, at least 1",
     )
     prefill_chunk: int = Field(
         default=512,
@@ -278,6 +308,34 @@ class Settings(BaseSettings):
     log_level: str = Field(default="info", description="Lowest level logged")
     log_content: bool = Field(default=False, description="Log prompt and completion text (off: never logged)")
 
+    file_max_bytes: int = Field(
+        default=64 * 1024 * 1024, ge=1, description="Largest file a tenant may upload (413 above)"
+    )
+    file_max_lines: int = Field(default=50_000, ge=1, description="Most lines (requests) of one batch file")
+    file_ttl: int = Field(
+        default=30 * 24 * 3600, ge=3600, description="Seconds an uploaded batch file lives unless it asks less"
+    )
+    tenant_file_bytes: int = Field(
+        default=256 * 1024 * 1024, ge=1, description="Bytes of files (uploads and batch outputs) a tenant may hold"
+    )
+    tenant_files: int = Field(default=100, ge=1, description="Files (uploads and outputs) a tenant may hold")
+    tenant_batches: int = Field(default=10, ge=1, description="Batches a tenant may have at work at once")
+    batch_ttl: int = Field(
+        default=30 * 24 * 3600, ge=3600, description="Seconds a batch, its output and error files live"
+    )
+    batch_jobs_in_flight: int = Field(
+        default=64, ge=1, description="Batch jobs released and not finished, all tenants together"
+    )
+    batch_tenant_jobs_in_flight: int = Field(
+        default=32, ge=1, description="Batch jobs of one tenant released and not finished (its batch quota)"
+    )
+    batch_jobs_waiting: int = Field(
+        default=16, ge=1, description="Batch jobs waiting for a worker at once; the feeder releases no more"
+    )
+    batch_feeder_interval: float = Field(
+        default=0.25, gt=0, description="Seconds between two rounds of the scheduler's batch feeder"
+    )
+
     @field_validator("tenant_weights", mode="before")
     @classmethod
     def _parse_weights(cls, value: Any) -> Any:
@@ -340,5 +398,21 @@ class Settings(BaseSettings):
         }
 
     def redis_url_or_default(self) -> str:
-        """The configured Redis URL, or the local default."""
+        """The configured Redis URL (redis+sentinel:// when Sentinels are named), or the local default."""
+        if self.redis_sentinels:
+            primary, watchers = self.redis_password, self.redis_sentinel_password
+            return sentinel.compose(
+                self.redis_sentinels,
+                self.redis_sentinel_master,
+                primary.get_secret_value() if primary else None,
+                watchers.get_secret_value() if watchers else None,
+            )
         return self.redis_url or DEFAULT_REDIS_URL
+
+    def redis_given(self) -> bool:
+        """A Redis is configured (a URL or Sentinels): `gptoss up` starts none of its own."""
+        return bool(self.redis_url or self.redis_sentinels)
+
+    def redis_acks(self) -> Acks:
+        """The replica acknowledgements the job store's writes wait for."""
+        return Acks(self.redis_wait_replicas, self.redis_wait_timeout_ms)

@@ -108,6 +108,11 @@ class WebhookSender:
                 log.warning("webhook_outbox_failed", message_id=message_id, error=str(exc))
         return self._submit(message_id, json.loads(value))
 
+    def deliver_entry(self, message_id: str, value: str) -> Future[bool] | None:
+        """Deliver an outbox entry that the transaction ending what it tells already wrote (a batch's
+        event, whose body is not a job's view)."""
+        return self._submit(message_id, json.loads(value)) if self.enabled else None
+
     def redeliver(self, older_than: float = keys.WEBHOOK_REDELIVER_AFTER, now: float | None = None) -> int:
         """Send again every outbox message older than `older_than` seconds (its sender died before
         delivering it): under the same id, so a receiver that got it already can tell."""

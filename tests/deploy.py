@@ -19,8 +19,13 @@ COMPOSE = ROOT / "compose"
 MAIN = COMPOSE / "docker-compose.yml"
 CPU = COMPOSE / "docker-compose.cpu.yml"
 CENTRAL = COMPOSE / "docker-compose.central.yml"
-SERVICES = {"redis", "api", "scheduler", "worker-single", "worker-multi", "prometheus", "alertmanager",
-            "grafana", "jaeger"}  # fmt: skip
+REDIS_NODES = ("redis-0", "redis-1", "redis-2")
+"""Compose's Redis: redis-0 the primary on a cold start, the others its replicas."""
+SENTINELS = ("sentinel-0", "sentinel-1", "sentinel-2")
+SERVICES = {*REDIS_NODES, *SENTINELS, "api", "scheduler", "worker-single", "worker-multi", "prometheus",
+            "alertmanager", "grafana", "jaeger"}  # fmt: skip
+K8S_WORKLOADS = SERVICES - {*REDIS_NODES, *SENTINELS} | {"redis"}
+"""Kubernetes runs the three Redis (each with its Sentinel) as one StatefulSet."""
 GPTOSS_SERVICES = ("api", "scheduler", "worker-single", "worker-multi")
 REDIS_PASSWORD = "0123abcd" * 8
 """What the tests set GPTOSS_REDIS_PASSWORD to (hex, as the docs say to make it)."""
@@ -78,12 +83,17 @@ REDIS_SECRET = {"gptoss-redis": {"password": REDIS_PASSWORD}}
 """The Secret the docs say to create by hand."""
 
 
-def container_env(container: dict[str, Any], secrets: dict[str, dict[str, str]]) -> dict[str, str]:
+def container_env(
+    container: dict[str, Any], secrets: dict[str, dict[str, str]], pod: dict[str, str] | None = None
+) -> dict[str, str]:
     """A container's `env` as the kubelet resolves it: Secrets read (a missing required one is an
-    error, as the pod would not start), `$(NAME)` expanded from the variables defined before it."""
+    error, as the pod would not start), the pod's fields (`pod`: fieldPath to value) filled in,
+    `$(NAME)` expanded from the variables defined before it."""
     env: dict[str, str] = {}
     for entry in container.get("env", []):
-        if "valueFrom" in entry:
+        if "fieldRef" in entry.get("valueFrom", {}):
+            env[entry["name"]] = (pod or {})[entry["valueFrom"]["fieldRef"]["fieldPath"]]
+        elif "valueFrom" in entry:
             ref = entry["valueFrom"]["secretKeyRef"]
             value = secrets.get(ref["name"], {}).get(ref["key"])
             if value is None:
@@ -100,3 +110,9 @@ def only_container(name: str) -> dict[str, Any]:
     (workload,) = [w for w in workloads() if w["metadata"]["name"] == name]
     (container,) = workload["spec"]["template"]["spec"]["containers"]
     return container
+
+
+def containers(name: str) -> dict[str, dict[str, Any]]:
+    """The containers of workload `name`, by name."""
+    (workload,) = [w for w in workloads() if w["metadata"]["name"] == name]
+    return {c["name"]: c for c in workload["spec"]["template"]["spec"]["containers"]}

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
+from typing import Any
+from unittest import mock
 
 import pytest
 import yaml
-from redis.connection import parse_url
 
-from shared import keys
+from shared import keys, sentinel
+from shared.replication import Acks
 from shared.settings import Settings
 from tests.deploy import (
     CENTRAL,
@@ -17,19 +20,35 @@ from tests.deploy import (
     CPU,
     GPTOSS_SERVICES,
     K8S,
+    K8S_WORKLOADS,
     MAIN,
+    REDIS_NODES,
     REDIS_PASSWORD,
     REDIS_SECRET,
     ROOT,
+    SENTINELS,
     SERVICES,
     compose,
     config,
     container_env,
+    containers,
     manifests,
     of_kind,
     only_container,
     workloads,
 )
+
+START = "/etc/gptoss-redis/start.sh"
+"""Where compose mounts compose/redis/start.sh, which every Redis and Sentinel runs."""
+
+
+def redis_address(env: dict[str, Any]) -> tuple[sentinel.SentinelAddress, Acks]:
+    """Where a process with environment `env` finds Redis, and the replicas its writes wait for,
+    as its settings read them."""
+    gptoss = {k: str(v) for k, v in env.items() if k.startswith("GPTOSS_") and v is not None}
+    with mock.patch.dict(os.environ, gptoss, clear=True):
+        settings = Settings()
+    return sentinel.parse(settings.redis_url_or_default()), settings.redis_acks()
 
 
 @pytest.mark.parametrize("files", [(MAIN,), (MAIN, CPU), (MAIN, CENTRAL)], ids=["gpu", "cpu", "central"])
@@ -50,7 +69,6 @@ def test_gpu_stack_shape() -> None:
     services = config(MAIN)["services"]
     assert set(services) == SERVICES
     assert all("healthcheck" in services[name] for name in SERVICES), "every service has a healthcheck"
-    assert "--appendonly" in services["redis"]["command"] and "yes" in services["redis"]["command"]
     for name, queue, gpus in (("worker-single", "gpu-single", 1), ("worker-multi", "gpu-multi", 2)):
         worker = services[name]
         assert worker["command"] == ["gptoss", "worker", "--queue", queue]
@@ -61,7 +79,7 @@ def test_gpu_stack_shape() -> None:
     for name in GPTOSS_SERVICES:
         env = services[name]["environment"]
         assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://jaeger:4318"
-        assert env["GPTOSS_REDIS_URL"] == f"redis://:{REDIS_PASSWORD}@redis:6379/0"
+        assert "GPTOSS_REDIS_URL" not in env, "the Sentinels say where the primary is"
         assert env["GPTOSS_MODEL"] == "gpt-oss-20b"
         assert env["GPTOSS_METRICS_HOST"] == "0.0.0.0"
     assert services["api"]["environment"]["GPTOSS_API_HOST"] == "0.0.0.0"
@@ -95,21 +113,59 @@ def test_compose_refuses_to_start_without_a_redis_password(files: tuple[Path, ..
 
 
 @pytest.mark.parametrize("files", [(MAIN,), (MAIN, CPU)], ids=["gpu", "cpu"])
-def test_compose_redis_requires_the_password_every_process_sends(files: tuple[Path, ...]) -> None:
-    model = config(*files)
-    redis = model["services"]["redis"]
-    (mounted,) = redis["configs"]
-    conf = model["configs"][mounted["source"]]["content"]
-    assert conf.splitlines() == [f'requirepass "{REDIS_PASSWORD}"']
-    # redis-server reads that file (its first argument); the password is not on its command line.
-    assert redis["command"][:2] == ["redis-server", mounted["target"]]
-    assert not any(REDIS_PASSWORD in arg for arg in redis["command"])
-    # The healthcheck authenticates (REDISCLI_AUTH) and needs PONG: NOAUTH would count as healthy.
-    assert redis["environment"]["REDISCLI_AUTH"] == REDIS_PASSWORD
-    assert redis["healthcheck"]["test"] == ["CMD-SHELL", "redis-cli ping | grep -q PONG"]
+def test_compose_processes_find_redis_through_three_sentinels(files: tuple[Path, ...]) -> None:
+    services = config(*files)["services"]
     for name in GPTOSS_SERVICES:
-        url = parse_url(model["services"][name]["environment"]["GPTOSS_REDIS_URL"])
-        assert (url["password"], url["host"], url["port"]) == (REDIS_PASSWORD, "redis", 6379), name
+        address, acks = redis_address(services[name]["environment"])
+        assert address.sentinels == tuple((s, 26379) for s in SENTINELS), name
+        assert address.service == "gptoss" and address.db == 0
+        assert address.password == address.sentinel_password == REDIS_PASSWORD
+        assert acks.replicas == 1, "an accepted job waits for a replica's copy"
+        # Started once every Sentinel is healthy: enough of them see each other to fail over.
+        healthy = {s for s, d in services[name]["depends_on"].items() if d["condition"] == "service_healthy"}
+        assert set(SENTINELS) <= healthy, name
+    for name in SENTINELS:
+        assert services[name]["environment"]["REDIS_SELF"] == f"{name}:26379"
+
+
+@pytest.mark.parametrize("files", [(MAIN,), (MAIN, CPU)], ids=["gpu", "cpu"])
+def test_compose_redis_and_sentinels_require_the_password_every_process_sends(
+    files: tuple[Path, ...],
+) -> None:
+    services = config(*files)["services"]
+    for name in (*REDIS_NODES, *SENTINELS):
+        service, role = services[name], "redis" if name in REDIS_NODES else "sentinel"
+        # Every node runs compose/redis/start.sh (tests/test_deploy_redis.py runs it), which writes the
+        # password (REDISCLI_AUTH) into the node's config file: it is not on the command line.
+        assert service["command"][:3] == ["sh", START, role]
+        (script,) = [v for v in service["volumes"] if v["target"] == START]
+        assert script["source"] == str(COMPOSE / "redis" / "start.sh") and script["read_only"]
+        assert not any(REDIS_PASSWORD in arg for arg in service["command"])
+        env = service["environment"]
+        assert env["REDISCLI_AUTH"] == REDIS_PASSWORD
+        # redis-0 first: the primary on a cold start.
+        assert env["REDIS_NODES"].split() == [f"{n}:6379" for n in REDIS_NODES]
+        assert env["SENTINEL_NODES"].split() == [f"{s}:26379" for s in SENTINELS]
+        assert env["SENTINEL_MASTER"] == "gptoss"
+        assert service["user"] == "redis"
+    for name in REDIS_NODES:
+        command = services[name]["command"]
+        options = dict(zip(command[3::2], command[4::2], strict=True))
+        assert (options["--appendonly"], options["--appendfsync"]) == ("yes", "everysec")
+        assert options["--min-replicas-to-write"] == "1", "a primary cut off from its replicas refuses writes"
+        assert services[name]["environment"]["REDIS_SELF"] == f"{name}:6379"
+        # The healthcheck authenticates (REDISCLI_AUTH) and needs PONG: NOAUTH would count as healthy.
+        assert services[name]["healthcheck"]["test"] == ["CMD-SHELL", "redis-cli ping | grep -q PONG"]
+    data = {n: v["source"] for n in REDIS_NODES for v in services[n]["volumes"] if v["target"] == "/data"}
+    assert data["redis-0"] == "redis-data", "the single Redis's volume: its AOF carries over"
+    assert len(set(data.values())) == len(REDIS_NODES)
+    for name in SENTINELS:
+        env = services[name]["environment"]
+        assert env["SENTINEL_QUORUM"] == "2", "2 of the 3 Sentinels must agree the primary is down"
+        assert services[name]["healthcheck"]["test"] == [
+            "CMD-SHELL",
+            "redis-cli -p 26379 sentinel ckquorum gptoss | grep -q ^OK",
+        ]
 
 
 def test_cpu_variant_runs_the_embedded_default() -> None:
@@ -170,7 +226,7 @@ def test_manifests_parse_and_kustomization_lists_them() -> None:
         for entry in generator["files"]:
             assert (COMPOSE / entry.split("=")[-1]).is_file(), entry
     names = {w["metadata"]["name"] for w in workloads()}
-    assert names == SERVICES
+    assert names == K8S_WORKLOADS
 
 
 def test_manifests_use_only_the_compose_images() -> None:
@@ -205,23 +261,23 @@ def test_ports_and_probes_exist() -> None:
     assert {"/healthz", "/readyz", "/metrics"} <= paths
     for workload in workloads():
         component = workload["metadata"]["labels"]["app.kubernetes.io/component"]
-        (container,) = workload["spec"]["template"]["spec"]["containers"]
-        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-        if component in listening:
-            assert set(ports.values()) == {listening[component]}, workload["metadata"]["name"]
-        for kind in ("readinessProbe", "livenessProbe", "startupProbe"):
-            probe = container.get(kind, {}).get("httpGet")
-            if not probe:
-                continue
-            port = ports[probe["port"]] if isinstance(probe["port"], str) else probe["port"]
-            assert port in ports.values()
+        for container in workload["spec"]["template"]["spec"]["containers"]:
+            ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+            if component in listening:
+                assert set(ports.values()) == {listening[component]}, workload["metadata"]["name"]
+            for kind in ("readinessProbe", "livenessProbe", "startupProbe"):
+                probe = container.get(kind, {}).get("httpGet")
+                if not probe:
+                    continue
+                port = ports[probe["port"]] if isinstance(probe["port"], str) else probe["port"]
+                assert port in ports.values()
+                if component == "api":
+                    assert probe["path"] in paths
+                elif component in listening:
+                    assert probe["path"] == "/metrics"
             if component == "api":
-                assert probe["path"] in paths
-            elif component in listening:
-                assert probe["path"] == "/metrics"
-        if component == "api":
-            assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
-            assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+                assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+                assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
 
 
 def test_services_reach_pods_on_open_ports() -> None:
@@ -232,10 +288,8 @@ def test_services_reach_pods_on_open_ports() -> None:
         ]
         assert matched, service["metadata"]["name"]
         for workload in matched:
-            (container,) = workload["spec"]["template"]["spec"]["containers"]
-            open_ports = {p["name"] for p in container["ports"]} | {
-                p["containerPort"] for p in container["ports"]
-            }
+            ports = [p for c in workload["spec"]["template"]["spec"]["containers"] for p in c["ports"]]
+            open_ports = {p["name"] for p in ports} | {p["containerPort"] for p in ports}
             assert all(p["targetPort"] in open_ports for p in service["spec"]["ports"]), service["metadata"]
 
 
@@ -271,29 +325,73 @@ def test_k8s_prometheus_finds_every_process() -> None:
 # --- the Redis password on Kubernetes -----------------------------------------------------------
 
 
-def test_k8s_gptoss_processes_reach_redis_with_the_secret_password() -> None:
+def k8s_redis_pods() -> list[str]:
+    """The stable DNS names of the Redis StatefulSet's pods, through its headless Service."""
+    (redis,) = [w for w in workloads() if w["metadata"]["name"] == "redis"]
+    (service,) = [s for s in of_kind("Service") if s["metadata"]["name"] == redis["spec"]["serviceName"]]
+    assert service["spec"]["clusterIP"] == "None", "headless: one name per pod"
+    assert service["spec"]["publishNotReadyAddresses"], "a replica reaches its primary before it is ready"
+    assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == {"redis": 6379, "sentinel": 26379}
+    name = f"{service['metadata']['name']}.{service['metadata']['namespace']}.svc.cluster.local"
+    return [f"redis-{i}.{name}" for i in range(redis["spec"]["replicas"])]
+
+
+def test_k8s_gptoss_processes_find_redis_through_three_sentinels() -> None:
     configmap = next(d for d in of_kind("ConfigMap") if d["metadata"]["name"] == "gptoss-env")["data"]
-    assert "GPTOSS_REDIS_URL" not in configmap, "a URL without the password would be used"
+    assert "GPTOSS_REDIS_URL" not in configmap, "the Sentinels say where the primary is"
+    pods = k8s_redis_pods()
+    assert len(pods) == 3
     for name in GPTOSS_SERVICES:
         container = only_container(name)
         assert container["envFrom"] == [{"configMapRef": {"name": "gptoss-env"}}]
-        url = parse_url(container_env(container, REDIS_SECRET)["GPTOSS_REDIS_URL"])
-        assert (url["password"], url["host"], url["port"]) == (REDIS_PASSWORD, "redis", 6379), name
+        # The container's own env wins over the ConfigMap's, as on the kubelet.
+        address, acks = redis_address({**configmap, **container_env(container, REDIS_SECRET)})
+        assert address.sentinels == tuple((pod, 26379) for pod in pods), name
+        assert address.service == "gptoss"
+        assert address.password == address.sentinel_password == REDIS_PASSWORD
+        assert acks.replicas == 1
         with pytest.raises(LookupError, match="gptoss-redis/password"):
             container_env(container, {})
 
 
-def test_k8s_redis_requires_the_secret_password() -> None:
-    container = only_container("redis")
-    env = container_env(container, REDIS_SECRET)
-    args = [re.sub(r"\$\((\w+)\)", lambda m: env[m[1]], arg) for arg in container["args"]]
-    assert args[args.index("--requirepass") + 1] == REDIS_PASSWORD
-    assert "--appendonly" in args
-    # The probe's redis-cli authenticates (REDISCLI_AUTH) and needs PONG: NOAUTH is not ready.
-    assert env["REDISCLI_AUTH"] == REDIS_PASSWORD
-    assert container["readinessProbe"]["exec"]["command"] == ["sh", "-c", "redis-cli ping | grep -q PONG"]
-    with pytest.raises(LookupError):
-        container_env(container, {})
+def test_k8s_redis_and_sentinels_run_the_compose_script_with_the_secret_password() -> None:
+    redis = containers("redis")
+    assert set(redis) == {"redis", "sentinel"}, "each Redis with its Sentinel"
+    (workload,) = [w for w in workloads() if w["metadata"]["name"] == "redis"]
+    volumes = {v["name"]: v for v in workload["spec"]["template"]["spec"]["volumes"]}
+    kustomization = yaml.safe_load((COMPOSE / "kustomization.yaml").read_text())
+    generated = {g["name"]: g["files"] for g in kustomization["configMapGenerator"]}
+    assert generated["redis-scripts"] == ["redis/start.sh"], "the script compose runs"
+    pods = k8s_redis_pods()
+    for role, container in redis.items():
+        (mount,) = [m for m in container["volumeMounts"] if volumes[m["name"]].get("configMap")]
+        assert volumes[mount["name"]]["configMap"]["name"] == "redis-scripts"
+        assert container["command"] == ["sh", f"{mount['mountPath']}/start.sh", role]
+        assert not any(REDIS_PASSWORD in arg for arg in container["command"] + container.get("args", []))
+        env = container_env(container, REDIS_SECRET, {"metadata.name": "redis-1"})
+        port = 6379 if role == "redis" else 26379
+        assert env["REDISCLI_AUTH"] == REDIS_PASSWORD  # the password start.sh writes; redis-cli's
+        assert env["REDIS_SELF"] == f"{pods[1]}:{port}"
+        assert env["REDIS_NODES"].split() == [f"{pod}:6379" for pod in pods]
+        assert env["SENTINEL_NODES"].split() == [f"{pod}:26379" for pod in pods]
+        assert env["SENTINEL_MASTER"] == "gptoss"
+        with pytest.raises(LookupError):
+            container_env(container, {}, {"metadata.name": "redis-1"})
+    # The options compose's Redis runs with (AOF, min-replicas-to-write 1), and the same quorum.
+    assert redis["redis"]["args"] == config(MAIN)["services"]["redis-0"]["command"][3:]
+    sentinel_env = container_env(redis["sentinel"], REDIS_SECRET, {"metadata.name": "redis-0"})
+    assert sentinel_env["SENTINEL_QUORUM"] == "2"
+    # The probes authenticate (REDISCLI_AUTH) and need PONG, or OK from the Sentinel's quorum check.
+    assert redis["redis"]["readinessProbe"]["exec"]["command"] == [
+        "sh",
+        "-c",
+        "redis-cli ping | grep -q PONG",
+    ]
+    assert redis["sentinel"]["readinessProbe"]["exec"]["command"] == [
+        "sh",
+        "-c",
+        "redis-cli -p 26379 sentinel ckquorum gptoss | grep -q ^OK",
+    ]
 
 
 def test_keda_needs_no_redis_password() -> None:

@@ -51,7 +51,9 @@ def test_the_composed_api_counts_prompt_tokens(redis_url: str, prepared_models, 
     (cache,) = [v for v in api["volumes"] if v["source"] == "model-cache"]
     port = free_port()
     env = {
-        **{k: str(v) for k, v in api["environment"].items() if v is not None and not k.startswith("OTEL_")},
+        # The tests' Redis instead of compose's Sentinels (tests/test_deploy_redis.py runs those).
+        **{k: str(v) for k, v in api["environment"].items()
+           if v is not None and not k.startswith(("OTEL_", "GPTOSS_REDIS_"))},
         "GPTOSS_REDIS_URL": redis_url, "GPTOSS_API_HOST": "127.0.0.1", "GPTOSS_API_PORT": str(port),
         # The volume's mount point, here: the cache the tests prepared (where a worker would have).
         "GPTOSS_CACHE_DIR": str(Path(prepared_models.cache_dir)), "HF_HOME": str(processes.logs / "hf"),

@@ -94,7 +94,7 @@ def main(settings: Settings | None = None, burst: bool = False) -> None:
         if settings.observability
         else None
     )
-    redis = connect(settings.redis_url_or_default(), blocking=True)
+    redis = connect(settings.redis_url_or_default(), blocking=True, acks=settings.redis_acks())
     worker, heartbeat = build_worker(settings, redis, placement.device, metrics)
     if metrics is not None:
         worker.report.metrics_url = serve_metrics(

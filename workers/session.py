@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import sys
 import time
-from functools import partial
 from typing import Any
 
 import structlog
@@ -21,7 +20,7 @@ from rq.worker import BaseWorker
 
 from shared.affinity import mark_decoding, unmark_decoding
 from shared.contract import JobRequest
-from shared.jobstore import fair_queue, lifecycle, rqstore, runs
+from shared.jobstore import lifecycle, rqstore, runs
 from shared.jobstore.events import EventBuffer
 from workers import fair_share
 from workers.batch import Decoder, tokens_to_prefill
@@ -31,6 +30,7 @@ from workers.guard import MemoryGuard
 from workers.kv_budget import KvBudget
 from workers.memory import TOO_BIG_ALONE, OutOfMemory, is_out_of_memory
 from workers.prefill import prefill_groups
+from workers.row_intake import Holder, RowIntake, holders
 from workers.run import JobRun
 from workers.settling import Settler
 from workers.slots import Follower, Followers, Slot, Started, read_job, request_row
@@ -70,6 +70,9 @@ class BatchSession:
         self.settler = Settler(self.redis, worker, state)
         self.cancels = CancelReader(self.redis, self.settler)
         self._queues = {q.name: q for q in worker.queues}  # in the order they are served
+        reserved = fair_share.reserved_rows(size, worker.settings.batch_reserved_slots)
+        weights = worker.settings.tenant_weights
+        self.intake = RowIntake(self.redis, worker.name, [*self._queues], weights, size, reserved)
 
     @property
     def kv_bytes(self) -> int:
@@ -104,37 +107,30 @@ class BatchSession:
             self._keep_alive()
 
     def _take_more(self) -> list[Slot]:
-        """Jobs waiting in the worker's queues, while there is room and the worker may take them: tenants
-        under their fair share of the slots first, and only they in a full batch, up to its row limit
-        (workers/fair_share.py); a free slot goes to anyone."""
+        """Jobs waiting in the worker's queues that may join now (workers/row_intake.py)."""
         joining: list[Slot] = []
-        limit, names = fair_share.row_limit(self.size), [*self._queues]
-        if self.held >= limit or self._full or not (waiting := fair_queue.waiting_tenants(self.redis, names)):
-            return joining
-        weights = self.worker.settings.tenant_weights
-        take = partial(runs.take, self.redis, self.worker.name, names, weights=weights)
-        while self.held < limit and not self._full and not self.worker.stopping and self.guard.may_take():
-            holding = [s.run.record.tenant_or_default for s in (*self.slots.values(), *self.followers.all())]
-            skip = fair_share.at_share(holding, waiting, weights, self.size)
-            taken = take(skip_tenants=skip) if waiting - skip else None
-            if taken is None and skip and self.held < self.size:  # a free slot: anyone's
-                taken = take()
-            if taken is None:
-                break
-            joining += self._admit(taken[0], self._queues[taken[1]])
+        for job, name in self.intake.takes(self._holders, self._room):
+            joining += self._admit(job, self._queues[name])
         return joining
+
+    def _holders(self) -> list[Holder]:
+        return holders(self.slots.values(), self.followers.all(), self._promoted)
+
+    def _room(self) -> bool:
+        return not self._full and not self.worker.stopping and self.guard.may_take()
 
     def _admit(self, job: Job, queue: Queue) -> list[Slot]:
         """Start `job` (or give it back when it does not fit the KV budget): the slot, if it joins."""
         request, prompt_ids, unreadable = read_job(job, self.bound.runtime)
         worst = len(prompt_ids) + (request.max_tokens or 1) if request and prompt_ids is not None else 0
         lengths = [tokens for s in self.slots.values() for tokens in s.row.worst_cases()]
-        if not self.budget.admits(lengths + [worst] * ((request.n if request else 1) - 1), worst):
+        record = lifecycle.read(job)
+        if not self.intake.fits(self.budget, lengths, worst, request, line := Holder.of(record).line):
             runs.give_back(self.redis, job, queue.name)
-            self._full = True
-            log.info("batch_full", job_id=job.id, rows=len(lengths), kv_budget=self.budget.budget)
+            self._full = self._full or not line
+            log.info("batch_full", job_id=job.id, rows=len(self.slots), kv_budget=self.budget.budget)
             return []
-        run = JobRun(job, lifecycle.read(job), self.bound, self.events)
+        run = JobRun(job, record, self.bound, self.events)
         with run.logging():
             started = self._start(job, queue, run)
             if started is None:
@@ -330,7 +326,7 @@ class BatchSession:
             if slot.row.error is None and not slot.run.cancel.cancelled and not slot.run.superseded:
                 self._keep_session(slot)
         self.decoder.drop(ended)
-        self._full = False
+        self._full = self.intake.lines_full = False
         for key in ended:
             slot = self.slots[key]
             if slot.run.superseded:

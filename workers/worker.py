@@ -31,7 +31,7 @@ from shared.heartbeat import Heartbeat, WorkerBeat
 from shared.jobstore import ledger, lifecycle, rqstore, runs
 from shared.metrics import WorkerMetrics
 from shared.settings import Settings
-from workers import context
+from workers import context, fair_share
 from workers.context import WorkerContext
 from workers.guard import MemoryGuard
 from workers.kv_budget import KvBudget
@@ -128,11 +128,15 @@ class GenerationWorker(SimpleWorker):
         PRESSURE_CHECK s it checks memory (pausing while critical) and renews RQ's worker key."""
         queues = {q.name: q for q in self.queues}
         wakes = [keys.worker_wake(name) for name in queues]
+        size = self.settings.batch_size()  # a batch's line starts a batch as it would join one
+        names = fair_share.first_queues(
+            list(queues), size, fair_share.reserved_rows(size, self.settings.batch_reserved_slots)
+        )
         self.set_state(WorkerStatus.IDLE)
         self._pause_while_critical()
         idle_since = checked = time.monotonic()
         while not self.stopping:
-            taken = runs.take(self.connection, self.name, list(queues), weights=self.settings.tenant_weights)
+            taken = runs.take(self.connection, self.name, names, weights=self.settings.tenant_weights)
             if taken is not None:
                 return taken[0], queues[taken[1]]
             now = time.monotonic()

@@ -144,7 +144,7 @@ class StreamHub:
                 self._reading = False
             self.rounds += 1
             if read:
-                self._hand_over(read)
+                self._hand_over(read, wanted)
 
     def _wake_round(self) -> None:
         """End the round under way now (its streams are read again with the new follower's); a lost
@@ -168,7 +168,7 @@ class StreamHub:
                 wanted[subscription.key] = subscription.cursor
         return wanted
 
-    def _hand_over(self, read: list[Any]) -> None:
+    def _hand_over(self, read: list[Any], wanted: dict[Any, Any]) -> None:
         with self._lock:
             by_key: dict[str, list[Subscription]] = {}
             for subscription in self._subscriptions:
@@ -176,8 +176,11 @@ class StreamHub:
             for raw_key, raw_entries in read:
                 key = raw_key.decode() if isinstance(raw_key, bytes) else str(raw_key)
                 entries = [(_text(entry_id), fields) for entry_id, fields in raw_entries]
+                start = _entry_id(_text(wanted.get(key, "0-0")))
                 for subscription in by_key.get(key, []):
                     after = _entry_id(subscription.cursor)
+                    if after < start:  # subscribed during the round, behind where it read: a gap
+                        continue  # its own cursor is read from in the next round
                     fresh = [entry for entry in entries if _entry_id(entry[0]) > after]
                     if fresh:
                         subscription.hand(fresh)

@@ -25,6 +25,7 @@ from shared.cancellation import request_cancel
 from shared.drain import leave_backlog
 from shared.jobstore import events, ledger, rqstore
 from shared.jobstore.record import Ending, JobRecord
+from shared.replication import acknowledge
 
 log = structlog.get_logger()
 
@@ -84,6 +85,7 @@ def enqueue(
     if also is not None:
         also(pipe, job.id)
     pipe.execute()
+    acknowledge(redis, "accepted job")  # a 202 promises a job a failover cannot lose
     return job
 
 
@@ -103,6 +105,7 @@ def create_finished(
         description=description,
     )
     events.write_whole(redis, str(job.id), result, record.timestamps.model_dump(), record.retention)
+    acknowledge(redis, "finished job")
     return job
 
 
@@ -160,6 +163,7 @@ def cancel(redis: Redis, job: Job, message: str) -> JobRecord | None:
                 pipe.expire(job.key, record.retention)
                 leave_backlog(pipe, record.tenant, job.id)
                 pipe.execute()
+                acknowledge(redis, "cancelled job", strict=False)
                 return record
             except WatchError:
                 continue
@@ -206,6 +210,8 @@ def hand_back(
                 outcome, record = _hand_back(pipe, job, reason, max_retries, count_attempt)
             except WatchError:
                 continue
+        # The lost run's fence: a replica that missed it would let that run write again.
+        acknowledge(redis, "hand-back", strict=False)
         if outcome == "failed":
             log.warning("job_failed", job_id=job_id, code="worker_lost", retries=record.retries)
         else:
@@ -282,8 +288,9 @@ workers' own queues (those of RQ's queue set ARGV[1] whose key starts with ARGV[
 
 def waiting_count(redis: Redis) -> int:
     """Jobs accepted but not yet started: in every queue, held, or in the scheduler's hands (one
-    round trip: every submission asks)."""
-    fixed = [rqstore.queue_key(name) for name in keys.ALL_QUEUES]
+    round trip: every submission asks). A batch's waiting lines are not counted (the batch quota
+    bounds them, and the feeder releases only a few at a time); those held or in hand are."""
+    fixed = [rqstore.queue_key(name) for name in keys.INTERACTIVE_QUEUES]
     own = rqstore.queue_key(keys.OWN_QUEUE_PREFIX)
     script = redis.register_script(_WAITING)
     return int(script(keys=[keys.SCHEDULER_INFLIGHT, keys.SCHEDULER_HELD, *fixed],

@@ -26,6 +26,7 @@ from shared.drain import leave_backlog
 from shared.jobstore import fair_queue, ledger, lifecycle, rqstore
 from shared.jobstore.events import DONE, ERROR, Fence
 from shared.jobstore.record import Ending, JobRecord
+from shared.replication import acknowledge
 
 Settled = Literal["settled", "superseded"]
 
@@ -69,7 +70,11 @@ def _next_token(redis: Redis, job_id: str) -> int:
     pipe = redis.pipeline()
     pipe.incr(keys.fence(job_id))
     pipe.expire(keys.fence(job_id), keys.FENCE_TTL)
-    return int(pipe.execute()[0])
+    token = int(pipe.execute()[0])
+    # Before the run writes anything: a promoted replica without this token would hand the next
+    # run the same one, and two runs would both hold the fence.
+    acknowledge(redis, "run's fencing token")
+    return token
 
 
 def fence_of(job: Job, token: int) -> Fence:
@@ -175,6 +180,7 @@ def settle(
                 if webhook is not None:  # the webhook message outlives a worker that dies now
                     pipe.hset(keys.WEBHOOK_OUTBOX, *webhook)
                 pipe.execute()
+                acknowledge(redis, "job's end", strict=False)  # written: it cannot be undone
                 return "settled"
             except WatchError:
                 continue
