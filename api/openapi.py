@@ -20,6 +20,7 @@ from api.openai_types import (
     ModelList,
     TextCompletion,
 )
+from api.responses_types import ResponseRequest
 from shared.contract import JobList, JobStatus, JobSubmission, JobView
 
 bp = Blueprint("openapi", __name__)
@@ -80,6 +81,7 @@ ERRORS = {
 }
 
 JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
+RESPONSE_ID = {"name": "response_id", "in": "path", "required": True, "schema": {"type": "string"}}
 
 
 @dataclass(frozen=True)
@@ -139,6 +141,29 @@ OPERATIONS = (
     Operation(
         "post", "/v1/completions", "OpenAI text completion (stream: Server-Sent chunks)",
         body=CompletionRequest, ok={200: (TextCompletion, TextCompletion)}, errors=SYNC_ERRORS,
+    ),
+    Operation(
+        "post", "/v1/responses", "OpenAI Response (stream: Server-Sent events; background: answered at once)",
+        body=ResponseRequest, ok={200: ("application/json", None)}, errors=(*SYNC_ERRORS, 400),
+        parameters=({"name": "Idempotency-Key", "in": "header", "schema": {"type": "string"}},),
+    ),
+    Operation(
+        "get", "/v1/responses/{response_id}", "A response; stream=true: its events after starting_after",
+        ok={200: ("application/json", None)}, errors=(401, 404, 410, 422, 429),
+        parameters=(RESPONSE_ID, {"name": "stream", "in": "query", "schema": {"type": "boolean"}},
+                    {"name": "starting_after", "in": "query", "schema": {"type": "integer", "minimum": 0}}),
+    ),
+    Operation(
+        "post", "/v1/responses/{response_id}/cancel", "Cancel a background response",
+        ok={200: ("application/json", None)}, errors=(400, 401, 404, 409, 410), parameters=(RESPONSE_ID,),
+    ),
+    Operation(
+        "delete", "/v1/responses/{response_id}", "Forget a stored response",
+        ok={200: ("application/json", None)}, errors=(401, 404), parameters=(RESPONSE_ID,),
+    ),
+    Operation(
+        "get", "/v1/responses/{response_id}/input_items", "A response's input items",
+        ok={200: ("application/json", None)}, errors=(401, 404, 422), parameters=(RESPONSE_ID,),
     ),
     Operation("get", "/v1/models", "The served model", ok={200: ModelList}, errors=(401,)),
     Operation(

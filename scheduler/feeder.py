@@ -5,10 +5,10 @@ in_progress, finalizing, completed; or failed, expired, cancelling, cancelled.""
 
 from __future__ import annotations
 
-import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import structlog
@@ -17,27 +17,19 @@ from prometheus_client import CollectorRegistry
 from redis import Redis
 from redis.exceptions import RedisError
 
-from api.batch_lines import line_answer, line_error, line_submission
+from scheduler.line_jobs import LineJobs, custom_id_of, stopped_message
 from scheduler.tokens import PromptCounter
 from shared import keys
 from shared.batches import lines as batch_lines
-from shared.batches.ledger import CLAIMED, RELEASED, BatchLedger, Settled, event_value
+from shared.batches.ledger import CLAIMED, RELEASED, BatchLedger, event_value
 from shared.batches.metrics import BATCH_STATUSES, BatchMetrics
 from shared.batches.records import BatchErrorEntry, BatchErrors, StoredBatch
 from shared.batches.release import BatchLoad, Caps, release_plan
 from shared.batches.store import READ_CHUNK, RedisFileStore
 from shared.cancellation import cancels_requested
 from shared.connection import connect
-from shared.contract import TERMINAL_STATUSES, JobResult, JobStatus
-from shared.errors import GptossError
+from shared.contract import TERMINAL_STATUSES, JobStatus
 from shared.jobstore import lifecycle, rqstore
-from shared.jobstore.record import JobRecord
-from shared.jobstore.views import build_view
-from shared.normalise import canonical
-from shared.preparation import prepare
-from shared.prompts import ModelNotPrepared
-from shared.registry import ModelSpec
-from shared.retention import remember
 from shared.settings import Settings
 from shared.tracing import context_from
 from shared.webhooks import WebhookSender
@@ -47,9 +39,6 @@ tracer = trace.get_tracer("gptoss.scheduler")
 
 CLAIM_STALE = 30.0
 """Seconds after which a line claimed but never made a job is taken over (its feeder died between)."""
-
-STOPPED_CODES = {"expire": "batch_expired", "cancel": "batch_cancelled"}
-"""The error code of a line a stopping batch did not let finish."""
 
 
 class Feeder:
@@ -64,10 +53,11 @@ class Feeder:
         webhooks: WebhookSender | None = None,
         clock: Callable[[], float] = time.time,
     ):
-        self._settings, self._redis, self._counter = settings, redis, counter
+        self._settings, self._redis = settings, redis
         self._metrics, self._webhooks, self._clock = metrics, webhooks, clock
         self._files = RedisFileStore(redis)
         self._ledger = BatchLedger(redis)
+        self._jobs = LineJobs(settings, redis, counter, self._ledger, clock)
         self._caps = Caps(
             settings.batch_jobs_in_flight, settings.batch_tenant_jobs_in_flight, settings.batch_jobs_waiting
         )
@@ -87,6 +77,7 @@ class Feeder:
 
     def round(self) -> None:
         """One round: settle what ended, move statuses, release lines where the caps leave room."""
+        structlog.contextvars.clear_contextvars()
         active = self._ledger.active()
         if not active:
             self._gauge([], 0, 0)
@@ -95,37 +86,43 @@ class Feeder:
         with tracer.start_as_current_span(
             "batch.feeder_round", attributes={"gptoss.batch.active": len(active)}
         ):
-            batches: list[StoredBatch] = []
-            loads: list[BatchLoad] = []
-            waiting = in_flight = 0
-            for tenant, batch_id in active:
-                batch = self._ledger.get(tenant, batch_id)
-                if batch is None:  # its record is gone (flushed by hand): nothing left to feed
-                    self._redis.zrem(keys.ACTIVE_BATCHES, keys.scoped(tenant, batch_id))
-                    continue
-                structlog.contextvars.bind_contextvars(batch_id=batch.id, tenant=batch.tenant)
-                try:
-                    batch, load, batch_waiting = self._tend(batch)
-                except RedisError:
-                    raise
-                except Exception:  # one batch's trouble must not stop the others
-                    log.exception("batch_round_failed")
-                    continue
-                finally:
-                    structlog.contextvars.unbind_contextvars("batch_id", "tenant")
-                batches.append(batch)
-                waiting += batch_waiting
-                if load is not None:
-                    loads.append(load)
-                    in_flight += load.in_flight
+            tended = [t for t in (self._tend_one(tenant, batch_id) for tenant, batch_id in active) if t]
+            loads = [load for _, load, _ in tended if load is not None]
+            waiting = sum(count for _, _, count in tended)
             plan = release_plan(loads, waiting, self._caps, self._turn)
             self._turn += 1
-            for batch in batches:
+            for batch, _, _ in tended:
                 if count := plan.get(batch.id, 0):
-                    self._release(batch, count)
-            self._gauge(batches, in_flight + sum(plan.values()), waiting + sum(plan.values()))
+                    with self._about(batch):
+                        self._release(batch, count)
+            released = sum(plan.values())
+            in_flight = sum(load.in_flight for load in loads)
+            self._gauge([batch for batch, _, _ in tended], in_flight + released, waiting + released)
         if self._metrics is not None:
             self._metrics.round_duration.observe(time.perf_counter() - started)
+
+    def _tend_one(self, tenant: str, batch_id: str) -> tuple[StoredBatch, BatchLoad | None, int] | None:
+        batch = self._ledger.get(tenant, batch_id)
+        if batch is None:  # its record is gone (flushed by hand): nothing left to feed
+            self._redis.zrem(keys.ACTIVE_BATCHES, keys.scoped(tenant, batch_id))
+            return None
+        with self._about(batch):
+            return self._tend(batch)
+        return None  # its round failed, logged: tried again next round
+
+    @contextmanager
+    def _about(self, batch: StoredBatch) -> Iterator[None]:
+        """Log lines name the batch; its trouble is logged and stops no other batch (Redis's own
+        trouble stops the round)."""
+        structlog.contextvars.bind_contextvars(batch_id=batch.id, tenant=batch.tenant)
+        try:
+            yield
+        except RedisError:
+            raise
+        except Exception:
+            log.exception("batch_round_failed")
+        finally:
+            structlog.contextvars.unbind_contextvars("batch_id", "tenant")
 
     # --- one batch's round -------------------------------------------------------------------------
 
@@ -208,37 +205,7 @@ class Feeder:
         self, batch: StoredBatch, line: int, job_id: str, custom_id: str, job: Any, stopping: str
     ) -> None:
         """Write the output or error line of the ended `job` of line `line`."""
-        outcome: Settled
-        if job is None:
-            status, body = line_error("job_expired", "The line's job expired before its result was read.")
-            text, outcome, label = (
-                batch_lines.failed_line(custom_id, job_id, status, body),
-                "failed",
-                "failed",
-            )
-        else:
-            record = lifecycle.read(job)
-            rq_status = job.get_status(refresh=False)
-            result = job.return_value() if rq_status == "finished" else None
-            view = build_view(job.id, record, rq_status, result)
-            if view.status is JobStatus.FINISHED and view.result is not None:
-                created = int(record.at("finished") or self._clock())
-                body = line_answer(batch.endpoint, job_id, created, JobResult.model_validate(result))
-                text, outcome, label = (
-                    batch_lines.output_line(custom_id, job_id, body),
-                    "completed",
-                    "completed",
-                )
-            else:
-                code = view.error.code if view.error else "job_failed"
-                message = view.error.message if view.error else "The job failed."
-                outcome, label = "failed", "failed"
-                if stopping and code == "job_cancelled":  # stopped by the batch, not by its own fault
-                    code, label = STOPPED_CODES[stopping], "expired" if stopping == "expire" else "cancelled"
-                    text = batch_lines.unrun_line(custom_id, code, _stopped_message(stopping))
-                else:
-                    status, body = line_error(code, message, rejected=view.status is JobStatus.REJECTED)
-                    text = batch_lines.failed_line(custom_id, job_id, status, body)
+        text, outcome, label = self._jobs.ending(batch, job_id, custom_id, job, stopping)
         if self._ledger.settle(batch, line, outcome, text, int(self._clock())):
             self._count_line(label)
             log.info("batch_line_settled", line=line + 1, job_id=job_id, outcome=outcome)
@@ -248,7 +215,7 @@ class Feeder:
         asked = cancels_requested(self._redis, [job.id for job in jobs])
         for job in jobs:
             if job.id not in asked:
-                lifecycle.cancel(self._redis, job, _stopped_message(stopping))
+                lifecycle.cancel(self._redis, job, stopped_message(stopping))
 
     def _stale_claim(self, batch: StoredBatch, line: int, value: str, stopping: str, now: float) -> None:
         """A line claimed by a feeder that died before its job existed: released again, or, when
@@ -256,8 +223,8 @@ class Feeder:
         if stopping == "cancel":
             self._ledger.forget(batch, line)
         elif stopping == "expire":
-            custom_id = _custom_id(self._files.lines(batch.tenant, batch.input_file_id, line, 1))
-            text = batch_lines.unrun_line(custom_id, "batch_expired", _stopped_message("expire"))
+            custom_id = custom_id_of(self._files.lines(batch.tenant, batch.input_file_id, line, 1))
+            text = batch_lines.unrun_line(custom_id, "batch_expired", stopped_message("expire"))
             if self._ledger.settle(batch, line, "failed", text, int(now)):
                 self._count_line("expired")
         elif self._ledger.reclaim(batch.tenant, batch.id, line, value, now):
@@ -282,12 +249,12 @@ class Feeder:
     def _write_unrun(self, batch: StoredBatch, now: int) -> None:
         """The error lines (`batch_expired`) of every line never claimed, a chunk at a time."""
         cursor = batch.cursor
-        message = _stopped_message("expire")
+        message = stopped_message("expire")
         while cursor < batch.total:
             chunk = self._files.lines(batch.tenant, batch.input_file_id, cursor, READ_CHUNK)
             count = min(READ_CHUNK, batch.total - cursor)
             texts = [
-                batch_lines.unrun_line(_custom_id(chunk[i : i + 1]), "batch_expired", message)
+                batch_lines.unrun_line(custom_id_of(chunk[i : i + 1]), "batch_expired", message)
                 for i in range(count)
             ]
             if not self._ledger.unrun(batch, cursor, texts, now):
@@ -335,58 +302,14 @@ class Feeder:
                 self._metrics.lines_released.inc(released)
 
     def _release_line(self, batch: StoredBatch, line: int, raw: str | None) -> int:
-        now = self._clock()
-        if raw is None:  # the input file expired or was deleted under the batch
-            text = batch_lines.unrun_line(
-                "", "input_file_missing", "The batch's input file no longer exists."
-            )
-            self._settle_refused(batch, line, text, "input_file_missing")
-            return 0
-        entry = json.loads(raw)
-        custom_id = str(entry["custom_id"])
-        try:
-            submission = canonical(line_submission(batch.endpoint, entry["body"]))
-            payload, model, _, prompt_tokens = prepare(submission.request(), self._settings, self._tokenizer)
-        except GptossError as exc:
-            self._settle_refused(
-                batch, line, batch_lines.failed_line(custom_id, None, exc.status, exc.to_dict()), exc.code
-            )
-            return 0
-        record = JobRecord(
-            request_id=f"{batch.id}:{line + 1}",
-            model=model,
-            tenant=batch.tenant,
-            priority="batch",  # keys.BATCH_PRIORITY, as the record's type spells it
-            retention=self._settings.result_ttl,
-            prompt_tokens=prompt_tokens,
-        )
-        record.stamp("received", now)
-        record.carry_trace()  # the job's spans continue the batch's release span
-
-        def released(pipe: Any, job_id: str) -> None:  # in the transaction that creates the job
-            self._ledger.released(pipe, batch.tenant, batch.id, line, job_id, custom_id)
-            remember(pipe, job_id, batch.tenant, now, record.retention)
-
-        lifecycle.enqueue(
-            self._redis,
-            payload.model_dump(mode="json"),
-            record,
-            timeout=self._settings.job_timeout,
-            description=f"generate {model} (batch)",
-            also=released,
-        )
-        return 1
-
-    def _settle_refused(self, batch: StoredBatch, line: int, text: str, code: str) -> None:
+        refused = self._jobs.release(batch, line, raw)
+        if refused is None:
+            return 1
+        text, code = refused
         if self._ledger.settle(batch, line, "failed", text, int(self._clock())):
             self._count_line("refused")
             log.info("batch_line_refused", line=line + 1, code=code)
-
-    def _tokenizer(self, spec: ModelSpec) -> Any | None:
-        try:
-            return self._counter.tokenizer(spec)
-        except ModelNotPrepared:
-            return None
+        return 0
 
     # --- telemetry ----------------------------------------------------------------------------------
 
@@ -401,17 +324,6 @@ class Feeder:
             self._metrics.batches.labels(status).set(sum(b.status == status for b in batches))
         self._metrics.jobs_in_flight.set(in_flight)
         self._metrics.jobs_waiting.set(waiting)
-
-
-def _custom_id(raw: list[str]) -> str:
-    """The custom_id of an input line (as uploaded, checked then), or '' when the line is gone."""
-    return str(json.loads(raw[0]).get("custom_id", "")) if raw else ""
-
-
-def _stopped_message(stopping: str) -> str:
-    if stopping == "expire":
-        return "The batch's completion window ended before this request finished."
-    return "The batch was cancelled before this request finished."
 
 
 def start_feeder(

@@ -25,6 +25,7 @@ from scheduler.feeder import Feeder
 from scheduler.tokens import PromptCounter
 from shared import keys
 from shared.apikeys import create_key
+from shared.batches.ledger import BatchLedger
 from shared.batches.metrics import BatchMetrics
 from shared.jobstore import rqstore
 from shared.settings import Settings
@@ -430,3 +431,25 @@ def test_an_ended_batch_is_told_to_its_webhook_signed(rig: Callable[..., BatchRi
             input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h",
             extra_body={"webhook": "ftp://example.com/x"},
         )  # fmt: skip
+
+
+def test_a_line_claimed_by_a_feeder_that_died_is_released_again(rig: Callable[..., BatchRig]) -> None:
+    bench = rig()
+    uploaded = upload(bench.acme, [chat_line(f"s-{i}") for i in range(3)])
+    batch = bench.acme.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    bench.step(work_too=False)  # validated; all 3 released
+    ledger = BatchLedger(bench.redis)
+    # Another feeder claimed one more line, then died before its job existed: a claim with no job.
+    bench.redis.hset(keys.batch("acme", batch.id), "total", 4)
+    assert list(ledger.claim("acme", batch.id, 1, bench.clock())) == [3]
+    bench.redis.rpush(keys.file_lines("acme", uploaded.id), json.dumps(chat_line("s-3")))
+    bench.step()  # the three run; the claim is fresh, so it waits
+    assert bench.acme.batches.retrieve(batch.id).status == "in_progress"
+    bench.clock.advance(60)  # the claim is stale now
+    batch = bench.run_until_ended(batch.id)
+    assert batch.status == "completed"
+    assert sorted(o["custom_id"] for o in file_lines(bench.acme, batch.output_file_id)) == [
+        f"s-{i}" for i in range(4)
+    ]

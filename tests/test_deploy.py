@@ -364,7 +364,7 @@ def test_k8s_redis_and_sentinels_run_the_compose_script_with_the_secret_password
     assert generated["redis-scripts"] == ["redis/start.sh"], "the script compose runs"
     pods = k8s_redis_pods()
     for role, container in redis.items():
-        (mount,) = [m for m in container["volumeMounts"] if volumes[m["name"]].get("configMap")]
+        (mount,) = [m for m in container["volumeMounts"] if volumes.get(m["name"], {}).get("configMap")]
         assert volumes[mount["name"]]["configMap"]["name"] == "redis-scripts"
         assert container["command"] == ["sh", f"{mount['mountPath']}/start.sh", role]
         assert not any(REDIS_PASSWORD in arg for arg in container["command"] + container.get("args", []))

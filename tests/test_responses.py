@@ -28,7 +28,7 @@ from shared.jobstore.events import JobEvent
 from shared.tools import call_channel
 from tests.conftest import Stack, start_stack, wait_for
 from workers.tiny_model import CONVERSATIONS
-from workers.tiny_tools import TOOLS, WEATHER_ANSWER, WEATHER_QUESTION, WEATHER_REASONING, run_tool
+from workers.tiny_tools import TOOLS, WEATHER_ANSWER, WEATHER_QUESTION, run_tool
 
 MODEL = "tiny-gpt-oss"
 FLAT_TOOLS = [{"type": "function", **t["function"]} for t in TOOLS]
@@ -254,6 +254,11 @@ def test_cancel_while_queued_and_while_running(stack: Stack) -> None:
     plain = client.responses.create(model=MODEL, input="hi", max_output_tokens=8, temperature=0)
     with pytest.raises(openai.BadRequestError):
         client.responses.cancel(plain.id)
+    # A client that leaves a stream that is not background cancels its job (as chat completions do).
+    stream = client.responses.create(model=MODEL, input=LONG, stream=True, temperature=2.0, max_output_tokens=4000)
+    left = next(e for e in stream if e.type == "response.in_progress").response.id  # type: ignore[union-attr]
+    stream.close()
+    wait_for(lambda: job(stack, left)["status"] == "cancelled", 60, "the abandoned stream's job to be cancelled")
 
 
 def test_previous_response_id_continues_the_conversation_on_cached_tokens(stack: Stack) -> None:
@@ -273,27 +278,26 @@ def test_previous_response_id_continues_the_conversation_on_cached_tokens(stack:
 
 def test_a_function_call_then_its_output_gets_the_answer(stack: Stack) -> None:
     client = stack.client()
-    first = client.responses.create(model=MODEL, input=WEATHER_QUESTION, tools=FLAT_TOOLS, temperature=0,
-                                    max_output_tokens=100)  # type: ignore[arg-type]  # fmt: skip
-    kinds = [item.type for item in first.output]
-    assert kinds == ["reasoning", "function_call"] and first.output_text == ""
-    call = first.output[1]
-    assert call.type == "function_call" and call.name == "get_weather"
-    assert json.loads(call.arguments) == {"city": "Paris"} and call.call_id.startswith("call_")
-    assert first.output[0].content is not None and first.output[0].content[0].text == WEATHER_REASONING  # type: ignore[union-attr]
-    output = {
-        "type": "function_call_output",
-        "call_id": call.call_id,
-        "output": run_tool(call.name, call.arguments),
-    }
-    answer = client.responses.create(model=MODEL, previous_response_id=first.id, input=[output],  # type: ignore[list-item]
+    weather: Any = {"type": "function", "name": "get_weather"}
+    first = client.responses.create(model=MODEL, input=WEATHER_QUESTION, tools=FLAT_TOOLS, tool_choice=weather,
+                                    temperature=0, max_output_tokens=100)  # type: ignore[arg-type]  # fmt: skip
+    assert first.output[-1].type == "function_call" and first.output_text == ""
+    assert "message" not in [item.type for item in first.output] and first.tool_choice.model_dump() == weather  # type: ignore[union-attr]
+    call = first.output[-1]
+    assert call.name == "get_weather" and call.call_id.startswith("call_") and call.status == "completed"
+    assert json.loads(call.arguments) == {"city": "Paris"}
+    # The client runs the function; its output continues the response (which holds the call).
+    output: Any = {"type": "function_call_output", "call_id": call.call_id,
+                   "output": run_tool(call.name, call.arguments)}  # fmt: skip
+    answer = client.responses.create(model=MODEL, previous_response_id=first.id, input=[output],
                                      tools=FLAT_TOOLS, temperature=0, max_output_tokens=100)  # type: ignore[arg-type]  # fmt: skip
-    assert answer.output_text == WEATHER_ANSWER
+    assert answer.output_text == WEATHER_ANSWER and answer.usage is not None
+    assert answer.usage.input_tokens_details.cached_tokens > 0
 
 
 def test_text_format_json_schema_gives_valid_json(stack: Stack) -> None:
     response = stack.client().responses.create(
-        model=MODEL, input="What is 2+2?", temperature=0, max_output_tokens=200,
+        model=MODEL, input=CONVERSATIONS[0][0], temperature=0, max_output_tokens=200,
         text={"format": {"type": "json_schema", "name": "person", "schema": PERSON, "strict": True}},
     )  # fmt: skip
     assert response.status == "completed"
