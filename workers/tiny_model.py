@@ -27,7 +27,10 @@ training in seconds (the tests of tool calls leave the effort unset)."""
 TRAIN_STEPS = 300
 """Most optimiser steps; training stops earlier once the loss is below TARGET_LOSS."""
 
-TARGET_LOSS = 0.01
+TARGET_LOSS = 0.002
+"""Loss the training stops at. At 0.01 a seeded run ended a hair under it on one machine and its greedy
+answers repeated a phrase; a fifth of that leaves every trained answer a clear margin (about 60%
+more steps, seconds on a CPU)."""
 
 CONVERSATIONS = [
     ("What is the capital of France?", "The user asks for the capital of France. It is Paris.",
