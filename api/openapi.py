@@ -11,6 +11,7 @@ from flask import Blueprint, Response, jsonify
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from api.batches import BatchCreate
 from api.openai_types import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -21,6 +22,7 @@ from api.openai_types import (
     TextCompletion,
 )
 from api.responses_types import ResponseRequest
+from shared.batches.records import BatchObject, FileObject
 from shared.contract import JobList, JobStatus, JobSubmission, JobView
 
 bp = Blueprint("openapi", __name__)
@@ -63,10 +65,10 @@ class Readiness(BaseModel):
 
 ERRORS = {
     400: "The body is not JSON: invalid_json, invalid_encoding (not UTF-8), json_too_deep (over 64 levels), "
-    "non_finite_number (NaN, Infinity), duplicate_key",
+    "non_finite_number (NaN, Infinity), duplicate_key; invalid_file (a batch upload's bad lines, numbered)",
     401: "No valid API key (when keys are required)",
     403: "Admin endpoints are off",
-    404: "Unknown job, route or model",
+    404: "Unknown job, response, file, batch, route or model",
     409: "Idempotency-Key reused with another body, or the job already ended",
     410: "The job expired (past its retention)",
     413: "Body or prompt too large",
@@ -74,13 +76,19 @@ ERRORS = {
     "lone_surrogate, unsupported_parameter (an OpenAI parameter set beyond its default); tool calls: "
     "invalid_tool_schema, duplicate_tool_name, unknown_tool_choice, unknown_tool_call_id, tools_unsupported "
     "(the model's chat format cannot call tools)",
-    429: "Backlog full or rate limited (see Retry-After)",
+    429: "Backlog full, rate limited (see Retry-After), or a file or batch quota reached",
     500: "The job failed",
     503: "Job store unreachable, admission busy, or the job was rejected",
     504: "The job's deadline passed before it started",
 }
 
 JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
+FILE_ID = {"name": "file_id", "in": "path", "required": True, "schema": {"type": "string"}}
+BATCH_ID = {"name": "batch_id", "in": "path", "required": True, "schema": {"type": "string"}}
+LIST_PAGE = (
+    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1}},
+    {"name": "after", "in": "query", "schema": {"type": "string"}},
+)
 RESPONSE_ID = {"name": "response_id", "in": "path", "required": True, "schema": {"type": "string"}}
 
 
@@ -170,6 +178,27 @@ OPERATIONS = (
         "get", "/v1/models/{model}", "One served model", ok={200: ModelCard}, errors=(401, 404),
         parameters=({"name": "model", "in": "path", "required": True, "schema": {"type": "string"}},),
     ),
+    Operation(
+        "post", "/v1/files", "Upload a JSONL batch file (multipart: file, purpose=batch, "
+        "expires_after[anchor], expires_after[seconds]); bad lines are refused, numbered",
+        ok={200: FileObject}, errors=(400, 401, 413, 422, 429),
+    ),
+    Operation("get", "/v1/files", "Your files", ok={200: ("application/json", None)}, errors=(401, 422),
+              parameters=LIST_PAGE),
+    Operation("get", "/v1/files/{file_id}", "A file", ok={200: FileObject}, errors=(401, 404),
+              parameters=(FILE_ID,)),
+    Operation("delete", "/v1/files/{file_id}", "Delete a file", ok={200: ("application/json", None)},
+              errors=(401, 404), parameters=(FILE_ID,)),
+    Operation("get", "/v1/files/{file_id}/content", "A file's lines (JSONL)",
+              ok={200: ("application/jsonl", None)}, errors=(401, 404), parameters=(FILE_ID,)),
+    Operation("post", "/v1/batches", "Run a file's requests as a batch", body=BatchCreate,
+              ok={200: BatchObject}, errors=(400, 401, 404, 422, 429)),
+    Operation("get", "/v1/batches", "Your batches, newest first", ok={200: ("application/json", None)},
+              errors=(401, 422), parameters=LIST_PAGE),
+    Operation("get", "/v1/batches/{batch_id}", "A batch", ok={200: BatchObject}, errors=(401, 404),
+              parameters=(BATCH_ID,)),
+    Operation("post", "/v1/batches/{batch_id}/cancel", "Cancel a batch", ok={200: BatchObject},
+              errors=(401, 404, 409), parameters=(BATCH_ID,)),
     Operation("get", "/admin/capacity", "Workers, queues, held jobs", ok={200: ("application/json", None)},
               errors=(401, 403), admin=True),
     Operation("get", "/admin/debug-bundle", "Diagnostics archive", ok={200: ("application/gzip", None)},

@@ -253,11 +253,9 @@ def _reasoning_tokens(model: str) -> Callable[[str], int]:
     tokenizer = prompt_tokenizer(model_spec(model), on="request")
 
     def count(text: str) -> int:
-        if not text or tokenizer is None:
-            return 0
-        if hasattr(tokenizer, "encode") and not callable(tokenizer):
-            return len(tokenizer.encode(text))
-        return len(tokenizer(text)["input_ids"])
+        # Harmony's and Hugging Face's tokenizers both `encode` text to ids; only harmony models
+        # (HarmonyChat) have a reasoning channel, and its `encode` adds no special tokens.
+        return len(tokenizer.encode(text)) if text and tokenizer is not None else 0
 
     return count
 

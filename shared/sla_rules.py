@@ -21,7 +21,7 @@ from pathlib import Path
 
 from prometheus_client.utils import floatToGoString
 
-from shared import service_rules, sla
+from shared import service_rules, sla, slo, slo_rules, slo_tests
 from shared.sla import ServiceTargets, SlaTarget
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -232,7 +232,15 @@ def render_tests(targets: dict[str, SlaTarget] | None = None, service: ServiceTa
 def rendered() -> dict[Path, str]:
     """Every generated file (relative to the repository) and its content."""
     targets, service = sla.sla_targets(), sla.service_targets()
-    return {RULES_FILE: render_rules(targets, service), TESTS_FILE: render_tests(targets, service)}
+    files = {RULES_FILE: render_rules(targets, service), TESTS_FILE: render_tests(targets, service)}
+    # The error budgets (issue #25): their rules, promtool tests and dashboard panels.
+    config = slo.slo_config()
+    objectives = slo.slos(targets, service, config)
+    files[slo_rules.RULES_FILE] = slo_rules.render_rules(objectives, config)
+    files |= {slo_tests.test_file(t): slo_tests.render_tests(t, objectives, config) for t in slo.TIERS}
+    dashboard = (ROOT / slo_rules.DASHBOARD_FILE).read_text()
+    files[slo_rules.DASHBOARD_FILE] = slo_rules.render_dashboard(dashboard, config)
+    return files
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,7 @@ import requests
 from openai._models import validate_type
 from openai.types.responses import Response as SdkResponse
 from openai.types.responses import ResponseStreamEvent
+from redis import Redis
 
 from api.body import parse_body
 from api.responses_events import ResponseEvents, translate
@@ -25,6 +26,7 @@ from api.responses_types import ResponseHead, ResponseRequest, ResponseRequestEr
 from shared.apikeys import create_key
 from shared.errors import UnsupportedParameter
 from shared.jobstore.events import JobEvent
+from shared.jobstore.hub import StreamHub, Subscription
 from shared.tools import call_channel
 from tests.conftest import Stack, start_stack, wait_for
 from workers.tiny_model import CONVERSATIONS
@@ -37,16 +39,17 @@ FLAT_TOOLS = [{"type": "function", **t["function"]} for t in TOOLS]
 LONG = "Write the numbers from one to ten thousand in words, one per line, and never stop."
 """A prompt tiny-gpt-oss was never trained on: sampled at temperature 2 it runs for tens of seconds."""
 
-PERSON = {
+WEATHER = {
     "type": "object",
     "properties": {
-        "name": {"type": "string", "maxLength": 12},
-        "age": {"type": "integer", "minimum": 0, "maximum": 120},
-        "colour": {"enum": ["red", "green", "blue"]},
+        "city": {"type": "string", "maxLength": 16},
+        "celsius": {"type": "integer", "minimum": -50, "maximum": 60},
+        "sky": {"enum": ["sunny", "cloudy", "rainy"]},
     },
-    "required": ["name", "age", "colour"],
+    "required": ["city", "celsius", "sky"],
     "additionalProperties": False,
 }
+"""The structured output's schema."""
 
 
 # --- pure: the request's mapping and the stream translator ------------------------------------------
@@ -60,19 +63,37 @@ def head(background: bool = True) -> ResponseHead:
 
 
 def result(**fields: Any) -> dict[str, Any]:
-    usage = {"prompt_tokens": 20, "completion_tokens": 9, "total_tokens": 29,
-             "prompt_tokens_details": {"cached_tokens": 12}}  # fmt: skip
-    return {"text": "", "reasoning": "Think.", "finish_reason": "stop", "usage": usage, "model": MODEL,
-            "worker": "w", "queue": "gpu-single", "timings": {"finished": 1_700_000_001.0}, **fields}  # fmt: skip
+    usage = {
+        "prompt_tokens": 20,
+        "completion_tokens": 9,
+        "total_tokens": 29,
+        "prompt_tokens_details": {"cached_tokens": 12},
+    }
+    return {
+        "text": "",
+        "reasoning": "Think.",
+        "finish_reason": "stop",
+        "usage": usage,
+        "model": MODEL,
+        "worker": "w",
+        "queue": "gpu-single",
+        "timings": {"finished": 1_700_000_001.0},
+        **fields,
+    }
 
 
 def job_events(*ending: JobEvent) -> list[JobEvent]:
     """A run that reasons, then calls a function, then (given) ends."""
     call = call_channel(0, "call_1", "get_weather")
-    return [JobEvent("start", {}), JobEvent("token", {"channel": "analysis", "text": "Thi"}),
-            JobEvent("token", {"channel": "analysis", "text": "nk."}), JobEvent("token", {"channel": call, "text": ""}),
-            JobEvent("token", {"channel": call, "text": '{"city":'}),
-            JobEvent("token", {"channel": call, "text": '"Paris"}'}), *ending]  # fmt: skip
+    return [
+        JobEvent("start", {}),
+        JobEvent("token", {"channel": "analysis", "text": "Thi"}),
+        JobEvent("token", {"channel": "analysis", "text": "nk."}),
+        JobEvent("token", {"channel": call, "text": ""}),
+        JobEvent("token", {"channel": call, "text": '{"city":'}),
+        JobEvent("token", {"channel": call, "text": '"Paris"}'}),
+        *ending,
+    ]
 
 
 def stream_of(events: list[JobEvent], after: int = -1, background: bool = True) -> list[dict[str, Any]]:
@@ -94,10 +115,16 @@ def test_translator_is_deterministic_resumable_and_parsed_by_the_sdk() -> None:
     for event in stream:
         validate_type(type_=ResponseStreamEvent, value=event)  # type: ignore[arg-type]
     types = [e["type"] for e in stream]
-    assert types[:4] == ["response.created", "response.in_progress", "response.output_item.added",
-                         "response.content_part.added"]  # fmt: skip
-    assert stream[0]["response"]["status"] == "queued" and stream_of([], background=False)[0]["response"][
-        "status"] == "in_progress"  # fmt: skip
+    assert types[:4] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+    ]
+    assert (
+        stream[0]["response"]["status"] == "queued"
+        and stream_of([], background=False)[0]["response"]["status"] == "in_progress"
+    )
     assert "".join(e["delta"] for e in stream if e["type"] == "response.reasoning_text.delta") == "Think."
     arguments = "".join(e["delta"] for e in stream if e["type"] == "response.function_call_arguments.delta")
     assert arguments == '{"city":"Paris"}' and types[-1] == "response.completed"
@@ -112,8 +139,13 @@ def test_translator_is_deterministic_resumable_and_parsed_by_the_sdk() -> None:
 
 
 def test_translator_ends_incomplete_failed_or_cancelled() -> None:
-    cut = stream_of([JobEvent("start", {}), JobEvent("token", {"channel": "final", "text": "Hel"}),
-                     JobEvent("done", result(text="Hel", reasoning=None, finish_reason="length"))])  # fmt: skip
+    cut = stream_of(
+        [
+            JobEvent("start", {}),
+            JobEvent("token", {"channel": "final", "text": "Hel"}),
+            JobEvent("done", result(text="Hel", reasoning=None, finish_reason="length")),
+        ]
+    )
     assert cut[-1]["type"] == "response.incomplete"
     assert cut[-1]["response"]["incomplete_details"] == {"reason": "max_output_tokens"}
     assert cut[-2]["item"]["status"] == "incomplete" and cut[-2]["item"]["content"][0]["text"] == "Hel"
@@ -135,16 +167,24 @@ def test_input_items_tools_and_format_map_onto_the_job_contract() -> None:
     body = {
         "input": [
             {"role": "user", "content": WEATHER_QUESTION},
-            {"type": "reasoning", "id": "rs_1", "summary": [], "content": [{"type": "reasoning_text", "text": "R"}]},
+            {
+                "type": "reasoning",
+                "id": "rs_1",
+                "summary": [],
+                "content": [{"type": "reasoning_text", "text": "R"}],
+            },
             {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{}"},
             {"type": "function_call", "call_id": "c2", "name": "get_time", "arguments": "{}"},
             {"type": "function_call_output", "call_id": "c1", "output": "sunny"},
             {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "And?"}]},
         ],
-        "instructions": "Be brief.", "tools": FLAT_TOOLS, "tool_choice": {"type": "function", "name": "get_time"},
-        "text": {"format": {"type": "json_schema", "name": "person", "schema": PERSON}},
-        "reasoning": {"effort": "minimal"}, "max_output_tokens": 50,
-    }  # fmt: skip
+        "instructions": "Be brief.",
+        "tools": FLAT_TOOLS,
+        "tool_choice": {"type": "function", "name": "get_time"},
+        "text": {"format": {"type": "json_schema", "name": "weather", "schema": WEATHER}},
+        "reasoning": {"effort": "minimal"},
+        "max_output_tokens": 50,
+    }
     params = parse_body(body, ResponseRequest)
     job = params.submission(params.new_messages(), "s1")
     assert [m.role for m in job.messages or []] == ["developer", "user", "assistant", "tool", "user"]
@@ -159,16 +199,30 @@ def test_input_items_tools_and_format_map_onto_the_job_contract() -> None:
     assert job.reasoning_effort == "low" and job.session_id == "s1"
     assert job.tool_choice is not None and not isinstance(job.tool_choice, str)
     # Not implemented: refused by name, never ignored.
-    for extra, name in [({"tools": [{"type": "web_search"}]}, "tools[0].type"),
-                        ({"include": ["reasoning.encrypted_content"]}, "include"),
-                        ({"truncation": "auto"}, "truncation"), ({"conversation": "c"}, "conversation"),
-                        ({"input": [{"type": "item_reference", "id": "x"}]}, "input[0].type"),
-                        ({"reasoning": {"summary": "auto"}}, "summary")]:  # fmt: skip
+    for extra, name in [
+        ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
+        ({"include": ["reasoning.encrypted_content"]}, "include"),
+        ({"truncation": "auto"}, "truncation"),
+        ({"conversation": "c"}, "conversation"),
+        ({"input": [{"type": "item_reference", "id": "x"}]}, "input[0].type"),
+        ({"reasoning": {"summary": "auto"}}, "summary"),
+    ]:
         with pytest.raises(UnsupportedParameter) as refused:
             parse_body({"input": "hi", **extra}, ResponseRequest)
         assert name in refused.value.message
     with pytest.raises(ResponseRequestError):
         parse_body({"input": "hi", "background": True, "store": False}, ResponseRequest)
+
+
+def test_the_hub_never_hands_a_late_follower_entries_past_a_gap(redis: Redis) -> None:
+    # A replay (starting_after) that subscribes while another follower of the same job is read from a
+    # later entry must not be handed that round's entries: it would skip the ones in between.
+    hub = StreamHub(redis)
+    early, late = Subscription("k", "5-0"), Subscription("k", "0-0")
+    hub._subscriptions |= {early, late}
+    hub._hand_over([(b"k", [(b"6-0", {}), (b"7-0", {})])], {"k": "5-0"})
+    assert [entry_id for entry_id, _ in early.take(0)] == ["6-0", "7-0"]
+    assert late.take(0) == [] and late.cursor == "0-0"  # read from its own cursor next round
 
 
 # --- the real processes, through the official client --------------------------------------------------
@@ -178,9 +232,12 @@ def test_input_items_tools_and_format_map_onto_the_job_contract() -> None:
 def stack(redis_url: str, prepared_models, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     # One batch slot: a second job waits in the worker's queue while a long one runs.
     running, procs = start_stack(
-        redis_url, prepared_models.cache_dir, tmp_path_factory.mktemp("responses"), MODEL,
+        redis_url,
+        prepared_models.cache_dir,
+        tmp_path_factory.mktemp("responses"),
+        MODEL,
         GPTOSS_MAX_BATCH_SIZE=1,
-    )  # fmt: skip
+    )
     try:
         yield running
     finally:
@@ -194,8 +251,15 @@ def job(stack: Stack, job_id: str) -> dict[str, Any]:
 def test_background_response_is_polled_to_completion(stack: Stack) -> None:
     client = stack.client()
     question, analysis, final = CONVERSATIONS[0]
-    created = client.responses.create(model=MODEL, input=question, background=True, temperature=0,
-                                      max_output_tokens=80, reasoning={"effort": "low"}, metadata={"k": "v"})  # fmt: skip
+    created = client.responses.create(
+        model=MODEL,
+        input=question,
+        background=True,
+        temperature=0,
+        max_output_tokens=80,
+        reasoning={"effort": "low"},
+        metadata={"k": "v"},
+    )
     assert created.background and created.status in ("queued", "in_progress", "completed")
     wait_for(lambda: client.responses.retrieve(created.id).status == "completed", 90, "the response")
     done = client.responses.retrieve(created.id)
@@ -214,8 +278,9 @@ def test_background_response_is_polled_to_completion(stack: Stack) -> None:
 def test_a_background_stream_left_mid_way_resumes_without_loss_or_duplicates(stack: Stack) -> None:
     client = stack.client()
     question, analysis, final = CONVERSATIONS[4]
-    stream = client.responses.create(model=MODEL, input=question, background=True, stream=True, temperature=0,
-                                     max_output_tokens=80)  # fmt: skip
+    stream = client.responses.create(
+        model=MODEL, input=question, background=True, stream=True, temperature=0, max_output_tokens=80
+    )
     first = []
     for event in stream:
         first.append(event)
@@ -237,8 +302,9 @@ def test_a_background_stream_left_mid_way_resumes_without_loss_or_duplicates(sta
 
 def test_cancel_while_queued_and_while_running(stack: Stack) -> None:
     client = stack.client()
-    running = client.responses.create(model=MODEL, input=LONG, background=True, temperature=2.0,
-                                      max_output_tokens=4000)  # fmt: skip
+    running = client.responses.create(
+        model=MODEL, input=LONG, background=True, temperature=2.0, max_output_tokens=4000
+    )
     wait_for(lambda: job(stack, running.id)["status"] == "started", 90, "the long response to run")
     queued = client.responses.create(model=MODEL, input="hi", background=True, max_output_tokens=8)
     wait_for(lambda: job(stack, queued.id)["status"] == "scheduled", 30, "the second response to wait")
@@ -255,10 +321,14 @@ def test_cancel_while_queued_and_while_running(stack: Stack) -> None:
     with pytest.raises(openai.BadRequestError):
         client.responses.cancel(plain.id)
     # A client that leaves a stream that is not background cancels its job (as chat completions do).
-    stream = client.responses.create(model=MODEL, input=LONG, stream=True, temperature=2.0, max_output_tokens=4000)
+    stream = client.responses.create(
+        model=MODEL, input=LONG, stream=True, temperature=2.0, max_output_tokens=4000
+    )
     left = next(e for e in stream if e.type == "response.in_progress").response.id  # type: ignore[union-attr]
     stream.close()
-    wait_for(lambda: job(stack, left)["status"] == "cancelled", 60, "the abandoned stream's job to be cancelled")
+    wait_for(
+        lambda: job(stack, left)["status"] == "cancelled", 60, "the abandoned stream's job to be cancelled"
+    )
 
 
 def test_previous_response_id_continues_the_conversation_on_cached_tokens(stack: Stack) -> None:
@@ -267,8 +337,13 @@ def test_previous_response_id_continues_the_conversation_on_cached_tokens(stack:
         model=MODEL, input=CONVERSATIONS[0][0], temperature=0, max_output_tokens=80
     )
     assert first.output_text == CONVERSATIONS[0][2] and first.usage is not None
-    second = client.responses.create(model=MODEL, input=CONVERSATIONS[1][0], previous_response_id=first.id,
-                                     temperature=0, max_output_tokens=80)  # fmt: skip
+    second = client.responses.create(
+        model=MODEL,
+        input=CONVERSATIONS[1][0],
+        previous_response_id=first.id,
+        temperature=0,
+        max_output_tokens=80,
+    )
     assert second.previous_response_id == first.id and second.usage is not None
     assert first.usage.input_tokens_details.cached_tokens == 0
     # The model saw turn 1 (its question and answer are in turn 2's prompt), served from turn 1's KV.
@@ -279,37 +354,59 @@ def test_previous_response_id_continues_the_conversation_on_cached_tokens(stack:
 def test_a_function_call_then_its_output_gets_the_answer(stack: Stack) -> None:
     client = stack.client()
     weather: Any = {"type": "function", "name": "get_weather"}
-    first = client.responses.create(model=MODEL, input=WEATHER_QUESTION, tools=FLAT_TOOLS, tool_choice=weather,
-                                    temperature=0, max_output_tokens=100)  # type: ignore[arg-type]  # fmt: skip
+    first = client.responses.create(
+        model=MODEL,
+        input=WEATHER_QUESTION,
+        tools=FLAT_TOOLS,
+        tool_choice=weather,
+        temperature=0,
+        max_output_tokens=100,
+    )  # type: ignore[arg-type]
     assert first.output[-1].type == "function_call" and first.output_text == ""
     assert "message" not in [item.type for item in first.output] and first.tool_choice.model_dump() == weather  # type: ignore[union-attr]
     call = first.output[-1]
     assert call.name == "get_weather" and call.call_id.startswith("call_") and call.status == "completed"
     assert json.loads(call.arguments) == {"city": "Paris"}
     # The client runs the function; its output continues the response (which holds the call).
-    output: Any = {"type": "function_call_output", "call_id": call.call_id,
-                   "output": run_tool(call.name, call.arguments)}  # fmt: skip
-    answer = client.responses.create(model=MODEL, previous_response_id=first.id, input=[output],
-                                     tools=FLAT_TOOLS, temperature=0, max_output_tokens=100)  # type: ignore[arg-type]  # fmt: skip
+    output: Any = {
+        "type": "function_call_output",
+        "call_id": call.call_id,
+        "output": run_tool(call.name, call.arguments),
+    }
+    answer = client.responses.create(
+        model=MODEL,
+        previous_response_id=first.id,
+        input=[output],
+        tools=FLAT_TOOLS,
+        temperature=0,
+        max_output_tokens=100,
+    )  # type: ignore[arg-type]
     assert answer.output_text == WEATHER_ANSWER and answer.usage is not None
     assert answer.usage.input_tokens_details.cached_tokens > 0
 
 
 def test_text_format_json_schema_gives_valid_json(stack: Stack) -> None:
     response = stack.client().responses.create(
-        model=MODEL, input=CONVERSATIONS[0][0], temperature=0, max_output_tokens=200,
-        text={"format": {"type": "json_schema", "name": "person", "schema": PERSON, "strict": True}},
-    )  # fmt: skip
+        model=MODEL,
+        input=CONVERSATIONS[0][0],
+        temperature=0,
+        max_output_tokens=200,
+        text={"format": {"type": "json_schema", "name": "weather", "schema": WEATHER, "strict": True}},
+    )
     assert response.status == "completed"
-    jsonschema.validate(json.loads(response.output_text), PERSON)
+    jsonschema.validate(json.loads(response.output_text), WEATHER)
 
 
 def test_another_tenants_response_is_not_found_and_unimplemented_parameters_are_named(stack: Stack) -> None:
     mine = stack.client().responses.create(model=MODEL, input="hi", background=True, max_output_tokens=8)
     other_key, _ = create_key(stack.redis, "other")
     other = openai.OpenAI(base_url=f"{stack.base}/v1", api_key=other_key, max_retries=0)
-    for call in (lambda: other.responses.retrieve(mine.id), lambda: other.responses.cancel(mine.id),
-                 lambda: other.responses.input_items.list(mine.id), lambda: other.responses.delete(mine.id)):  # fmt: skip
+    for call in (
+        lambda: other.responses.retrieve(mine.id),
+        lambda: other.responses.cancel(mine.id),
+        lambda: other.responses.input_items.list(mine.id),
+        lambda: other.responses.delete(mine.id),
+    ):
         with pytest.raises(openai.NotFoundError):
             call()
     with pytest.raises(openai.NotFoundError):
