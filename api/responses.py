@@ -98,6 +98,8 @@ def show(response_id: str) -> Response:
     job = find_job(response_id)
     args = request.args
     _refuse_args(("include", "include[]"))
+    if args.get("include_obfuscation") == "true":  # this server pads no stream events
+        raise UnsupportedParameter("`include_obfuscation` is not supported by this server: send false.")
     if _flag("stream"):
         after = _integer("starting_after", -1)
         tenant, held = current_tenant(), services()

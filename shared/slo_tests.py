@@ -27,6 +27,9 @@ PER_STEP = 1000
 OVER, UNDER, HALF = 1.25, 0.75, 0.5
 """Burn rates of the cases, as multiples of the tier's factor."""
 
+PROBES_FAILING = 0.6
+"""Probes answering 503 per step, as a multiple of the API's failures at the factor: not counted."""
+
 REJECTED = 3
 """The scheduler's rejections per model, as multiples of the jobs that ran: not counted."""
 
@@ -127,7 +130,7 @@ def inputs(objectives: list[Slo], factor: float, case: Case) -> list[str]:
             series("gptoss_jobs_total", f'{model},status="rejected",{SCHEDULER}', case, lambda m: REJECTED * PER_STEP),
         ]  # fmt: skip
     for o in (o for o in objectives if o.name == "availability"):
-        probes_failing = HALF * bad(o, factor, 1)
+        probes_failing = PROBES_FAILING * bad(o, factor, 1)
         lines += [
             "      # Probes: half as many answers again, some 503 (the stack starting), none counted.",
             series("gptoss_http_requests_total", f'{JOB_ROUTE},status="200",{API}', case,
@@ -162,21 +165,24 @@ def slo_series(objectives: list[Slo]) -> list[Slo]:
 def budget_test(objectives: list[Slo], config: SloConfig, step: int) -> list[str]:
     """Half the budget spent at a steady burn: every objective has half of it left."""
     case = Case("budget", ((72, HALF),), False)
-    samples = []
-    for o in slo_series(objectives):
-        labels = f'model="{o.model}",slo="{o.name}"' if o.model else f'slo="{o.name}"'
-        samples.append(f"          - {{labels: '{{{labels}}}', value: {HALF}}}")
     return [
         f'  - name: "half the budget spent over {72 * step // 3600}h: half of each {config.window} budget left"',
         f"    interval: {step}s",
         "    input_series:",
         *inputs(objectives, 1, case),
         "    promql_expr_test:",
-        f"      - expr: round(gptoss:slo_error_budget_remaining:rate{config.window}, 0.001)",
-        f"        eval_time: {72 * step}s",
-        "        exp_samples:",
-        *samples,
+        *values(f"gptoss:slo_error_budget_remaining:rate{config.window}", objectives, 72 * step, HALF),
     ]
+
+
+def values(recorded: str, objectives: list[Slo], at: int, value: float) -> list[str]:
+    """A promql_expr_test: every objective's `recorded` series is `value` (to a thousandth) at `at`
+    seconds, and no other series is there."""
+    lines = [f"      - expr: round({recorded}, 0.001)", f"        eval_time: {at}s", "        exp_samples:"]
+    for o in slo_series(objectives):
+        labels = f'model="{o.model}",slo="{o.name}"' if o.model else f'slo="{o.name}"'
+        lines.append(f"          - {{labels: '{{{labels}}}', value: {number(value)}}}")
+    return lines
 
 
 def render_tests(tier: Tier, objectives: list[Slo] | None = None, config: SloConfig | None = None) -> str:
@@ -206,7 +212,12 @@ def render_tests(tier: Tier, objectives: list[Slo] | None = None, config: SloCon
             f"      - eval_time: {case.steps * step}s",
             f"        alertname: {tier.alert}",
         ]
-        lines += ["        exp_alerts:", *expected(objectives, tier, config)] if case.fires else ["        exp_alerts: []"]
+        if case.fires:
+            lines += ["        exp_alerts:", *expected(objectives, tier, config), "    promql_expr_test:"]
+            for window in (tier.long, tier.short):  # every series of both windows, pinned
+                lines += values(f"gptoss:slo_burn_rate:rate{window}", objectives, case.steps * step, OVER * tier.factor)
+        else:
+            lines.append("        exp_alerts: []")
     if tier is slo.TIERS[-1]:
         lines += budget_test(objectives, config, step)
     return "\n".join(lines) + "\n"
