@@ -77,6 +77,7 @@ class SentinelCluster:
         for node in self.redis + self.sentinels:
             _wait_answer(node)
         self.wait_replicas(2)
+        self.wait_sentinels()
         return self
 
     def _start_redis(self, node: Node, index: int, primary: Node | None) -> None:
@@ -171,6 +172,27 @@ class SentinelCluster:
                 return
             time.sleep(0.05)
         raise TimeoutError(f"the primary has fewer than {count} replicas")
+
+    def wait_sentinels(self, timeout: float = START_TIMEOUT) -> None:
+        """Return once every Sentinel knows the two others and both replicas: until then a killed
+        primary may find no quorum (a Sentinel learns of the others from their hello messages, every
+        2 s) and never fail over."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if all(self._knows_all(node) for node in self.sentinels):
+                    return
+            except Exception:  # a Sentinel still starting: ask again
+                pass
+            time.sleep(0.1)
+        raise TimeoutError("the Sentinels did not learn of each other and the replicas")
+
+    @staticmethod
+    def _knows_all(node: Node) -> bool:
+        client = Redis(host=node.host, port=node.port, socket_timeout=1, decode_responses=True)
+        others = client.execute_command("SENTINEL", "SENTINELS", SERVICE)
+        replicas = client.execute_command("SENTINEL", "REPLICAS", SERVICE)
+        return len(others) >= 2 and len(replicas) >= 2
 
     def stop(self) -> None:
         """Stop every node still running."""

@@ -313,10 +313,14 @@ class Settings(BaseSettings):
     )
     file_max_lines: int = Field(default=50_000, ge=1, description="Most lines (requests) of one batch file")
     file_ttl: int = Field(
-        default=30 * 24 * 3600, ge=3600, description="Seconds an uploaded batch file lives unless it asks less"
+        default=30 * 24 * 3600,
+        ge=3600,
+        description="Seconds an uploaded batch file lives unless it asks for less",
     )
     tenant_file_bytes: int = Field(
-        default=256 * 1024 * 1024, ge=1, description="Bytes of files (uploads and batch outputs) a tenant may hold"
+        default=256 * 1024 * 1024,
+        ge=1,
+        description="Bytes of files (uploads and batch outputs) a tenant may hold",
     )
     tenant_files: int = Field(default=100, ge=1, description="Files (uploads and outputs) a tenant may hold")
     tenant_batches: int = Field(default=10, ge=1, description="Batches a tenant may have at work at once")
