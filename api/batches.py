@@ -12,7 +12,7 @@ import structlog
 from flask import Blueprint, Response, g, jsonify, request
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.body import parse_body, read_json
+from api.body import read_json
 from api.files import file_store
 from api.services import services
 from api.submission import webhooks
@@ -28,6 +28,7 @@ from shared.batches.records import (
     new_file_id,
 )
 from shared.errors import ValidationFailed
+from shared.json_body import parse_body
 from shared.tracing import current_carrier
 
 bp = Blueprint("batches", __name__, url_prefix="/v1/batches")

@@ -18,11 +18,20 @@ from pydantic import BaseModel
 from redis import Redis
 
 from api.active import set_aside
-from api.body import parse_body, read_json
+from api.body import read_json
 from api.disconnect import client_socket, gone
-from api.following import ClientGone, follow, job_error
+from api.following import ClientGone, follow
 from api.jobs import cancel_job
-from api.openai_types import (
+from api.services import services
+from api.submission import submit, webhooks
+from api.tenancy import current_tenant
+from shared.contract import JobResult
+from shared.errors import ModelNotFound
+from shared.job_errors import job_error
+from shared.jobstore import events, lifecycle
+from shared.jobstore.hub import StreamHub
+from shared.json_body import parse_body
+from shared.openai.models import (
     ChatCompletionRequest,
     ChunkMaker,
     CompletionRequest,
@@ -31,13 +40,6 @@ from api.openai_types import (
     chat_completion,
     text_completion,
 )
-from api.services import services
-from api.submission import submit, webhooks
-from api.tenancy import current_tenant
-from shared.contract import JobResult
-from shared.errors import ModelNotFound
-from shared.jobstore import events, lifecycle
-from shared.jobstore.hub import StreamHub
 from shared.registry import canonical_name, model_spec
 from shared.webhooks import WebhookSender
 

@@ -9,14 +9,13 @@ from collections.abc import Callable, Iterator
 from redis import Redis
 from redis.exceptions import RedisError
 
-from shared.contract import JobStatus, JobView
-from shared.errors import GptossError
+from shared.contract import JobStatus
 from shared.jobstore import events, lifecycle, rqstore
 from shared.jobstore.events import ClientGone, JobEvent
 from shared.jobstore.hub import StreamHub
 from shared.jobstore.views import build_view
 
-__all__ = ["ClientGone", "JobEvent", "follow", "job_error"]
+__all__ = ["ClientGone", "JobEvent", "follow"]
 
 
 def follow(
@@ -68,24 +67,3 @@ def _ending_without_stream(redis: Redis, job_id: str) -> JobEvent | None:
 
 ENDED_WITHOUT_RESULT = (JobStatus.FAILED, JobStatus.REJECTED, JobStatus.CANCELLED, JobStatus.EXPIRED)
 """Statuses after which a job's stream gets no more events."""
-
-
-ERROR_STATUS = {
-    "prompt_too_long": 413,
-    "job_cancelled": 409,
-    "deadline_exceeded": 504,
-    "hold_expired": 503,
-    "job_expired": 410,
-    events.DIVERGED: 502,
-}
-"""HTTP status of a job that ended without a result, by its error code (else 500 or 503)."""
-
-
-def job_error(code: str, message: str, view: JobView | None = None) -> GptossError:
-    """The error answering a request whose job ended without a result."""
-    error = GptossError(message)
-    rejected = view is not None and view.status is JobStatus.REJECTED
-    error.code = code
-    error.status = ERROR_STATUS.get(code, 503 if rejected else 500)
-    error.kind = "invalid_request_error" if error.status < 500 else "server_error"
-    return error

@@ -9,7 +9,7 @@ import structlog
 from flask import Blueprint, jsonify, request
 from redis import Redis
 
-from api.body import parse_body, read_json
+from api.body import read_json
 from api.services import services
 from api.submission import submit, webhooks
 from api.tenancy import current_tenant, owned_job
@@ -18,6 +18,7 @@ from shared.contract import TERMINAL_STATUSES, JobList, JobStatus, JobSubmission
 from shared.errors import JobEnded, JobNotFound, ValidationFailed
 from shared.jobstore import lifecycle, rqstore
 from shared.jobstore.views import build_view
+from shared.json_body import parse_body
 from shared.retention import recent_ids
 from shared.webhooks import WebhookSender, notify
 

@@ -12,7 +12,10 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from api.batches import BatchCreate
-from api.openai_types import (
+from api.responses_types import ResponseRequest
+from shared.batches.records import BatchObject, FileObject
+from shared.contract import JobList, JobStatus, JobSubmission, JobView
+from shared.openai.models import (
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -21,9 +24,6 @@ from api.openai_types import (
     ModelList,
     TextCompletion,
 )
-from api.responses_types import ResponseRequest
-from shared.batches.records import BatchObject, FileObject
-from shared.contract import JobList, JobStatus, JobSubmission, JobView
 
 bp = Blueprint("openapi", __name__)
 

@@ -16,7 +16,7 @@ from typing import Any
 from flask import Blueprint, Response, current_app, jsonify, request, stream_with_context
 
 from api.active import set_aside
-from api.body import parse_body, read_json
+from api.body import read_json
 from api.completions import CLIENT_CLOSED, JOB_ID_HEADER, cancel_abandoned, wait_result
 from api.disconnect import client_socket, gone
 from api.following import ClientGone, follow
@@ -38,6 +38,7 @@ from api.tenancy import current_tenant
 from shared.contract import TERMINAL_STATUSES, JobResult, JobStatus
 from shared.errors import JobEnded, UnsupportedParameter, ValidationFailed
 from shared.jobstore import events
+from shared.json_body import parse_body
 from shared.registry import model_spec
 
 bp = Blueprint("responses", __name__, url_prefix="/v1/responses")

@@ -10,10 +10,10 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
-from api.body import UNSUPPORTED
-from api.openai_params import refuse_unsupported
 from shared.contract import MAX_MESSAGES, MAX_TEXT_CHARS, ChatMessage, JsonSchemaFormat, ResponseFormat
 from shared.errors import ValidationFailed
+from shared.json_body import UNSUPPORTED
+from shared.openai.params import refuse_unsupported
 from shared.tools import (
     FUNCTION_NAME_PATTERN,
     MAX_ARGUMENTS_CHARS,

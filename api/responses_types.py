@@ -9,7 +9,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from api.openai_params import Defaults, refuse_unsupported
 from api.responses_input import (
     FunctionTool,
     InputItem,
@@ -32,6 +31,7 @@ from shared.contract import (
     Usage,
 )
 from shared.errors import GptossError, ValidationFailed
+from shared.openai.params import Defaults, refuse_unsupported
 from shared.tools import MAX_TOOLS
 
 RESPONSES_UNSUPPORTED: dict[str, Defaults] = {

@@ -7,11 +7,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import IO
 
-from api.body import decode
 from shared.batches.errors import FileTooLarge
 from shared.batches.lines import MAX_ERRORS_LISTED, InputLine, LineError, check_line
 from shared.batches.store import Upload
 from shared.errors import GptossError
+from shared.json_body import decode
 
 
 @dataclass(frozen=True)

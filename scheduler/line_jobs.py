@@ -11,7 +11,6 @@ from typing import Any
 
 from redis import Redis
 
-from api.batch_lines import line_answer, line_error, line_submission
 from scheduler.tokens import PromptCounter
 from shared.batches import lines as batch_lines
 from shared.batches.ledger import BatchLedger, Settled
@@ -22,6 +21,7 @@ from shared.jobstore import lifecycle
 from shared.jobstore.record import JobRecord
 from shared.jobstore.views import build_view
 from shared.normalise import canonical
+from shared.openai.batch_lines import line_answer, line_error, line_submission
 from shared.preparation import prepare
 from shared.prompts import ModelNotPrepared
 from shared.registry import ModelSpec

@@ -12,12 +12,12 @@ import structlog
 from redis import Redis
 
 from api import create_app
-from api.body import MAX_JSON_DEPTH, json_depth
 from shared import keys
 from shared.cancellation import request_cancel
 from shared.contract import MAX_TEXT_CHARS, JobSubmission
 from shared.jobstore.events import ClientGone
 from shared.jobstore.rqstore import fetch_job, open_queue
+from shared.json_body import MAX_JSON_DEPTH, json_depth
 from tests.conftest import schedule_all, work
 
 CHAT = "/v1/chat/completions"

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from api.openai_tools import CallDeltas
 from shared.contract import JobRequest
 from shared.harmony import HarmonyChat
+from shared.openai.tool_calls import CallDeltas
 from shared.response_cache import channel_texts
 from shared.settings import Settings
 from shared.tools import calls_of, parse_call_channel

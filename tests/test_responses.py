@@ -20,13 +20,13 @@ from openai.types.responses import Response as SdkResponse
 from openai.types.responses import ResponseStreamEvent
 from redis import Redis
 
-from api.body import parse_body
 from api.responses_events import ResponseEvents, translate
 from api.responses_types import ResponseHead, ResponseRequest, ResponseRequestError
 from shared.apikeys import create_key
 from shared.errors import UnsupportedParameter
 from shared.jobstore.events import JobEvent
 from shared.jobstore.hub import StreamHub, Subscription
+from shared.json_body import parse_body
 from shared.tools import call_channel
 from tests.conftest import Stack, start_stack, wait_for
 from workers.tiny_model import CONVERSATIONS

@@ -8,7 +8,7 @@ import json
 
 from pydantic_core import PydanticCustomError
 
-from api.body import UNSUPPORTED
+from shared.json_body import UNSUPPORTED
 
 Defaults = tuple[object, ...]
 """The values (besides null) at which an unimplemented parameter changes nothing."""

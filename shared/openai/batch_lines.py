@@ -1,17 +1,17 @@
 """A batch line's body read and its answer written exactly as the endpoint it names would: the same
-request models (`api.openai_types`) and the same response builders, used by the scheduler's batch
-feeder. Free of Flask's request context (api.body imports Flask, but nothing here touches a request)."""
+request models (`shared.openai.models`) and the same response builders, used by the scheduler's batch
+feeder."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from api.body import parse_body
-from api.following import job_error
-from api.openai_types import ChatCompletionRequest, CompletionRequest, chat_completion, text_completion
 from shared.batches.lines import CHAT_URL, COMPLETIONS_URL
 from shared.contract import JobResult, JobSubmission
 from shared.errors import UnsupportedParameter, ValidationFailed
+from shared.job_errors import job_error
+from shared.json_body import parse_body
+from shared.openai.models import ChatCompletionRequest, CompletionRequest, chat_completion, text_completion
 
 
 def line_submission(url: str, body: Any) -> JobSubmission:

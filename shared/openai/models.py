@@ -11,25 +11,6 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from api.openai_logprobs import (
-    MAX_COMPLETION_LOGPROBS,
-    ChatLogprobFields,
-    ChoiceLogprobs,
-    TextLogprobs,
-    chat_logprobs,
-    choice_fields,
-    completion_logprob_fields,
-    text_logprobs,
-)
-from api.openai_params import (
-    CHAT_MESSAGE_UNSUPPORTED,
-    CHAT_UNSUPPORTED,
-    COMPLETION_UNSUPPORTED,
-    SAMPLING_UNSUPPORTED,
-    Defaults,
-    refuse_unsupported,
-)
-from api.openai_tools import CallDeltas, ChatToolFields, DeltaToolCall, FinishReason, text_finish
 from shared.contract import (
     MAX_CHOICES,
     MAX_MESSAGES,
@@ -45,6 +26,25 @@ from shared.contract import (
 )
 from shared.errors import ValidationFailed
 from shared.harmony import FINAL_CHANNEL
+from shared.openai.logprobs import (
+    MAX_COMPLETION_LOGPROBS,
+    ChatLogprobFields,
+    ChoiceLogprobs,
+    TextLogprobs,
+    chat_logprobs,
+    choice_fields,
+    completion_logprob_fields,
+    text_logprobs,
+)
+from shared.openai.params import (
+    CHAT_MESSAGE_UNSUPPORTED,
+    CHAT_UNSUPPORTED,
+    COMPLETION_UNSUPPORTED,
+    SAMPLING_UNSUPPORTED,
+    Defaults,
+    refuse_unsupported,
+)
+from shared.openai.tool_calls import CallDeltas, ChatToolFields, DeltaToolCall, FinishReason, text_finish
 from shared.tools import MAX_CALL_ID_CHARS, MAX_TOOLS, ToolCall
 
 
