@@ -92,6 +92,11 @@ def slo_config(text: str | None = None) -> SloConfig:
         raise ValueError(f"sla.toml: [slo] window_days must be a whole number of days (1-90), not {days!r}")
     if isinstance(objective, bool) or not isinstance(objective, int | float) or not 0 < objective < 1:
         raise ValueError(f"sla.toml: [slo] ttft_objective must be a share between 0 and 1, not {objective!r}")
+    fastest = max(tier.factor for tier in TIERS)
+    if 1 / (1 - objective) <= fastest:  # even every first token slow would not page
+        raise ValueError(
+            f"sla.toml: [slo] ttft_objective {objective} leaves a budget no {fastest}x burn can spend"
+        )
     return SloConfig(days, float(objective))
 
 

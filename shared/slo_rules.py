@@ -11,7 +11,9 @@ minute (the rules are otherwise the same).
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -73,9 +75,10 @@ def bad_share(name: str, objectives: list[Slo], window: str) -> str:
             f'sum by (cluster, model) (rate(gptoss_jobs_total{{status="failed"}}[{window}]))'
             f' / sum by (cluster, model) (rate(gptoss_jobs_total{{status=~"finished|failed"}}[{window}]))'
         )
+    clients = f"route!~{NOT_CLIENT_ROUTES}"
     return (
-        f'sum by (cluster) (rate(gptoss_http_requests_total{{status=~"5..", route!~{NOT_CLIENT_ROUTES}}}[{window}]))'
-        f" / sum by (cluster) (rate(gptoss_http_requests_total{{route!~{NOT_CLIENT_ROUTES}}}[{window}]))"
+        f'sum by (cluster) (rate(gptoss_http_requests_total{{status=~"5..", {clients}}}[{window}]))'
+        f" / sum by (cluster) (rate(gptoss_http_requests_total{{{clients}}}[{window}]))"
     )
 
 
@@ -90,7 +93,12 @@ def budgets(objectives: list[Slo]) -> dict[str, float]:
 
 def record(name: str, expr: str, slo_name: str) -> list[str]:
     """One recording rule, labelled with its objective."""
-    return [f"      - record: {name}", f"        expr: {expr}", "        labels:", f"          slo: {slo_name}"]
+    return [
+        f"      - record: {name}",
+        f"        expr: {expr}",
+        "        labels:",
+        f"          slo: {slo_name}",
+    ]
 
 
 def summary(tier: Tier, config: SloConfig) -> str:
@@ -174,7 +182,9 @@ def panels(y: int, config: SloConfig | None = None) -> list[dict[str, Any]]:
     """The dashboard's error-budget row, starting at height `y`."""
     config = config if config is not None else slo.slo_config()
     cluster = '{cluster=~"$cluster"}'
-    remaining = target("A", f"gptoss:slo_error_budget_remaining:rate{config.window}{cluster}", "{{slo}} {{model}}")
+    remaining = target(
+        "A", f"gptoss:slo_error_budget_remaining:rate{config.window}{cluster}", "{{slo}} {{model}}"
+    )
     burns = [
         target(chr(ord("A") + i), f"gptoss:slo_burn_rate:rate{w}{cluster}", f"{{{{slo}}}} {{{{model}}}} {w}")
         for i, w in enumerate(slo.WINDOWS)
@@ -203,3 +213,16 @@ def render_dashboard(text: str, config: SloConfig | None = None) -> str:
     bottom = max(p["gridPos"]["y"] + p["gridPos"]["h"] for p in kept)
     dashboard["panels"] = kept + panels(bottom, config)
     return json.dumps(dashboard, indent=2) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print slo.yml, its windows divided by --scale (a test's Prometheus sees an hour in a minute)."""
+    parser = argparse.ArgumentParser(prog="slo_rules", description=main.__doc__)
+    parser.add_argument("--scale", type=int, default=1, help="divide every window by this (default 1)")
+    args = parser.parse_args(argv)
+    sys.stdout.write(render_rules(scale=args.scale))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

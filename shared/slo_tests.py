@@ -12,7 +12,9 @@ at a sixth of its short window, so a tier is 72 + 12 steps whatever its windows.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from prometheus_client.utils import floatToGoString
@@ -20,6 +22,11 @@ from prometheus_client.utils import floatToGoString
 from shared import slo
 from shared.slo import Slo, SloConfig, Tier
 from shared.slo_rules import GENERATED, number, summary
+
+TTFT_BUCKET, TTFT_COUNT = (
+    "gptoss_time_to_first_token_seconds_bucket",
+    "gptoss_time_to_first_token_seconds_count",
+)
 
 PER_STEP = 1000
 """Events per step of a test, per model (and for the API)."""
@@ -91,55 +98,72 @@ def counter(per_step: list[tuple[int, float]]) -> str:
 
 def bad(objective: Slo, factor: float, multiple: float) -> float:
     """Bad events per step of `objective` burning at `multiple` times `factor`."""
-    return PER_STEP * objective.budget * factor * multiple
+    count = PER_STEP * objective.budget * factor * multiple
+    if count > PER_STEP:
+        raise ValueError(
+            f"{objective.name}: a {factor * multiple}x burn needs more bad events than there are"
+        )
+    return count
 
 
-def series(name: str, labels: str, case: Case, per_step: object) -> str:
+def series(name: str, labels: str, case: Case, per_step: Callable[[float], float]) -> str:
     """One input series: `per_step(multiple)` is its increase per step while burning at `multiple`."""
-    grow = [(steps, per_step(multiple)) for steps, multiple in case.stretches]  # type: ignore[operator]
+    grow = [(steps, per_step(multiple)) for steps, multiple in case.stretches]
     return f"      - {{series: '{name}{{{labels}}}', values: '{counter(grow)}'}}"
+
+
+def steady(value: float) -> Callable[[float], float]:
+    """An increase per step that does not depend on the burn."""
+    return lambda multiple: value
+
+
+def ttft_inputs(objectives: list[Slo], factor: float, case: Case) -> list[str]:
+    """Per model, first tokens by bucket edge: good ones fast, bad ones just over the threshold; and
+    a model without an SLO whose first tokens are all slow."""
+    ttft = [o for o in objectives if o.name == "ttft" and o.threshold_s is not None]
+    edges = [*sorted({o.threshold_s for o in ttft if o.threshold_s is not None}), float("inf")]
+    lines = []
+    for o in ttft:
+        assert o.threshold_s is not None
+        labels = f'model="{o.model}",queue="gpu-single",{WORKER}'
+        for le in edges:
+            good = le <= o.threshold_s
+            per_step = partial(
+                lambda m, o, good: PER_STEP - bad(o, factor, m) if good else PER_STEP, o=o, good=good
+            )
+            lines.append(series(TTFT_BUCKET, f'le="{floatToGoString(le)}",{labels}', case, per_step))
+        lines.append(series(TTFT_COUNT, labels, case, steady(PER_STEP)))
+    labels = f'model="{UNLISTED_MODEL}",queue="gpu-single",{WORKER}'
+    for le in edges:
+        slow = partial(lambda m, le: PER_STEP if le == float("inf") else 0, le=le)
+        lines.append(series(TTFT_BUCKET, f'le="{floatToGoString(le)}",{labels}', case, slow))
+    return [*lines, series(TTFT_COUNT, labels, case, steady(PER_STEP))]
 
 
 def inputs(objectives: list[Slo], factor: float, case: Case) -> list[str]:
     """Every objective's events, burning as `case` says, and the events that must not count."""
-    ttft = [o for o in objectives if o.name == "ttft"]
-    edges = sorted({o.threshold_s for o in ttft if o.threshold_s is not None})
-    lines = ["      # Good first tokens are fast; bad ones just over their model's threshold."]
-    for o in ttft:
-        assert o.threshold_s is not None
-        for le in [*edges, float("inf")]:
-            good = le <= o.threshold_s
-            labels = f'le="{floatToGoString(le)}",model="{o.model}",queue="gpu-single",{WORKER}'
-            lines.append(series("gptoss_time_to_first_token_seconds_bucket", labels, case,
-                                lambda m, o=o, good=good: PER_STEP - bad(o, factor, m) if good else PER_STEP))  # fmt: skip
-        labels = f'model="{o.model}",queue="gpu-single",{WORKER}'
-        lines.append(series("gptoss_time_to_first_token_seconds_count", labels, case, lambda m: PER_STEP))
-    lines.append(f"      # {UNLISTED_MODEL}: no SLA, every first token slow, never alerts.")
-    for le in [*edges, float("inf")]:
-        labels = f'le="{floatToGoString(le)}",model="{UNLISTED_MODEL}",queue="gpu-single",{WORKER}'
-        lines.append(series("gptoss_time_to_first_token_seconds_bucket", labels, case,
-                            lambda m, le=le: PER_STEP if le == float("inf") else 0))  # fmt: skip
-    labels = f'model="{UNLISTED_MODEL}",queue="gpu-single",{WORKER}'
-    lines.append(series("gptoss_time_to_first_token_seconds_count", labels, case, lambda m: PER_STEP))
-    for o in (o for o in objectives if o.name == "errors"):
-        model = f'model="{o.model}"'
-        lines += [
-            series("gptoss_jobs_total", f'{model},status="finished",{WORKER}', case,
-                   lambda m, o=o: PER_STEP - bad(o, factor, m)),
-            series("gptoss_jobs_total", f'{model},status="failed",{WORKER}', case, lambda m, o=o: bad(o, factor, m)),
-            series("gptoss_jobs_total", f'{model},status="rejected",{SCHEDULER}', case, lambda m: REJECTED * PER_STEP),
-        ]  # fmt: skip
-    for o in (o for o in objectives if o.name == "availability"):
-        probes_failing = PROBES_FAILING * bad(o, factor, 1)
-        lines += [
-            "      # Probes: half as many answers again, some 503 (the stack starting), none counted.",
-            series("gptoss_http_requests_total", f'{JOB_ROUTE},status="200",{API}', case,
-                   lambda m, o=o: PER_STEP - bad(o, factor, m)),
-            series("gptoss_http_requests_total", f'{JOB_ROUTE},status="500",{API}', case, lambda m, o=o: bad(o, factor, m)),
-            series("gptoss_http_requests_total", f'{PROBE_ROUTE},status="200",{API}', case,
-                   lambda m: PER_STEP / 2 - probes_failing),
-            series("gptoss_http_requests_total", f'{PROBE_ROUTE},status="503",{API}', case, lambda m: probes_failing),
-        ]  # fmt: skip
+    lines = ttft_inputs(objectives, factor, case)
+    for o in objectives:
+        failing = partial(lambda m, o: bad(o, factor, m), o=o)
+        passing = partial(lambda m, o: PER_STEP - bad(o, factor, m), o=o)
+        if o.name == "errors":
+            model, jobs = f'model="{o.model}"', "gptoss_jobs_total"
+            lines += [
+                series(jobs, f'{model},status="finished",{WORKER}', case, passing),
+                series(jobs, f'{model},status="failed",{WORKER}', case, failing),
+                series(jobs, f'{model},status="rejected",{SCHEDULER}', case, steady(REJECTED * PER_STEP)),
+            ]
+        elif o.name == "availability":
+            probes_failing = PROBES_FAILING * bad(o, factor, 1)
+            answers = "gptoss_http_requests_total"
+            lines += [
+                series(answers, f'{JOB_ROUTE},status="200",{API}', case, passing),
+                series(answers, f'{JOB_ROUTE},status="500",{API}', case, failing),
+                series(
+                    answers, f'{PROBE_ROUTE},status="200",{API}', case, steady(PER_STEP / 2 - probes_failing)
+                ),
+                series(answers, f'{PROBE_ROUTE},status="503",{API}', case, steady(probes_failing)),
+            ]
     return lines
 
 
@@ -149,7 +173,9 @@ def expected(objectives: list[Slo], tier: Tier, config: SloConfig) -> list[str]:
     for o in slo_series(objectives):
         model = f", model: {o.model}" if o.model else ""
         text = summary(tier, config).replace("{{ $labels.slo }}", o.name)
-        text = text.replace("{{ with $labels.model }} of {{ . }}{{ end }}", f" of {o.model}" if o.model else "")
+        text = text.replace(
+            "{{ with $labels.model }} of {{ . }}{{ end }}", f" of {o.model}" if o.model else ""
+        )
         lines += [
             f"          - exp_labels: {{severity: {tier.severity}, slo: {o.name}{model}}}",
             f'            exp_annotations: {{summary: "{text}"}}',
@@ -166,7 +192,8 @@ def budget_test(objectives: list[Slo], config: SloConfig, step: int) -> list[str
     """Half the budget spent at a steady burn: every objective has half of it left."""
     case = Case("budget", ((72, HALF),), False)
     return [
-        f'  - name: "half the budget spent over {72 * step // 3600}h: half of each {config.window} budget left"',
+        f'  - name: "half the budget spent over {72 * step // 3600}h:'
+        f' half of each {config.window} budget left"',
         f"    interval: {step}s",
         "    input_series:",
         *inputs(objectives, 1, case),
@@ -215,7 +242,9 @@ def render_tests(tier: Tier, objectives: list[Slo] | None = None, config: SloCon
         if case.fires:
             lines += ["        exp_alerts:", *expected(objectives, tier, config), "    promql_expr_test:"]
             for window in (tier.long, tier.short):  # every series of both windows, pinned
-                lines += values(f"gptoss:slo_burn_rate:rate{window}", objectives, case.steps * step, OVER * tier.factor)
+                lines += values(
+                    f"gptoss:slo_burn_rate:rate{window}", objectives, case.steps * step, OVER * tier.factor
+                )
         else:
             lines.append("        exp_alerts: []")
     if tier is slo.TIERS[-1]:
