@@ -8,55 +8,21 @@ from typing import Annotated, Any, Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from shared import sentinel
-from shared.replication import Acks
+from shared.redis_settings import RedisSettings
 
 PRODUCTION_SAMPLE_RATIO = 0.03
 """Share of new traces sampled in production (a request can still force its own)."""
-
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
-"""Redis that a lone process (api, scheduler, worker) talks to when none is configured."""
 
 DEFAULT_BATCH_SIZE = 8
 """Requests a worker decodes at once when neither GPTOSS_MAX_BATCH_SIZE nor a profile says."""
 
 
-class Settings(BaseSettings):
-    """Everything a process may be told; nothing else reads the environment."""
+class Settings(BaseSettings, RedisSettings):
+    """Everything a process may be told; nothing else reads the environment (where Redis is, and
+    how: `RedisSettings`)."""
 
     model_config = SettingsConfigDict(env_prefix="GPTOSS_", frozen=True, extra="ignore")
 
-    redis_url: str | None = Field(
-        default=None,
-        description="Redis URL with any credentials (redis://:password@host:port/0, redis://user:password@…"
-        " for an ACL user, rediss:// for TLS); unset: `gptoss up` starts its own, locked with a password,"
-        " others use localhost",
-    )
-    redis_sentinels: str | None = Field(
-        default=None,
-        description="Sentinels of a highly available Redis, host:port,host:port (instead of"
-        " GPTOSS_REDIS_URL; redis+sentinel:// in GPTOSS_REDIS_URL says the same)",
-    )
-    redis_sentinel_master: str = Field(default="gptoss", description="Name the Sentinels know the primary by")
-    redis_password: SecretStr | None = Field(
-        default=None, description="Password of the Redis primary that GPTOSS_REDIS_SENTINELS watch"
-    )
-    redis_sentinel_password: SecretStr | None = Field(
-        default=None, description="Password of the Sentinels themselves (their requirepass)"
-    )
-    redis_wait_replicas: int = Field(
-        default=0,
-        ge=0,
-        description="Replicas that must acknowledge an accepted job, a run's start and a job's end"
-        " (WAIT) before they count; 0: none (a failover may lose the last second of them)",
-    )
-    redis_wait_timeout_ms: int = Field(
-        default=1000, ge=1, description="Milliseconds to wait for those acknowledgements (then 503)"
-    )
-    redis_appendfsync: Literal["everysec", "always"] = Field(
-        default="everysec",
-        description="fsync policy of the AOF of `gptoss up`'s own Redis (always: no accepted job lost)",
-    )
     model: str = Field(
         default="smollm2-135m",
         description="Registry name or alias of the model served; unset: the profile's, else smollm2-135m",
@@ -400,23 +366,3 @@ class Settings(BaseSettings):
             "region": self.region,
             "instance": self.instance or socket.gethostname(),
         }
-
-    def redis_url_or_default(self) -> str:
-        """The configured Redis URL (redis+sentinel:// when Sentinels are named), or the local default."""
-        if self.redis_sentinels:
-            primary, watchers = self.redis_password, self.redis_sentinel_password
-            return sentinel.compose(
-                self.redis_sentinels,
-                self.redis_sentinel_master,
-                primary.get_secret_value() if primary else None,
-                watchers.get_secret_value() if watchers else None,
-            )
-        return self.redis_url or DEFAULT_REDIS_URL
-
-    def redis_given(self) -> bool:
-        """A Redis is configured (a URL or Sentinels): `gptoss up` starts none of its own."""
-        return bool(self.redis_url or self.redis_sentinels)
-
-    def redis_acks(self) -> Acks:
-        """The replica acknowledgements the job store's writes wait for."""
-        return Acks(self.redis_wait_replicas, self.redis_wait_timeout_ms)
