@@ -31,6 +31,7 @@ from shared.contract import (
     Usage,
 )
 from shared.errors import GptossError, ValidationFailed
+from shared.json_body import invalid_fields
 from shared.openai.params import Defaults, refuse_unsupported
 from shared.tools import MAX_TOOLS
 
@@ -150,7 +151,7 @@ class ResponseRequest(BaseModel):
                 session_id=session_id, **fields,
             )  # fmt: skip
         except ValueError as exc:  # the job contract's own checks
-            raise ValidationFailed(f"The request has invalid fields: {exc}") from None
+            raise invalid_fields(exc) from None
 
     def echo(self) -> dict[str, Any]:
         """What a Response repeats of its request (OpenAI's defaults where it gave none)."""

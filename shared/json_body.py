@@ -95,8 +95,22 @@ def parse_body(body: Any, model: type[Model]) -> Model:
                 for name, msg in e["ctx"]["parameters"].items()
             ]
             raise UnsupportedParameter("; ".join(d["msg"] for d in details), details=details) from None
-        details = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in errors]
-        raise ValidationFailed("The request has invalid fields.", details=details) from None
+        raise ValidationFailed("The request has invalid fields.", details=_details(errors)) from None
+
+
+def _details(errors: list[Any]) -> list[dict[str, Any]]:
+    return [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in errors]
+
+
+def invalid_fields(exc: ValueError) -> ValidationFailed:
+    """The 422 for `exc`: each field's problem when pydantic raised it (never its raw text, which
+    names internal models), else its message."""
+    if not isinstance(exc, ValidationError):
+        return ValidationFailed(f"The request has invalid fields: {exc}")
+    errors = exc.errors(include_url=False, include_input=False)
+    details = _details(errors)
+    said = "; ".join(f"{'.'.join(map(str, d['loc'])) or 'request'}: {d['msg']}" for d in details)
+    return ValidationFailed(f"The request has invalid fields: {said}", details=details)
 
 
 def _refuse_constant(name: str) -> Any:

@@ -26,6 +26,7 @@ from shared.contract import (
 )
 from shared.errors import ValidationFailed
 from shared.harmony import FINAL_CHANNEL
+from shared.json_body import invalid_fields
 from shared.openai.logprobs import (
     MAX_COMPLETION_LOGPROBS,
     ChatLogprobFields,
@@ -165,7 +166,7 @@ class SamplingFields(BaseModel):
                 priority=self.priority, cache=self.cache, session_id=self.session_id, **fields,
             )  # fmt: skip
         except ValueError as exc:  # the job contract's own checks (stop sequences, ...)
-            raise ValidationFailed(f"The request has invalid fields: {exc}") from None
+            raise invalid_fields(exc) from None
 
 
 class ChatCompletionRequest(SamplingFields, ChatLogprobFields, ChatToolFields):
