@@ -4,7 +4,6 @@ request goes in through API 1, is polled through API 2 and is run by the worker 
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,7 +17,7 @@ from shared import keys
 from shared.connection import connect
 from shared.heartbeat import WorkerBeat, read_live
 from shared.settings import Settings
-from tests.conftest import ROOT, process_env, wait_for
+from tests.conftest import ROOT, Processes, process_env, wait_for
 from tests.hosts import Network, namespaces_work
 
 API_PORT = 8000
@@ -33,28 +32,17 @@ def network() -> Iterator[Network]:
     net.close()
 
 
-class Hosts:
-    """The processes started on the namespaces' hosts; all stopped at teardown."""
+class Hosts(Processes):
+    """Processes started on the namespaces' hosts (each under `ip netns exec`); all stopped at teardown."""
 
     def __init__(self, network: Network, logs: Path):
-        self.network, self.logs = network, logs
-        self.children: list[subprocess.Popen] = []
+        super().__init__(logs)
+        self.network = network
 
-    def start(self, address: str, name: str, module: str, env: dict[str, str]) -> None:
+    def start_on(self, address: str, name: str, module: str, env: dict[str, str]) -> None:
         out = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115
         argv = [*self.network.prefix(address), sys.executable, "-m", module]
         self.children.append(subprocess.Popen(argv, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT))
-
-    def stop(self) -> None:
-        for child in self.children:
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
-        for child in self.children:
-            try:
-                child.wait(30)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
 
 
 def _healthy(base: str) -> bool:
@@ -80,10 +68,10 @@ def test_a_request_goes_in_through_one_api_out_through_another_run_on_a_third_ho
             GPTOSS_MODEL="smollm2-135m", GPTOSS_CACHE_DIR=prepared_models.cache_dir,
             GPTOSS_HEARTBEAT_INTERVAL=0.5, GPTOSS_API_PORT=API_PORT,
         )  # fmt: skip
-        hosts.start(api1, "api1", "api", {**env, "GPTOSS_API_HOST": api1})
-        hosts.start(api2, "api2", "api", {**env, "GPTOSS_API_HOST": api2})
-        hosts.start(scheduler_host, "scheduler", "scheduler", env)
-        hosts.start(worker_host, "worker", "workers", {**env, "GPTOSS_WORKER_QUEUE": keys.SINGLE_QUEUE})
+        hosts.start_on(api1, "api1", "api", {**env, "GPTOSS_API_HOST": api1})
+        hosts.start_on(api2, "api2", "api", {**env, "GPTOSS_API_HOST": api2})
+        hosts.start_on(scheduler_host, "scheduler", "scheduler", env)
+        hosts.start_on(worker_host, "worker", "workers", {**env, "GPTOSS_WORKER_QUEUE": keys.SINGLE_QUEUE})
         redis = connect(cluster.url)
         first, second = f"http://{api1}:{API_PORT}", f"http://{api2}:{API_PORT}"
 
@@ -115,5 +103,5 @@ def test_a_request_goes_in_through_one_api_out_through_another_run_on_a_third_ho
         ran_by = view.get("route", {}).get("worker") or view.get("worker")
         assert ran_by in (None, worker_name)  # named when the view carries it
     finally:
-        hosts.stop()
+        hosts.stop_all()
         cluster.stop()
